@@ -1,1 +1,12 @@
-//! storage
+//! Keel storage: the write-ahead log (O_DIRECT, io_uring), the raft log store built on it
+//! (`raft::Storage`), and the MVCC key-value state with etcd's revision semantics.
+//!
+//! No tonic, no tokio: this crate is driven by the node's raft core thread and read by the
+//! net cores through `Mvcc`'s concurrent read API.
+
+pub mod error;
+pub mod mvcc;
+pub mod raftlog;
+pub mod wal;
+
+pub use error::{Error, Result};

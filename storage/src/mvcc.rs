@@ -1,0 +1,625 @@
+//! The MVCC key-value state, with etcd's revision semantics.
+//!
+//! Every version of every key lives in one lock-free ordered map (crossbeam's skiplist) keyed
+//! by `(key, main revision, sub revision)`, so a range is a walk in key order and "the latest
+//! version of k at revision R" is one seek. A delete writes a tombstone.
+//!
+//! Concurrency: exactly one writer (the raft core's apply loop) and any number of readers
+//! (the net cores), with no lock. The writer inserts a transaction's versions under revision
+//! `current + 1`, then publishes it with one atomic store of `current_rev`; readers load
+//! `current_rev` first and never look above it, so they see whole transactions or nothing.
+//! Compaction first raises `compact_rev`, then removes superseded versions; a reader re-checks
+//! `compact_rev` after its walk and reports `Compacted` if its revision fell below it meanwhile.
+//!
+//! Revisions: a fresh store is at revision 1 (as etcd's); every write transaction takes the
+//! next main revision, and each change inside it the next sub revision. `create_revision`,
+//! `version` (1 on create, +1 per put, tombstone resets) and `lease` are stored per version.
+//!
+//! This in-memory state is rebuilt from the WAL at start; the memory-mapped B+tree backend
+//! will implement the same interface.
+
+use std::ops::Bound::{Excluded, Included};
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use bytes::Bytes;
+use crossbeam_skiplist::SkipMap;
+use keel_proto::mvccpb::KeyValue;
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct KeyRev {
+    key: Bytes,
+    main: i64,
+    sub: i64,
+}
+
+impl KeyRev {
+    fn new(key: &[u8], main: i64, sub: i64) -> KeyRev {
+        KeyRev {
+            key: Bytes::copy_from_slice(key),
+            main,
+            sub,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Version {
+    value: Bytes,
+    create_rev: i64,
+    /// 0 marks a tombstone.
+    version: i64,
+    lease: i64,
+}
+
+/// Which keys a range covers, in etcd's terms.
+#[derive(Clone, Copy, Debug)]
+pub enum KeyRange<'a> {
+    /// Exactly this key (request `range_end` empty).
+    Single(&'a [u8]),
+    /// `[start, end)`; `end` empty means no upper bound (request `range_end` "\0").
+    Span(&'a [u8], &'a [u8]),
+}
+
+impl<'a> KeyRange<'a> {
+    /// Builds the range from a request's key and range_end, as etcd does.
+    pub fn from_request(key: &'a [u8], range_end: &'a [u8]) -> KeyRange<'a> {
+        match range_end {
+            [] => KeyRange::Single(key),
+            [0] => KeyRange::Span(key, &[]),
+            end => KeyRange::Span(key, end),
+        }
+    }
+
+    fn start(&self) -> &'a [u8] {
+        match *self {
+            KeyRange::Single(k) | KeyRange::Span(k, _) => k,
+        }
+    }
+
+    fn contains(&self, k: &[u8]) -> bool {
+        match *self {
+            KeyRange::Single(s) => k == s,
+            KeyRange::Span(s, e) => k >= s && (e.is_empty() || k < e),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RangeOptions {
+    /// 0: no limit.
+    pub limit: usize,
+    /// <= 0: the current revision.
+    pub rev: i64,
+    pub count_only: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct RangeResult {
+    pub kvs: Vec<KeyValue>,
+    /// Live keys in the range at the read revision, regardless of limit.
+    pub count: usize,
+    /// The store's current revision when the range ran.
+    pub rev: i64,
+}
+
+pub struct Mvcc {
+    map: SkipMap<KeyRev, Version>,
+    current_rev: AtomicI64,
+    compact_rev: AtomicI64,
+    approx_bytes: AtomicI64,
+}
+
+impl Default for Mvcc {
+    fn default() -> Self {
+        Mvcc::new()
+    }
+}
+
+impl Mvcc {
+    pub fn new() -> Mvcc {
+        Mvcc {
+            map: SkipMap::new(),
+            current_rev: AtomicI64::new(1),
+            compact_rev: AtomicI64::new(-1),
+            approx_bytes: AtomicI64::new(0),
+        }
+    }
+
+    pub fn current_rev(&self) -> i64 {
+        self.current_rev.load(Ordering::Acquire)
+    }
+
+    /// The last compaction revision, -1 if never compacted.
+    pub fn compact_rev(&self) -> i64 {
+        self.compact_rev.load(Ordering::Acquire)
+    }
+
+    /// A rough count of the bytes held (keys, values, per-version overhead).
+    pub fn approx_bytes(&self) -> i64 {
+        self.approx_bytes.load(Ordering::Relaxed)
+    }
+
+    /// A read at the published revision (or at `opts.rev`).
+    pub fn range(&self, range: KeyRange<'_>, opts: RangeOptions) -> Result<RangeResult> {
+        self.range_at(range, opts, self.current_rev())
+    }
+
+    fn range_at(&self, range: KeyRange<'_>, opts: RangeOptions, cur: i64) -> Result<RangeResult> {
+        if opts.rev > cur {
+            return Err(Error::FutureRev);
+        }
+        let rev = if opts.rev <= 0 { cur } else { opts.rev };
+        if rev < self.compact_rev() {
+            return Err(Error::Compacted);
+        }
+        let mut out = RangeResult {
+            rev: cur,
+            ..Default::default()
+        };
+        self.walk(range, rev, |k, main, v| {
+            out.count += 1;
+            if !opts.count_only && (opts.limit == 0 || out.kvs.len() < opts.limit) {
+                out.kvs.push(to_kv(k, main, v));
+            }
+        });
+        if rev < self.compact_rev() {
+            return Err(Error::Compacted);
+        }
+        Ok(out)
+    }
+
+    /// Calls `f(key, mod_revision, version)` for each key live at `rev` in `range`, in order.
+    fn walk(&self, range: KeyRange<'_>, rev: i64, mut f: impl FnMut(&Bytes, i64, &Version)) {
+        let start = KeyRev::new(range.start(), 0, 0);
+        let mut cursor = self.map.lower_bound(Included(&start));
+        while let Some(entry) = cursor {
+            let key = entry.key().key.clone();
+            if !range.contains(&key) {
+                break;
+            }
+            let at = KeyRev {
+                key: key.clone(),
+                main: rev,
+                sub: i64::MAX,
+            };
+            if let Some(latest) = self.map.upper_bound(Included(&at)) {
+                let (kr, v) = (latest.key(), latest.value());
+                if kr.key == key && v.version != 0 {
+                    f(&key, kr.main, v);
+                }
+            }
+            if let KeyRange::Single(_) = range {
+                break;
+            }
+            let past = KeyRev {
+                key,
+                main: i64::MAX,
+                sub: i64::MAX,
+            };
+            cursor = self.map.lower_bound(Excluded(&past));
+        }
+    }
+
+    /// Starts the (single) write transaction of the next revision.
+    pub fn write(&self) -> WriteTxn<'_> {
+        let begin = self.current_rev();
+        WriteTxn {
+            mvcc: self,
+            begin_rev: begin,
+            sub: 0,
+            changes: Vec::new(),
+        }
+    }
+
+    /// Compacts to `rev`: drops every version below `rev` that is not the latest of its key at
+    /// `rev`, and keys whose latest version at `rev` is a tombstone. Checks as etcd does.
+    pub fn compact(&self, rev: i64) -> Result<()> {
+        if rev <= self.compact_rev() {
+            return Err(Error::Compacted);
+        }
+        if rev > self.current_rev() {
+            return Err(Error::FutureRev);
+        }
+        self.compact_rev.store(rev, Ordering::Release);
+        let mut cursor = self.map.front();
+        while let Some(entry) = cursor {
+            let key = entry.key().key.clone();
+            let at = KeyRev {
+                key: key.clone(),
+                main: rev,
+                sub: i64::MAX,
+            };
+            if let Some(latest) = self.map.upper_bound(Included(&at)) {
+                if latest.key().key == key {
+                    let keep = latest.key().clone();
+                    let tombstone = latest.value().version == 0;
+                    let low = KeyRev::new(&key, 0, 0);
+                    let upto = if tombstone { Included(&keep) } else { Excluded(&keep) };
+                    for old in self.map.range((Included(&low), upto)) {
+                        self.approx_bytes
+                            .fetch_sub(version_bytes(&old.key().key, &old.value().value), Ordering::Relaxed);
+                        old.remove();
+                    }
+                }
+            }
+            let past = KeyRev {
+                key,
+                main: i64::MAX,
+                sub: i64::MAX,
+            };
+            cursor = self.map.lower_bound(Excluded(&past));
+        }
+        Ok(())
+    }
+
+    /// How many versions (including tombstones) are stored.
+    pub fn versions_total(&self) -> usize {
+        self.map.len()
+    }
+
+    /// All keys live now, for tests and hashing: (key, value, mod revision).
+    pub fn dump(&self) -> Vec<KeyValue> {
+        let rev = self.current_rev();
+        let mut out = Vec::new();
+        self.walk(KeyRange::Span(&[], &[]), rev, |k, main, v| {
+            out.push(to_kv(k, main, v))
+        });
+        out
+    }
+}
+
+fn version_bytes(key: &[u8], value: &[u8]) -> i64 {
+    (key.len() + value.len() + 64) as i64
+}
+
+fn to_kv(key: &Bytes, main: i64, v: &Version) -> KeyValue {
+    KeyValue {
+        key: key.clone(),
+        create_revision: v.create_rev,
+        mod_revision: main,
+        version: v.version,
+        value: v.value.clone(),
+        lease: v.lease,
+    }
+}
+
+/// One write transaction: the changes of one revision. Reads inside it see its own writes.
+pub struct WriteTxn<'a> {
+    mvcc: &'a Mvcc,
+    begin_rev: i64,
+    sub: i64,
+    changes: Vec<KeyValue>,
+}
+
+impl WriteTxn<'_> {
+    fn main(&self) -> i64 {
+        self.begin_rev + 1
+    }
+
+    /// The revision a read inside this transaction sees.
+    pub fn rev(&self) -> i64 {
+        if self.changes.is_empty() {
+            self.begin_rev
+        } else {
+            self.main()
+        }
+    }
+
+    /// The revision before this transaction.
+    pub fn begin_rev(&self) -> i64 {
+        self.begin_rev
+    }
+
+    pub fn range(&self, range: KeyRange<'_>, opts: RangeOptions) -> Result<RangeResult> {
+        self.mvcc.range_at(range, opts, self.rev())
+    }
+
+    /// The live version of `key` as this transaction sees it.
+    pub fn get(&self, key: &[u8]) -> Option<KeyValue> {
+        let mut found = None;
+        self.mvcc
+            .walk(KeyRange::Single(key), self.rev(), |k, main, v| {
+                found = Some(to_kv(k, main, v))
+            });
+        found
+    }
+
+    /// Puts `key`; returns the revision it was written at.
+    pub fn put(&mut self, key: &[u8], value: Bytes, lease: i64) -> i64 {
+        let main = self.main();
+        let (create_rev, version) = match self.get(key) {
+            Some(prev) => (prev.create_revision, prev.version + 1),
+            None => (main, 1),
+        };
+        let kr = KeyRev::new(key, main, self.sub);
+        self.sub += 1;
+        self.mvcc
+            .approx_bytes
+            .fetch_add(version_bytes(key, &value), Ordering::Relaxed);
+        let v = Version {
+            value,
+            create_rev,
+            version,
+            lease,
+        };
+        self.changes.push(to_kv(&kr.key, main, &v));
+        self.mvcc.map.insert(kr, v);
+        main
+    }
+
+    /// Deletes every live key in `range`; returns how many.
+    pub fn delete_range(&mut self, range: KeyRange<'_>) -> i64 {
+        let mut keys = Vec::new();
+        self.mvcc
+            .walk(range, self.rev(), |k, _, _| keys.push(k.clone()));
+        let main = self.main();
+        for key in &keys {
+            let kr = KeyRev {
+                key: key.clone(),
+                main,
+                sub: self.sub,
+            };
+            self.sub += 1;
+            self.mvcc
+                .approx_bytes
+                .fetch_add(version_bytes(key, &[]), Ordering::Relaxed);
+            self.changes.push(KeyValue {
+                key: key.clone(),
+                mod_revision: main,
+                ..Default::default()
+            });
+            self.mvcc.map.insert(
+                kr,
+                Version {
+                    value: Bytes::new(),
+                    create_rev: 0,
+                    version: 0,
+                    lease: 0,
+                },
+            );
+        }
+        keys.len() as i64
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.changes.is_empty()
+    }
+
+    /// Publishes the transaction to readers; returns its changes (for watchers) and the
+    /// store's revision after it.
+    pub fn commit(self) -> (Vec<KeyValue>, i64) {
+        let rev = self.rev();
+        if !self.changes.is_empty() {
+            self.mvcc.current_rev.store(rev, Ordering::Release);
+        }
+        (self.changes, rev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn put(m: &Mvcc, k: &str, v: &str) -> i64 {
+        let mut t = m.write();
+        let r = t.put(k.as_bytes(), Bytes::copy_from_slice(v.as_bytes()), 0);
+        t.commit();
+        r
+    }
+
+    fn del(m: &Mvcc, k: &str, end: &str) -> i64 {
+        let mut t = m.write();
+        let n = t.delete_range(KeyRange::from_request(k.as_bytes(), end.as_bytes()));
+        t.commit();
+        n
+    }
+
+    fn keys(r: &RangeResult) -> Vec<String> {
+        r.kvs
+            .iter()
+            .map(|kv| String::from_utf8(kv.key.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn revisions_versions_and_tombstones_follow_etcd() {
+        let m = Mvcc::new();
+        assert_eq!(m.current_rev(), 1);
+        assert_eq!(put(&m, "a", "1"), 2);
+        assert_eq!(put(&m, "a", "2"), 3);
+        let r = m
+            .range(KeyRange::Single(b"a"), RangeOptions::default())
+            .unwrap();
+        let kv = &r.kvs[0];
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
+        assert_eq!(del(&m, "a", ""), 1);
+        assert_eq!(m.current_rev(), 4);
+        assert_eq!(del(&m, "a", ""), 0);
+        assert_eq!(m.current_rev(), 4, "a delete of nothing writes no revision");
+        put(&m, "a", "3");
+        let kv = m
+            .range(KeyRange::Single(b"a"), RangeOptions::default())
+            .unwrap()
+            .kvs[0]
+            .clone();
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (5, 5, 1));
+        let old = m
+            .range(
+                KeyRange::Single(b"a"),
+                RangeOptions {
+                    rev: 3,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(old.kvs[0].value, Bytes::from_static(b"2"));
+        assert_eq!(old.rev, 5, "header revision is the current one");
+        let gone = m
+            .range(
+                KeyRange::Single(b"a"),
+                RangeOptions {
+                    rev: 4,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(gone.kvs.is_empty());
+    }
+
+    #[test]
+    fn ranges_limits_counts_and_bounds() {
+        let m = Mvcc::new();
+        for k in ["a", "ab", "abc", "b", "c"] {
+            put(&m, k, k);
+        }
+        let all = m
+            .range(KeyRange::from_request(b"\0", b"\0"), RangeOptions::default())
+            .unwrap();
+        assert_eq!(keys(&all), ["a", "ab", "abc", "b", "c"]);
+        let pre = m
+            .range(KeyRange::from_request(b"a", b"b"), RangeOptions::default())
+            .unwrap();
+        assert_eq!(keys(&pre), ["a", "ab", "abc"]);
+        let lim = m
+            .range(
+                KeyRange::from_request(b"a", b"\0"),
+                RangeOptions {
+                    limit: 2,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!((keys(&lim), lim.count), (vec!["a".into(), "ab".into()], 5));
+        let cnt = m
+            .range(
+                KeyRange::from_request(b"ab", b"\0"),
+                RangeOptions {
+                    count_only: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!((cnt.kvs.len(), cnt.count), (0, 4));
+        let empty = m
+            .range(KeyRange::from_request(b"c", b"a"), RangeOptions::default())
+            .unwrap();
+        assert_eq!(empty.count, 0);
+        assert!(matches!(
+            m.range(
+                KeyRange::Single(b"a"),
+                RangeOptions {
+                    rev: 99,
+                    ..Default::default()
+                }
+            ),
+            Err(Error::FutureRev)
+        ));
+    }
+
+    #[test]
+    fn compaction_keeps_latest_and_reports_errors() {
+        let m = Mvcc::new();
+        put(&m, "a", "1"); // 2
+        put(&m, "a", "2"); // 3
+        put(&m, "b", "1"); // 4
+        del(&m, "b", ""); // 5
+        put(&m, "c", "1"); // 6
+        m.compact(5).unwrap();
+        let at = |rev| {
+            m.range(
+                KeyRange::from_request(b"\0", b"\0"),
+                RangeOptions {
+                    rev,
+                    ..Default::default()
+                },
+            )
+        };
+        assert!(matches!(at(4), Err(Error::Compacted)));
+        assert_eq!(keys(&at(5).unwrap()), ["a"]);
+        assert_eq!(keys(&at(6).unwrap()), ["a", "c"]);
+        assert_eq!(m.versions_total(), 2, "a@3 and c@6 remain");
+        assert!(matches!(m.compact(5), Err(Error::Compacted)));
+        assert!(matches!(m.compact(4), Err(Error::Compacted)));
+        assert!(matches!(m.compact(7), Err(Error::FutureRev)));
+    }
+
+    #[test]
+    fn txn_reads_its_own_writes_and_readers_do_not_until_commit() {
+        let m = Mvcc::new();
+        let mut t = m.write();
+        t.put(b"x", Bytes::from_static(b"1"), 0);
+        assert!(t.get(b"x").is_some());
+        assert!(m
+            .range(KeyRange::Single(b"x"), RangeOptions::default())
+            .unwrap()
+            .kvs
+            .is_empty());
+        t.put(b"y", Bytes::from_static(b"1"), 0);
+        let (changes, rev) = t.commit();
+        assert_eq!((changes.len(), rev), (2, 2));
+        assert_eq!(
+            m.range(KeyRange::Single(b"y"), RangeOptions::default())
+                .unwrap()
+                .kvs[0]
+                .mod_revision,
+            2
+        );
+    }
+
+    /// Random puts/deletes checked against a model of every revision.
+    #[test]
+    fn matches_a_model_at_every_revision() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let m = Mvcc::new();
+        let mut model: BTreeMap<String, String> = BTreeMap::new();
+        let mut history = vec![(1i64, model.clone())];
+        for i in 0..400 {
+            let k = format!("k{}", rng.gen_range(0..30));
+            if rng.gen_bool(0.7) {
+                put(&m, &k, &i.to_string());
+                model.insert(k, i.to_string());
+            } else {
+                let end = format!("k{}", rng.gen_range(0..30));
+                let n = del(&m, &k, &end);
+                let doomed: Vec<String> = model
+                    .keys()
+                    .filter(|x| x.as_str() >= k.as_str() && x.as_str() < end.as_str())
+                    .cloned()
+                    .collect();
+                assert_eq!(n as usize, doomed.len());
+                for d in doomed {
+                    model.remove(&d);
+                }
+            }
+            if history.last().unwrap().1 != model {
+                history.push((m.current_rev(), model.clone()));
+            }
+        }
+        for (rev, snap) in &history {
+            let r = m
+                .range(
+                    KeyRange::from_request(b"\0", b"\0"),
+                    RangeOptions {
+                        rev: *rev,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            let got: BTreeMap<String, String> = r
+                .kvs
+                .iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8(kv.key.to_vec()).unwrap(),
+                        String::from_utf8(kv.value.to_vec()).unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(&got, snap, "at revision {rev}");
+        }
+    }
+}
