@@ -1,1 +1,276 @@
-fn main() {}
+//! `keel`: a drop-in etcd v3 endpoint. This file wires the cores: it resolves the
+//! configuration, opens the WAL, starts the raft core (pinned, owns raft + WAL + apply) and
+//! one tokio runtime per net core (pinned, SO_REUSEPORT listener each), and serves once the
+//! state has been rebuilt from the WAL.
+
+mod apply;
+mod backend;
+mod config;
+mod ids;
+mod raft_core;
+
+use std::fs::OpenOptions;
+use std::os::unix::io::AsRawFd;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use keel_storage::mvcc::Mvcc;
+use keel_storage::raftlog::{MemberMeta, RaftLog};
+use keel_storage::wal::WalOptions;
+use raft::Storage;
+
+use crate::backend::NodeBackend;
+use crate::config::{Config, ETCD_API_VERSION};
+use crate::raft_core::{RaftCore, RaftStatus};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Proposals waiting for the raft core at most; beyond, writes get "too many requests".
+const PROPOSAL_QUEUE_MAX: usize = 16 * 1024;
+
+fn main() -> ExitCode {
+    let cfg = match Config::load(std::env::args().collect()) {
+        Ok(Some(cfg)) => cfg,
+        Ok(None) => {
+            println!("keel Version: {}", env!("CARGO_PKG_VERSION"));
+            println!("etcd API Version: {ETCD_API_VERSION}");
+            println!(
+                "OS/Arch: {}/{}",
+                std::env::consts::OS,
+                std::env::consts::ARCH
+            );
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            if let Some(ce) = e.downcast_ref::<clap::Error>() {
+                ce.exit();
+            }
+            eprintln!("keel: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    init_logging(&cfg.log_level);
+    warn_unknown_env();
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("keel: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// etcd warns about ETCD_* variables it does not know; so do we.
+fn warn_unknown_env() {
+    let known: Vec<String> = <config::Flags as clap::CommandFactory>::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect();
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ETCD_") && !known.contains(&k) && k != "ETCDCTL_API" {
+            tracing::warn!(variable = %k, "unrecognized environment variable");
+        }
+    }
+}
+
+/// Holds an exclusive lock on the data dir for the life of the process.
+fn lock_data_dir(cfg: &Config) -> anyhow::Result<std::fs::File> {
+    let member = cfg.data_dir.join("member");
+    std::fs::create_dir_all(&member)
+        .with_context(|| format!("cannot create data dir {}", member.display()))?;
+    let path = member.join("keel.lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        anyhow::bail!(
+            "data dir {} is in use by another keel process",
+            cfg.data_dir.display()
+        );
+    }
+    Ok(f)
+}
+
+fn member_meta(cfg: &Config) -> MemberMeta {
+    let ids: Vec<(String, u64)> = cfg
+        .initial_cluster
+        .iter()
+        .map(|(name, urls)| {
+            (
+                name.clone(),
+                ids::member_id(urls, &cfg.initial_cluster_token),
+            )
+        })
+        .collect();
+    let member_id = ids
+        .iter()
+        .find(|(n, _)| n == &cfg.name)
+        .map(|(_, id)| *id)
+        .expect("config checked the local name is in the initial cluster");
+    let voters: Vec<u64> = ids.iter().map(|(_, id)| *id).collect();
+    MemberMeta {
+        member_id,
+        cluster_id: ids::cluster_id(&voters),
+        voters,
+        name: cfg.name.clone(),
+    }
+}
+
+fn core_ids(n: usize) -> Vec<Option<core_affinity::CoreId>> {
+    let all = core_affinity::get_core_ids().unwrap_or_default();
+    (0..n)
+        .map(|i| all.get(i % all.len().max(1)).copied())
+        .collect()
+}
+
+fn run(cfg: Config) -> anyhow::Result<()> {
+    let _lock = lock_data_dir(&cfg)?;
+    let cfg = Arc::new(cfg);
+    let net_cores = cfg.cores.saturating_sub(1).max(1);
+    let pins = core_ids(cfg.cores.max(2));
+
+    // Bind first, so a taken port fails fast; accept only once the state is rebuilt.
+    let mut listeners = Vec::new();
+    for _ in 0..net_cores {
+        let mut per_core = Vec::new();
+        for addr in &cfg.listen_client {
+            let l = keel_net::serve::bind_reuseport(*addr)
+                .with_context(|| format!("listen tcp {addr}"))?;
+            per_core.push(l);
+        }
+        listeners.push(per_core);
+    }
+
+    let started = Instant::now();
+    let (log, fresh) = RaftLog::open(&cfg.wal_dir, WalOptions::default(), member_meta(&cfg))
+        .context("open wal")?;
+    if fresh && cfg.initial_cluster_state == "existing" {
+        anyhow::bail!(
+            "--initial-cluster-state=existing: joining a cluster comes with the cluster issue"
+        );
+    }
+    let meta = log.meta().clone();
+    let last_index = log.last_index()?;
+    tracing::info!(
+        member_id = format!("{:x}", meta.member_id),
+        cluster_id = format!("{:x}", meta.cluster_id),
+        wal = %cfg.wal_dir.display(),
+        last_index,
+        fresh,
+        snapshot_count = cfg.snapshot_count,
+        "opened wal"
+    );
+
+    let mvcc = Arc::new(Mvcc::new());
+    let status = Arc::new(RaftStatus::default());
+    let (tx, rx) = crossbeam_channel::bounded(PROPOSAL_QUEUE_MAX);
+    let core = RaftCore::new(
+        log,
+        mvcc.clone(),
+        status.clone(),
+        rx,
+        cfg.heartbeat_ms,
+        cfg.election_ms,
+    )?;
+    let raft_pin = pins[0];
+    let raft_thread = std::thread::Builder::new()
+        .name("keel-raft".into())
+        .spawn(move || {
+            if let Some(id) = raft_pin {
+                core_affinity::set_for_current(id);
+            }
+            core.run()
+        })?;
+
+    // Serve only after replay: everything in the WAL is applied and we lead.
+    while status.applied_index.load(Ordering::Acquire) < last_index
+        || status.leader_id.load(Ordering::Acquire) != meta.member_id
+    {
+        if raft_thread.is_finished() {
+            anyhow::bail!("raft core stopped during start-up");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    tracing::info!(
+        revision = mvcc.current_rev(),
+        replay_ms = started.elapsed().as_millis() as u64,
+        "state rebuilt from wal"
+    );
+
+    let backend = Arc::new(NodeBackend {
+        mvcc,
+        status,
+        proposals: tx,
+        member_id: meta.member_id,
+        cluster_id: meta.cluster_id,
+        cfg: cfg.clone(),
+    });
+    let mut net_threads = Vec::new();
+    for (i, per_core) in listeners.into_iter().enumerate() {
+        let backend = backend.clone();
+        let pin = pins[(1 + i) % pins.len()];
+        net_threads.push(
+            std::thread::Builder::new()
+                .name(format!("keel-net-{i}"))
+                .spawn(move || net_core(pin, per_core, backend))?,
+        );
+    }
+    drop(backend);
+    tracing::info!(
+        addrs = ?cfg.listen_client,
+        cores = cfg.cores,
+        "ready to serve client requests"
+    );
+    for t in net_threads {
+        let _ = t.join();
+    }
+    let _ = raft_thread.join();
+    Ok(())
+}
+
+fn net_core(
+    pin: Option<core_affinity::CoreId>,
+    listeners: Vec<std::net::TcpListener>,
+    backend: Arc<NodeBackend>,
+) {
+    if let Some(id) = pin {
+        core_affinity::set_for_current(id);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime for a net core");
+    rt.block_on(async move {
+        let mut tasks = Vec::new();
+        for l in listeners {
+            let b = backend.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = keel_net::serve::serve(l, b, std::future::pending()).await {
+                    tracing::error!(error = %e, "client listener failed");
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+}

@@ -210,6 +210,8 @@ impl Mvcc {
             begin_rev: begin,
             sub: 0,
             changes: Vec::new(),
+            inserted: Vec::new(),
+            committed: false,
         }
     }
 
@@ -236,10 +238,16 @@ impl Mvcc {
                     let keep = latest.key().clone();
                     let tombstone = latest.value().version == 0;
                     let low = KeyRev::new(&key, 0, 0);
-                    let upto = if tombstone { Included(&keep) } else { Excluded(&keep) };
+                    let upto = if tombstone {
+                        Included(&keep)
+                    } else {
+                        Excluded(&keep)
+                    };
                     for old in self.map.range((Included(&low), upto)) {
-                        self.approx_bytes
-                            .fetch_sub(version_bytes(&old.key().key, &old.value().value), Ordering::Relaxed);
+                        self.approx_bytes.fetch_sub(
+                            version_bytes(&old.key().key, &old.value().value),
+                            Ordering::Relaxed,
+                        );
                         old.remove();
                     }
                 }
@@ -286,11 +294,27 @@ fn to_kv(key: &Bytes, main: i64, v: &Version) -> KeyValue {
 }
 
 /// One write transaction: the changes of one revision. Reads inside it see its own writes.
+///
+/// Dropped without `commit`, it removes what it inserted: readers never saw it (the revision
+/// was not published), and the next transaction reuses the revision on a clean slate.
 pub struct WriteTxn<'a> {
     mvcc: &'a Mvcc,
     begin_rev: i64,
     sub: i64,
     changes: Vec<KeyValue>,
+    inserted: Vec<KeyRev>,
+    committed: bool,
+}
+
+impl Drop for WriteTxn<'_> {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for kr in self.inserted.drain(..) {
+            self.mvcc.map.remove(&kr);
+        }
+    }
 }
 
 impl WriteTxn<'_> {
@@ -345,6 +369,7 @@ impl WriteTxn<'_> {
             lease,
         };
         self.changes.push(to_kv(&kr.key, main, &v));
+        self.inserted.push(kr.clone());
         self.mvcc.map.insert(kr, v);
         main
     }
@@ -370,6 +395,7 @@ impl WriteTxn<'_> {
                 mod_revision: main,
                 ..Default::default()
             });
+            self.inserted.push(kr.clone());
             self.mvcc.map.insert(
                 kr,
                 Version {
@@ -389,12 +415,18 @@ impl WriteTxn<'_> {
 
     /// Publishes the transaction to readers; returns its changes (for watchers) and the
     /// store's revision after it.
-    pub fn commit(self) -> (Vec<KeyValue>, i64) {
+    pub fn commit(mut self) -> (Vec<KeyValue>, i64) {
         let rev = self.rev();
         if !self.changes.is_empty() {
             self.mvcc.current_rev.store(rev, Ordering::Release);
         }
-        (self.changes, rev)
+        self.committed = true;
+        (std::mem::take(&mut self.changes), rev)
+    }
+
+    /// The compaction revision (reads below it fail).
+    pub fn compact_rev(&self) -> i64 {
+        self.mvcc.compact_rev()
     }
 }
 
@@ -476,7 +508,10 @@ mod tests {
             put(&m, k, k);
         }
         let all = m
-            .range(KeyRange::from_request(b"\0", b"\0"), RangeOptions::default())
+            .range(
+                KeyRange::from_request(b"\0", b"\0"),
+                RangeOptions::default(),
+            )
             .unwrap();
         assert_eq!(keys(&all), ["a", "ab", "abc", "b", "c"]);
         let pre = m
@@ -567,6 +602,27 @@ mod tests {
                 .mod_revision,
             2
         );
+    }
+
+    #[test]
+    fn dropped_txn_leaves_no_trace() {
+        let m = Mvcc::new();
+        put(&m, "a", "1");
+        {
+            let mut t = m.write();
+            t.put(b"a", Bytes::from_static(b"2"), 0);
+            t.put(b"b", Bytes::from_static(b"2"), 0);
+        }
+        assert_eq!(m.versions_total(), 1);
+        put(&m, "b", "3");
+        let r = m
+            .range(
+                KeyRange::from_request(b"\0", b"\0"),
+                RangeOptions::default(),
+            )
+            .unwrap();
+        assert_eq!(keys(&r), ["a", "b"]);
+        assert_eq!(r.kvs[0].value, Bytes::from_static(b"1"));
     }
 
     /// Random puts/deletes checked against a model of every revision.

@@ -101,7 +101,10 @@ impl AlignedBuf {
         let layout = std::alloc::Layout::from_size_align(cap, Self::ALIGN).expect("layout");
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "out of memory allocating a {cap} byte WAL buffer");
+        assert!(
+            !ptr.is_null(),
+            "out of memory allocating a {cap} byte WAL buffer"
+        );
         AlignedBuf { ptr, cap }
     }
 
@@ -253,7 +256,11 @@ impl Wal {
         }
         assert_eq!(done, 2, "wal expects exactly its two completions");
         if let Some((what, res)) = failure {
-            let op = if what == 1 { "wal write" } else { "wal fdatasync" };
+            let op = if what == 1 {
+                "wal write"
+            } else {
+                "wal fdatasync"
+            };
             let source = if res < 0 {
                 std::io::Error::from_raw_os_error(-res)
             } else {
@@ -267,7 +274,10 @@ impl Wal {
     /// Starts the next segment, large enough for `need` bytes.
     fn roll(&mut self, need: u64) -> Result<()> {
         let seq = self.segment_seq + 1;
-        let size = self.opts.segment_bytes.max(align_up(need as usize, 4096) as u64);
+        let size = self
+            .opts
+            .segment_bytes
+            .max(align_up(need as usize, 4096) as u64);
         create_segment(&self.dir, seq, size)?;
         let path = segment_path(&self.dir, seq);
         self.file = open_direct(&path)?;
@@ -293,7 +303,11 @@ fn encode_record(buf: &mut [u8], record_type: u8, lsn: u64, payload: &[u8]) -> u
 }
 
 enum Parsed {
-    Valid { record_type: u8, lsn: u64, len: usize },
+    Valid {
+        record_type: u8,
+        lsn: u64,
+        len: usize,
+    },
     Empty,
     Invalid(&'static str),
 }
@@ -398,7 +412,10 @@ fn scan(dir: &Path, segments: &[u64], recovery: &mut Recovery) -> Result<(u64, u
                     return Err(corrupted(
                         &path,
                         pos,
-                        format!("{reason}, followed by a valid record in {}:{at}", lpath.display()),
+                        format!(
+                            "{reason}, followed by a valid record in {}:{at}",
+                            lpath.display()
+                        ),
                     ));
                 }
             }
@@ -436,7 +453,8 @@ fn zero_tail(path: &Path, data: &[u8], pos: usize) -> Result<u64> {
         .io_ctx("open wal segment to repair", path)?;
     file.write_all_at(&vec![0u8; len], pos as u64)
         .io_ctx("zero torn wal tail", path)?;
-    file.sync_data().io_ctx("fdatasync repaired wal segment", path)?;
+    file.sync_data()
+        .io_ctx("fdatasync repaired wal segment", path)?;
     tracing::warn!(path = %path.display(), offset = pos, bytes = len, "wal: zeroed torn tail");
     Ok(len as u64)
 }
@@ -530,7 +548,10 @@ mod tests {
                 wal.append(&[(7, p)]).unwrap();
             }
         }
-        assert!(list_segments(dir.path()).unwrap().len() > 1, "test must cross segments");
+        assert!(
+            list_segments(dir.path()).unwrap().len() > 1,
+            "test must cross segments"
+        );
         let (mut wal, rec) = Wal::open(dir.path(), small()).unwrap();
         let got: Vec<Vec<u8>> = rec.records.iter().map(|r| r.payload.clone()).collect();
         assert_eq!(got, payloads);

@@ -1,0 +1,59 @@
+//! What the net cores need from the node. `net` sees the node only through this trait, so
+//! gRPC concerns stay here and the node's raft, apply and storage stay out.
+
+use std::future::Future;
+
+use keel_proto::pb;
+
+use crate::error::ApiError;
+
+/// Request limits, checked at the edge (etcd's --max-request-bytes and --max-txn-ops).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+}
+
+/// etcd's gRPC receive limit is the request limit plus this overhead.
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// A request that changes the store, so goes through raft.
+#[derive(Debug, Clone)]
+pub enum WriteRequest {
+    Put(pb::PutRequest),
+    DeleteRange(pb::DeleteRangeRequest),
+    Txn(pb::TxnRequest),
+    Compact(pb::CompactionRequest),
+}
+
+#[derive(Debug, Clone)]
+pub enum WriteResponse {
+    Put(pb::PutResponse),
+    DeleteRange(pb::DeleteRangeResponse),
+    Txn(pb::TxnResponse),
+    Compact(pb::CompactionResponse),
+}
+
+pub trait Backend: Send + Sync + 'static {
+    fn limits(&self) -> Limits;
+
+    /// A header with this member's cluster_id, member_id and raft_term, and `revision` (the
+    /// current revision when 0, as etcd fills it).
+    fn header(&self, revision: i64) -> pb::ResponseHeader;
+
+    fn range(
+        &self,
+        req: pb::RangeRequest,
+    ) -> impl Future<Output = Result<pb::RangeResponse, ApiError>> + Send;
+
+    fn write(
+        &self,
+        req: WriteRequest,
+    ) -> impl Future<Output = Result<WriteResponse, ApiError>> + Send;
+
+    fn status(&self) -> pb::StatusResponse;
+
+    fn members(&self) -> Vec<pb::Member>;
+
+    fn alarms(&self) -> Vec<pb::AlarmMember>;
+}

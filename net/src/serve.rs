@@ -1,0 +1,65 @@
+//! Client listeners, one per net core. Every net core binds its own socket to the same address
+//! with SO_REUSEPORT, so the kernel spreads connections across cores and each connection lives
+//! on one core for its whole life (no cross-core hand-off on the request path).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use keel_proto::pb;
+use tokio_stream::StreamExt;
+
+use crate::backend::Backend;
+use crate::service::{decode_limit_bytes, ClusterService, KvService, MaintenanceService};
+
+/// Binds a listening socket with SO_REUSEADDR and SO_REUSEPORT.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    Ok(sock.into())
+}
+
+/// Serves the etcd gRPC API on `listener` until `shutdown` resolves. Call from inside the
+/// net core's tokio runtime.
+pub async fn serve<B: Backend>(
+    listener: std::net::TcpListener,
+    backend: Arc<B>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let listener = tokio::net::TcpListener::from_std(listener).expect("listener into tokio");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let limit = decode_limit_bytes(backend.limits());
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(1 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(
+            pb::kv_server::KvServer::new(KvService::new(backend.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            pb::maintenance_server::MaintenanceServer::new(MaintenanceService::new(
+                backend.clone(),
+            ))
+            .max_decoding_message_size(limit),
+        )
+        .add_service(
+            pb::cluster_server::ClusterServer::new(ClusterService::new(backend))
+                .max_decoding_message_size(limit),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

@@ -1,0 +1,245 @@
+//! The etcd gRPC services over a `Backend`: decode, validate at the edge, hand to the node,
+//! fill the response header as etcd does (cluster_id, member_id, raft_term; revision if 0).
+
+use std::sync::Arc;
+
+use keel_proto::pb;
+use keel_proto::prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::backend::{Backend, Limits, WriteRequest, WriteResponse, GRPC_OVERHEAD_BYTES};
+use crate::error::ApiError;
+use crate::validate;
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// The gRPC decode limit we give tonic: above etcd's, so that a message between etcd's limit
+/// and this one gets etcd's own answer from `check_size` rather than tonic's.
+pub fn decode_limit_bytes(limits: Limits) -> usize {
+    (limits.max_request_bytes + GRPC_OVERHEAD_BYTES) * 2
+}
+
+/// etcd's gRPC server refuses messages over max-request-bytes + 512 KiB with grpc-go's text.
+fn check_size<M: Message>(m: &M, limits: Limits) -> Result<(), ApiError> {
+    let got = m.encoded_len();
+    let max = limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    if got > max {
+        return Err(ApiError::MessageTooLarge { got, max });
+    }
+    Ok(())
+}
+
+fn unexpected(what: &str) -> Status {
+    Status::internal(format!("keel: unexpected response kind for {what}"))
+}
+
+pub struct KvService<B> {
+    backend: Arc<B>,
+}
+
+impl<B> KvService<B> {
+    pub fn new(backend: Arc<B>) -> Self {
+        KvService { backend }
+    }
+}
+
+impl<B: Backend> KvService<B> {
+    async fn write(&self, req: WriteRequest) -> Result<WriteResponse, Status> {
+        Ok(self.backend.write(req).await?)
+    }
+
+    fn header(&self, h: &Option<pb::ResponseHeader>) -> Option<pb::ResponseHeader> {
+        Some(self.backend.header(h.as_ref().map_or(0, |h| h.revision)))
+    }
+}
+
+#[tonic::async_trait]
+impl<B: Backend> pb::kv_server::Kv for KvService<B> {
+    async fn range(&self, req: Request<pb::RangeRequest>) -> Reply<pb::RangeResponse> {
+        let r = req.into_inner();
+        check_size(&r, self.backend.limits())?;
+        validate::check_range(&r)?;
+        let mut resp = self.backend.range(r).await?;
+        resp.header = self.header(&resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, req: Request<pb::PutRequest>) -> Reply<pb::PutResponse> {
+        let r = req.into_inner();
+        check_size(&r, self.backend.limits())?;
+        validate::check_put(&r)?;
+        match self.write(WriteRequest::Put(r)).await? {
+            WriteResponse::Put(mut resp) => {
+                resp.header = self.header(&resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("put")),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<pb::DeleteRangeRequest>,
+    ) -> Reply<pb::DeleteRangeResponse> {
+        let r = req.into_inner();
+        check_size(&r, self.backend.limits())?;
+        validate::check_delete(&r)?;
+        match self.write(WriteRequest::DeleteRange(r)).await? {
+            WriteResponse::DeleteRange(mut resp) => {
+                resp.header = self.header(&resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("delete range")),
+        }
+    }
+
+    async fn txn(&self, req: Request<pb::TxnRequest>) -> Reply<pb::TxnResponse> {
+        let r = req.into_inner();
+        let limits = self.backend.limits();
+        check_size(&r, limits)?;
+        validate::check_txn_all(&r, limits.max_txn_ops)?;
+        match self.write(WriteRequest::Txn(r)).await? {
+            WriteResponse::Txn(mut resp) => {
+                resp.header = self.header(&resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("txn")),
+        }
+    }
+
+    async fn compact(&self, req: Request<pb::CompactionRequest>) -> Reply<pb::CompactionResponse> {
+        let r = req.into_inner();
+        match self.write(WriteRequest::Compact(r)).await? {
+            WriteResponse::Compact(mut resp) => {
+                resp.header = self.header(&resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("compact")),
+        }
+    }
+}
+
+pub struct MaintenanceService<B> {
+    backend: Arc<B>,
+}
+
+impl<B> MaintenanceService<B> {
+    pub fn new(backend: Arc<B>) -> Self {
+        MaintenanceService { backend }
+    }
+}
+
+fn not_yet(what: &str) -> Status {
+    Status::unimplemented(format!("keel: {what} is not implemented yet"))
+}
+
+#[tonic::async_trait]
+impl<B: Backend> pb::maintenance_server::Maintenance for MaintenanceService<B> {
+    async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Reply<pb::AlarmResponse> {
+        let r = req.into_inner();
+        let alarms = self.backend.alarms();
+        let action = pb::alarm_request::AlarmAction::try_from(r.action)
+            .map_err(|_| Status::invalid_argument("etcdserver: unknown alarm action"))?;
+        let alarms = match action {
+            pb::alarm_request::AlarmAction::Get => alarms,
+            // No alarm can be raised yet (quota comes with the storage engine), so
+            // deactivating one finds nothing to clear, as etcd answers for an absent alarm.
+            pb::alarm_request::AlarmAction::Deactivate => Vec::new(),
+            pb::alarm_request::AlarmAction::Activate => return Err(not_yet("alarm activate")),
+        };
+        Ok(Response::new(pb::AlarmResponse {
+            header: Some(self.backend.header(0)),
+            alarms,
+        }))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
+        Ok(Response::new(self.backend.status()))
+    }
+
+    async fn defragment(
+        &self,
+        _req: Request<pb::DefragmentRequest>,
+    ) -> Reply<pb::DefragmentResponse> {
+        // The in-memory store has nothing to defragment; the B+tree backend will.
+        Ok(Response::new(pb::DefragmentResponse {
+            header: Some(self.backend.header(0)),
+        }))
+    }
+
+    async fn hash(&self, _req: Request<pb::HashRequest>) -> Reply<pb::HashResponse> {
+        Err(not_yet("Hash"))
+    }
+
+    async fn hash_kv(&self, _req: Request<pb::HashKvRequest>) -> Reply<pb::HashKvResponse> {
+        Err(not_yet("HashKV"))
+    }
+
+    type SnapshotStream = futures::stream::Empty<Result<pb::SnapshotResponse, Status>>;
+
+    async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Reply<Self::SnapshotStream> {
+        Err(not_yet("Snapshot"))
+    }
+
+    async fn move_leader(
+        &self,
+        _req: Request<pb::MoveLeaderRequest>,
+    ) -> Reply<pb::MoveLeaderResponse> {
+        Err(not_yet("MoveLeader"))
+    }
+
+    async fn downgrade(&self, _req: Request<pb::DowngradeRequest>) -> Reply<pb::DowngradeResponse> {
+        Err(not_yet("Downgrade"))
+    }
+}
+
+pub struct ClusterService<B> {
+    backend: Arc<B>,
+}
+
+impl<B> ClusterService<B> {
+    pub fn new(backend: Arc<B>) -> Self {
+        ClusterService { backend }
+    }
+}
+
+#[tonic::async_trait]
+impl<B: Backend> pb::cluster_server::Cluster for ClusterService<B> {
+    async fn member_add(
+        &self,
+        _req: Request<pb::MemberAddRequest>,
+    ) -> Reply<pb::MemberAddResponse> {
+        Err(not_yet("MemberAdd"))
+    }
+
+    async fn member_remove(
+        &self,
+        _req: Request<pb::MemberRemoveRequest>,
+    ) -> Reply<pb::MemberRemoveResponse> {
+        Err(not_yet("MemberRemove"))
+    }
+
+    async fn member_update(
+        &self,
+        _req: Request<pb::MemberUpdateRequest>,
+    ) -> Reply<pb::MemberUpdateResponse> {
+        Err(not_yet("MemberUpdate"))
+    }
+
+    async fn member_list(
+        &self,
+        _req: Request<pb::MemberListRequest>,
+    ) -> Reply<pb::MemberListResponse> {
+        Ok(Response::new(pb::MemberListResponse {
+            header: Some(self.backend.header(0)),
+            members: self.backend.members(),
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        _req: Request<pb::MemberPromoteRequest>,
+    ) -> Reply<pb::MemberPromoteResponse> {
+        Err(not_yet("MemberPromote"))
+    }
+}

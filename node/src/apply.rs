@@ -1,0 +1,390 @@
+//! Applying committed requests to the MVCC store with etcd's semantics
+//! (etcd `server/etcdserver/apply.go`): the order of checks, which revision each response
+//! header carries, txn compare rules, and range sort/filter/limit. Runs on the raft core; the
+//! read-only `range` also runs on net cores against the published state.
+
+use keel_net::{ApiError, WriteResponse};
+use keel_proto::keelpb::InternalRequest;
+use keel_proto::mvccpb::KeyValue;
+use keel_proto::pb;
+use keel_proto::pb::compare::{CompareResult, CompareTarget, TargetUnion};
+use keel_proto::pb::range_request::{SortOrder, SortTarget};
+use keel_proto::pb::request_op::Request;
+use keel_proto::pb::response_op::Response;
+use keel_storage::mvcc::{KeyRange, Mvcc, RangeOptions, RangeResult, WriteTxn};
+
+/// Anything a range can read from: the published store, or a write txn seeing its own writes.
+pub trait ReadView {
+    fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> keel_storage::Result<RangeResult>;
+    /// The lowest readable revision (the compaction revision).
+    fn first_rev(&self) -> i64;
+    fn rev(&self) -> i64;
+}
+
+impl ReadView for Mvcc {
+    fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> keel_storage::Result<RangeResult> {
+        self.range(range, opts)
+    }
+    fn first_rev(&self) -> i64 {
+        self.compact_rev()
+    }
+    fn rev(&self) -> i64 {
+        self.current_rev()
+    }
+}
+
+impl ReadView for WriteTxn<'_> {
+    fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> keel_storage::Result<RangeResult> {
+        self.range(range, opts)
+    }
+    fn first_rev(&self) -> i64 {
+        self.compact_rev()
+    }
+    fn rev(&self) -> i64 {
+        WriteTxn::rev(self)
+    }
+}
+
+pub fn storage_err(e: keel_storage::Error) -> ApiError {
+    match e {
+        keel_storage::Error::Compacted => ApiError::Compacted,
+        keel_storage::Error::FutureRev => ApiError::FutureRev,
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+fn header(revision: i64) -> Option<pb::ResponseHeader> {
+    Some(pb::ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+/// Applies one committed request. Leases do not exist yet (Lease service: later issue), so any
+/// non-zero lease is "not found", as etcd answers for an unknown lease.
+pub fn apply(mvcc: &Mvcc, req: InternalRequest) -> Result<WriteResponse, ApiError> {
+    if let Some(p) = req.put {
+        if p.lease != 0 {
+            return Err(ApiError::LeaseNotFound);
+        }
+        let mut t = mvcc.write();
+        let resp = put(&mut t, &p)?;
+        t.commit();
+        return Ok(WriteResponse::Put(resp));
+    }
+    if let Some(d) = req.delete_range {
+        let mut t = mvcc.write();
+        let resp = delete_range(&mut t, &d)?;
+        t.commit();
+        return Ok(WriteResponse::DeleteRange(resp));
+    }
+    if let Some(r) = req.txn {
+        return txn(mvcc, &r).map(WriteResponse::Txn);
+    }
+    if let Some(c) = req.compaction {
+        mvcc.compact(c.revision).map_err(storage_err)?;
+        return Ok(WriteResponse::Compact(pb::CompactionResponse {
+            header: header(mvcc.current_rev()),
+        }));
+    }
+    Err(ApiError::Internal("empty internal request".into()))
+}
+
+fn put(t: &mut WriteTxn<'_>, p: &pb::PutRequest) -> Result<pb::PutResponse, ApiError> {
+    let needs_prev = p.ignore_value || p.ignore_lease;
+    let prev = if needs_prev || p.prev_kv {
+        t.get(&p.key)
+    } else {
+        None
+    };
+    if needs_prev && prev.is_none() {
+        return Err(ApiError::KeyNotFound);
+    }
+    let value = match (&prev, p.ignore_value) {
+        (Some(kv), true) => kv.value.clone(),
+        _ => p.value.clone(),
+    };
+    let lease = match (&prev, p.ignore_lease) {
+        (Some(kv), true) => kv.lease,
+        _ => p.lease,
+    };
+    let rev = t.put(&p.key, value, lease);
+    Ok(pb::PutResponse {
+        header: header(rev),
+        prev_kv: if p.prev_kv { prev } else { None },
+    })
+}
+
+fn delete_range(
+    t: &mut WriteTxn<'_>,
+    d: &pb::DeleteRangeRequest,
+) -> Result<pb::DeleteRangeResponse, ApiError> {
+    let range = KeyRange::from_request(&d.key, &d.range_end);
+    let prev_kvs = if d.prev_kv {
+        t.range(range, RangeOptions::default())
+            .map_err(storage_err)?
+            .kvs
+    } else {
+        Vec::new()
+    };
+    let deleted = t.delete_range(range);
+    Ok(pb::DeleteRangeResponse {
+        header: header(t.rev()),
+        deleted,
+        prev_kvs,
+    })
+}
+
+/// etcd's Range: fetch (one extra for `more`), filter, sort, truncate.
+pub fn range(view: &impl ReadView, r: &pb::RangeRequest) -> Result<pb::RangeResponse, ApiError> {
+    let sort_order = SortOrder::try_from(r.sort_order).unwrap_or(SortOrder::None);
+    let sort_target = SortTarget::try_from(r.sort_target).unwrap_or(SortTarget::Key);
+    let filtered = r.min_mod_revision != 0
+        || r.max_mod_revision != 0
+        || r.min_create_revision != 0
+        || r.max_create_revision != 0;
+    let mut limit = r.limit;
+    if sort_order != SortOrder::None || filtered {
+        limit = 0;
+    }
+    if limit > 0 {
+        limit += 1;
+    }
+    let rr = view
+        .read(
+            KeyRange::from_request(&r.key, &r.range_end),
+            RangeOptions {
+                limit: limit.max(0) as usize,
+                rev: r.revision,
+                count_only: r.count_only,
+            },
+        )
+        .map_err(storage_err)?;
+    let mut kvs = rr.kvs;
+    if filtered {
+        kvs.retain(|kv| {
+            !(r.max_mod_revision != 0 && kv.mod_revision > r.max_mod_revision
+                || r.min_mod_revision != 0 && kv.mod_revision < r.min_mod_revision
+                || r.max_create_revision != 0 && kv.create_revision > r.max_create_revision
+                || r.min_create_revision != 0 && kv.create_revision < r.min_create_revision)
+        });
+    }
+    let order = if sort_target != SortTarget::Key && sort_order == SortOrder::None {
+        SortOrder::Ascend
+    } else {
+        sort_order
+    };
+    if order != SortOrder::None {
+        sort_kvs(&mut kvs, sort_target, order == SortOrder::Descend);
+    }
+    let mut more = false;
+    if r.limit > 0 && kvs.len() > r.limit as usize {
+        kvs.truncate(r.limit as usize);
+        more = true;
+    }
+    if r.keys_only {
+        for kv in &mut kvs {
+            kv.value = Default::default();
+        }
+    }
+    Ok(pb::RangeResponse {
+        header: header(rr.rev),
+        kvs,
+        more,
+        count: rr.count as i64,
+    })
+}
+
+fn sort_kvs(kvs: &mut [KeyValue], target: SortTarget, descend: bool) {
+    let key = |kv: &KeyValue| -> (i64, Option<bytes::Bytes>) {
+        match target {
+            SortTarget::Key => (0, Some(kv.key.clone())),
+            SortTarget::Version => (kv.version, None),
+            SortTarget::Create => (kv.create_revision, None),
+            SortTarget::Mod => (kv.mod_revision, None),
+            SortTarget::Value => (0, Some(kv.value.clone())),
+        }
+    };
+    if descend {
+        kvs.sort_by(|a, b| key(b).cmp(&key(a)));
+    } else {
+        kvs.sort_by_key(key);
+    }
+}
+
+fn compare_all(view: &impl ReadView, cmps: &[pb::Compare]) -> bool {
+    cmps.iter().all(|c| compare(view, c))
+}
+
+fn compare(view: &impl ReadView, c: &pb::Compare) -> bool {
+    let Ok(rr) = view.read(
+        KeyRange::from_request(&c.key, &c.range_end),
+        RangeOptions::default(),
+    ) else {
+        return false;
+    };
+    let target = CompareTarget::try_from(c.target).ok();
+    if rr.kvs.is_empty() {
+        if target == Some(CompareTarget::Value) {
+            // A missing key has no value to compare (nil == empty in gRPC): always false.
+            return false;
+        }
+        return compare_kv(c, target, &KeyValue::default());
+    }
+    rr.kvs.iter().all(|kv| compare_kv(c, target, kv))
+}
+
+fn compare_kv(c: &pb::Compare, target: Option<CompareTarget>, kv: &KeyValue) -> bool {
+    use std::cmp::Ordering;
+    let int = |v: Option<i64>, have: i64| have.cmp(&v.unwrap_or(0));
+    let ord: Ordering = match (target, &c.target_union) {
+        (Some(CompareTarget::Value), u) => {
+            let want: &[u8] = match u {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_ref().cmp(want)
+        }
+        (Some(CompareTarget::Create), u) => int(
+            match u {
+                Some(TargetUnion::CreateRevision(v)) => Some(*v),
+                _ => None,
+            },
+            kv.create_revision,
+        ),
+        (Some(CompareTarget::Mod), u) => int(
+            match u {
+                Some(TargetUnion::ModRevision(v)) => Some(*v),
+                _ => None,
+            },
+            kv.mod_revision,
+        ),
+        (Some(CompareTarget::Version), u) => int(
+            match u {
+                Some(TargetUnion::Version(v)) => Some(*v),
+                _ => None,
+            },
+            kv.version,
+        ),
+        (Some(CompareTarget::Lease), u) => int(
+            match u {
+                Some(TargetUnion::Lease(v)) => Some(*v),
+                _ => None,
+            },
+            kv.lease,
+        ),
+        (None, _) => Ordering::Equal,
+    };
+    match CompareResult::try_from(c.result) {
+        Ok(CompareResult::Equal) => ord == Ordering::Equal,
+        Ok(CompareResult::NotEqual) => ord != Ordering::Equal,
+        Ok(CompareResult::Greater) => ord == Ordering::Greater,
+        Ok(CompareResult::Less) => ord == Ordering::Less,
+        Err(_) => true,
+    }
+}
+
+/// Which branch each txn on the taken path takes, evaluated on the state before the txn
+/// (etcd's compareToPath): the outer txn first, then nested ones depth-first.
+fn compare_to_path(view: &impl ReadView, t: &pb::TxnRequest, path: &mut Vec<bool>) {
+    let ok = compare_all(view, &t.compare);
+    path.push(ok);
+    for op in branch(t, ok) {
+        if let Some(Request::RequestTxn(inner)) = &op.request {
+            compare_to_path(view, inner, path);
+        }
+    }
+}
+
+fn branch(t: &pb::TxnRequest, ok: bool) -> &[pb::RequestOp] {
+    if ok {
+        &t.success
+    } else {
+        &t.failure
+    }
+}
+
+/// etcd's checkRequests: every put and range on the taken path must be able to apply, so a
+/// txn either applies whole or not at all.
+fn check_path(
+    view: &impl ReadView,
+    t: &pb::TxnRequest,
+    path: &[bool],
+    at: &mut usize,
+) -> Result<(), ApiError> {
+    let ok = path[*at];
+    *at += 1;
+    for op in branch(t, ok) {
+        match &op.request {
+            Some(Request::RequestTxn(inner)) => check_path(view, inner, path, at)?,
+            Some(Request::RequestPut(p)) => {
+                if (p.ignore_value || p.ignore_lease)
+                    && view
+                        .read(KeyRange::Single(&p.key), RangeOptions::default())
+                        .map_err(storage_err)?
+                        .kvs
+                        .is_empty()
+                {
+                    return Err(ApiError::KeyNotFound);
+                }
+                if p.lease != 0 {
+                    return Err(ApiError::LeaseNotFound);
+                }
+            }
+            Some(Request::RequestRange(r)) => {
+                if r.revision != 0 && r.revision > view.rev() {
+                    return Err(ApiError::FutureRev);
+                }
+                if r.revision != 0 && r.revision < view.first_rev() {
+                    return Err(ApiError::Compacted);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn apply_path(
+    t: &mut WriteTxn<'_>,
+    req: &pb::TxnRequest,
+    path: &[bool],
+    at: &mut usize,
+) -> Result<pb::TxnResponse, ApiError> {
+    let ok = path[*at];
+    *at += 1;
+    let mut responses = Vec::new();
+    for op in branch(req, ok) {
+        let resp = match &op.request {
+            Some(Request::RequestRange(r)) => Response::ResponseRange(range(t, r)?),
+            Some(Request::RequestPut(p)) => Response::ResponsePut(put(t, p)?),
+            Some(Request::RequestDeleteRange(d)) => {
+                Response::ResponseDeleteRange(delete_range(t, d)?)
+            }
+            Some(Request::RequestTxn(inner)) => {
+                Response::ResponseTxn(apply_path(t, inner, path, at)?)
+            }
+            None => continue,
+        };
+        responses.push(pb::ResponseOp {
+            response: Some(resp),
+        });
+    }
+    Ok(pb::TxnResponse {
+        // Nested txn responses carry an empty header in etcd; the outer one is set below.
+        header: Some(pb::ResponseHeader::default()),
+        succeeded: ok,
+        responses,
+    })
+}
+
+fn txn(mvcc: &Mvcc, r: &pb::TxnRequest) -> Result<pb::TxnResponse, ApiError> {
+    let mut t = mvcc.write();
+    let mut path = Vec::new();
+    compare_to_path(&t, r, &mut path);
+    check_path(&t, r, &path, &mut 0)?;
+    let mut resp = apply_path(&mut t, r, &path, &mut 0)?;
+    let (_, rev) = t.commit();
+    resp.header = header(rev);
+    Ok(resp)
+}

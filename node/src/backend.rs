@@ -1,0 +1,137 @@
+//! The node side of `keel_net::Backend`: reads straight from the published MVCC state on the
+//! calling net core; writes go to the raft core over the bounded proposal channel and the
+//! caller awaits its oneshot. A full channel answers etcd's "too many requests".
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, TrySendError};
+use keel_net::{ApiError, Backend, Limits, WriteRequest, WriteResponse};
+use keel_proto::keelpb::InternalRequest;
+use keel_proto::pb;
+use keel_proto::prost::Message;
+use keel_storage::mvcc::Mvcc;
+use tokio::sync::oneshot;
+
+use crate::apply;
+use crate::config::{Config, ETCD_API_VERSION};
+use crate::raft_core::{Proposal, RaftStatus};
+
+/// How long a write may wait for raft before "request timed out" (etcd: 7 s by default).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
+
+pub struct NodeBackend {
+    pub mvcc: Arc<Mvcc>,
+    pub status: Arc<RaftStatus>,
+    pub proposals: Sender<Proposal>,
+    pub member_id: u64,
+    pub cluster_id: u64,
+    pub cfg: Arc<Config>,
+}
+
+impl NodeBackend {
+    fn encode(&self, req: WriteRequest) -> Result<Vec<u8>, ApiError> {
+        let mut ir = InternalRequest::default();
+        match req {
+            WriteRequest::Put(p) => ir.put = Some(p),
+            WriteRequest::DeleteRange(d) => ir.delete_range = Some(d),
+            WriteRequest::Txn(t) => ir.txn = Some(t),
+            WriteRequest::Compact(c) => ir.compaction = Some(c),
+        }
+        let data = ir.encode_to_vec();
+        if data.len() > self.cfg.max_request_bytes {
+            return Err(ApiError::RequestTooLarge);
+        }
+        Ok(data)
+    }
+}
+
+impl Backend for NodeBackend {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_request_bytes: self.cfg.max_request_bytes,
+            max_txn_ops: self.cfg.max_txn_ops,
+        }
+    }
+
+    fn header(&self, revision: i64) -> pb::ResponseHeader {
+        pb::ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision: if revision == 0 {
+                self.mvcc.current_rev()
+            } else {
+                revision
+            },
+            raft_term: self.status.term.load(Ordering::Acquire),
+        }
+    }
+
+    fn range(
+        &self,
+        req: pb::RangeRequest,
+    ) -> impl std::future::Future<Output = Result<pb::RangeResponse, ApiError>> + Send {
+        // One voter: every acknowledged write is already applied and published before its
+        // client hears back, so reading the published state is linearizable. ReadIndex comes
+        // with the cluster issue.
+        let result = apply::range(&*self.mvcc, &req);
+        std::future::ready(result)
+    }
+
+    fn write(
+        &self,
+        req: WriteRequest,
+    ) -> impl std::future::Future<Output = Result<WriteResponse, ApiError>> + Send {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.encode(req).and_then(|data| {
+            self.proposals
+                .try_send(Proposal { data, tx })
+                .map_err(|e| match e {
+                    TrySendError::Full(_) => ApiError::TooManyRequests,
+                    TrySendError::Disconnected(_) => ApiError::Stopped,
+                })
+        });
+        async move {
+            sent?;
+            match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(ApiError::Stopped),
+                Err(_) => Err(ApiError::Timeout),
+            }
+        }
+    }
+
+    fn status(&self) -> pb::StatusResponse {
+        let db_bytes = self.mvcc.approx_bytes();
+        pb::StatusResponse {
+            header: Some(self.header(0)),
+            version: ETCD_API_VERSION.to_string(),
+            db_size: db_bytes,
+            leader: self.status.leader_id.load(Ordering::Acquire),
+            raft_index: self.status.commit_index.load(Ordering::Acquire),
+            raft_term: self.status.term.load(Ordering::Acquire),
+            raft_applied_index: self.status.applied_index.load(Ordering::Acquire),
+            errors: Vec::new(),
+            db_size_in_use: db_bytes,
+            is_learner: false,
+            storage_version: String::new(),
+            db_size_quota: self.cfg.quota_backend_bytes as i64,
+            downgrade_info: None,
+        }
+    }
+
+    fn members(&self) -> Vec<pb::Member> {
+        vec![pb::Member {
+            id: self.member_id,
+            name: self.cfg.name.clone(),
+            peer_ur_ls: self.cfg.initial_advertise_peer_urls.clone(),
+            client_ur_ls: self.cfg.advertise_client_urls.clone(),
+            is_learner: false,
+        }]
+    }
+
+    fn alarms(&self) -> Vec<pb::AlarmMember> {
+        Vec::new()
+    }
+}

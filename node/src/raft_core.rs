@@ -1,0 +1,244 @@
+//! The raft core: one pinned thread that owns raft-rs's `RawNode`, the WAL (through
+//! `RaftLog`) and apply. Net cores hand it proposals over a bounded channel; it answers each
+//! through its own oneshot once the entry is durable, committed and applied.
+//!
+//! One turn of the loop (raft-rs's documented `Ready` order):
+//! 1. wait for a proposal or the next tick, then drain *every* waiting proposal (group commit:
+//!    they share one raft batch, one WAL write and one fdatasync);
+//! 2. `ready()`: send messages (none with one voter; the peer transport comes with the
+//!    cluster issue), apply committed entries, persist entries + HardState in one WAL record,
+//!    send persisted messages, `advance`, then the LightReady's commit and committed entries,
+//!    `advance_apply`.
+//!
+//! Proposals carry no ID inside the request: the raft core stamps each entry's `context` with
+//! a cluster-unique ID (member ID prefix + counter) so a member recognises its own entries at
+//! apply, also after forwarding in a multi-node cluster.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use keel_net::{ApiError, WriteResponse};
+use keel_proto::keelpb::InternalRequest;
+use keel_proto::prost::Message;
+use keel_storage::mvcc::Mvcc;
+use keel_storage::raftlog::RaftLog;
+use raft::eraftpb::{Entry, EntryType};
+use raft::{RawNode, StateRole};
+use tokio::sync::oneshot;
+
+use crate::apply;
+
+pub type Responder = oneshot::Sender<Result<WriteResponse, ApiError>>;
+
+/// A write on its way to raft: the encoded `InternalRequest` and who waits for the result.
+pub struct Proposal {
+    pub data: Vec<u8>,
+    pub tx: Responder,
+}
+
+/// Most proposals drained into one batch (bounds one WAL record and one turn's latency).
+const BATCH_PROPOSALS_MAX: usize = 8192;
+const BATCH_BYTES_MAX: usize = 32 << 20;
+/// How long the loop polls for more work before parking: a parked thread costs a futex wake
+/// (tens of µs) on the single-client path.
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(50);
+
+/// What the raft core publishes for everyone else to read without asking it.
+#[derive(Default)]
+pub struct RaftStatus {
+    pub term: AtomicU64,
+    pub commit_index: AtomicU64,
+    pub applied_index: AtomicU64,
+    pub leader_id: AtomicU64,
+}
+
+pub struct RaftCore {
+    node: RawNode<RaftLog>,
+    mvcc: Arc<Mvcc>,
+    status: Arc<RaftStatus>,
+    rx: Receiver<Proposal>,
+    pending: HashMap<u64, Responder>,
+    next_id: u64,
+    tick: Duration,
+}
+
+impl RaftCore {
+    pub fn new(
+        log: RaftLog,
+        mvcc: Arc<Mvcc>,
+        status: Arc<RaftStatus>,
+        rx: Receiver<Proposal>,
+        heartbeat_ms: u64,
+        election_ms: u64,
+    ) -> anyhow::Result<RaftCore> {
+        let meta = log.meta().clone();
+        let cfg = raft::Config {
+            id: meta.member_id,
+            election_tick: (election_ms / heartbeat_ms) as usize,
+            heartbeat_tick: 1,
+            // The state machine is rebuilt from the WAL: raft re-delivers every committed entry.
+            applied: 0,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        cfg.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut node = RawNode::new(&cfg, log, &logger)?;
+        if meta.voters == [meta.member_id] {
+            // A lone voter need not wait an election timeout to lead.
+            node.campaign()?;
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Ok(RaftCore {
+            node,
+            mvcc,
+            status,
+            rx,
+            pending: HashMap::new(),
+            next_id: ((meta.member_id & 0xffff) << 48) | ((now_ms << 8) & ((1 << 48) - 1)),
+            tick: Duration::from_millis(heartbeat_ms),
+        })
+    }
+
+    /// Runs the ready loop until every proposal sender is gone.
+    pub fn run(mut self) {
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            self.on_ready();
+            match self.wait(next_tick) {
+                Ok(Some(p)) => self.propose(p),
+                Ok(None) => {}
+                Err(()) => return,
+            }
+            let mut batch_bytes = 0;
+            for _ in 1..BATCH_PROPOSALS_MAX {
+                if batch_bytes > BATCH_BYTES_MAX {
+                    break;
+                }
+                match self.rx.try_recv() {
+                    Ok(p) => {
+                        batch_bytes += p.data.len();
+                        self.propose(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if Instant::now() >= next_tick {
+                self.node.tick();
+                next_tick += self.tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + self.tick;
+                }
+            }
+        }
+    }
+
+    /// Waits for a proposal until `deadline`; spins briefly first. Err when disconnected.
+    fn wait(&self, deadline: Instant) -> Result<Option<Proposal>, ()> {
+        let spin_until = Instant::now() + SPIN_BEFORE_PARK;
+        while Instant::now() < spin_until.min(deadline) {
+            match self.rx.try_recv() {
+                Ok(p) => return Ok(Some(p)),
+                Err(crossbeam_channel::TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return Err(()),
+            }
+        }
+        match self
+            .rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(p) => Ok(Some(p)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(()),
+        }
+    }
+
+    fn propose(&mut self, p: Proposal) {
+        let id = self.next_id;
+        self.next_id += 1;
+        match self.node.propose(id.to_le_bytes().to_vec(), p.data) {
+            Ok(()) => {
+                self.pending.insert(id, p.tx);
+            }
+            Err(_) => {
+                let _ = p.tx.send(Err(ApiError::NoLeader));
+            }
+        }
+    }
+
+    fn on_ready(&mut self) {
+        if !self.node.has_ready() {
+            return;
+        }
+        let mut rd = self.node.ready();
+        // Messages to peers come with the cluster issue; a lone voter has none.
+        debug_assert!(rd.messages().is_empty());
+        assert!(
+            rd.snapshot().is_empty(),
+            "raft snapshots come with the storage-engine issue"
+        );
+        self.apply_entries(rd.take_committed_entries());
+        if !rd.entries().is_empty() || rd.hs().is_some() {
+            let hs = rd.hs().cloned();
+            if let Err(e) = self.node.mut_store().append(rd.entries(), hs.as_ref()) {
+                // Like etcd: a WAL that cannot be written is fatal. Nothing unsynced was acked.
+                tracing::error!(error = %e, "wal append failed; stopping");
+                eprintln!("keel: fatal: wal append failed: {e}");
+                std::process::exit(1);
+            }
+        }
+        let mut light = self.node.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.node.mut_store().set_commit(commit);
+        }
+        self.apply_entries(light.take_committed_entries());
+        self.node.advance_apply();
+        self.publish();
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) {
+        for e in entries {
+            if e.entry_type == EntryType::EntryNormal && !e.data.is_empty() {
+                let id = <[u8; 8]>::try_from(e.context.as_ref())
+                    .map(u64::from_le_bytes)
+                    .ok();
+                let result = match InternalRequest::decode(e.data.clone()) {
+                    Ok(req) => apply::apply(&self.mvcc, req),
+                    Err(err) => Err(ApiError::Internal(format!(
+                        "raft entry {} does not decode: {err}",
+                        e.index
+                    ))),
+                };
+                if let Some(tx) = id.and_then(|id| self.pending.remove(&id)) {
+                    let _ = tx.send(result);
+                }
+            }
+            self.status.applied_index.store(e.index, Ordering::Release);
+        }
+    }
+
+    fn publish(&mut self) {
+        let raft = &self.node.raft;
+        self.status.term.store(raft.term, Ordering::Release);
+        self.status
+            .commit_index
+            .store(raft.raft_log.committed, Ordering::Release);
+        let leader = if raft.state == StateRole::Leader {
+            raft.id
+        } else {
+            raft.leader_id
+        };
+        self.status.leader_id.store(leader, Ordering::Release);
+        let applied = self.status.applied_index.load(Ordering::Acquire);
+        self.node.mut_store().compact_applied(applied);
+    }
+}
