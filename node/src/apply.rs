@@ -206,7 +206,7 @@ fn sort_kvs(kvs: &mut [KeyValue], target: SortTarget, descend: bool) {
         }
     };
     if descend {
-        kvs.sort_by(|a, b| key(b).cmp(&key(a)));
+        kvs.sort_by_key(|kv| std::cmp::Reverse(key(kv)));
     } else {
         kvs.sort_by_key(key);
     }

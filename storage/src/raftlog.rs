@@ -352,25 +352,31 @@ pub fn decode_batch(b: &[u8]) -> Option<(HardState, Vec<Entry>)> {
     if r.u8()? != FORMAT {
         return None;
     }
-    let mut hs = HardState::default();
-    hs.term = r.u64()?;
-    hs.vote = r.u64()?;
-    hs.commit = r.u64()?;
+    let hs = HardState {
+        term: r.u64()?,
+        vote: r.u64()?,
+        commit: r.u64()?,
+        ..Default::default()
+    };
     let n = r.u32()? as usize;
     let mut entries = Vec::with_capacity(n.min(1 << 16));
     for _ in 0..n {
-        let mut e = Entry::default();
-        e.index = r.u64()?;
-        e.term = r.u64()?;
-        e.entry_type = match r.u8()? {
+        let index = r.u64()?;
+        let term = r.u64()?;
+        let entry_type = match r.u8()? {
             0 => EntryType::EntryNormal,
             1 => EntryType::EntryConfChange,
             2 => EntryType::EntryConfChangeV2,
             _ => return None,
         };
-        e.data = Bytes::copy_from_slice(r.bytes32()?);
-        e.context = Bytes::copy_from_slice(r.bytes32()?);
-        entries.push(e);
+        entries.push(Entry {
+            index,
+            term,
+            entry_type,
+            data: Bytes::copy_from_slice(r.bytes32()?),
+            context: Bytes::copy_from_slice(r.bytes32()?),
+            ..Default::default()
+        });
     }
     if !r.0.is_empty() {
         return None;
@@ -393,11 +399,12 @@ mod tests {
     }
 
     fn entry(index: u64, term: u64, data: &str) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = Bytes::copy_from_slice(data.as_bytes());
-        e
+        Entry {
+            index,
+            term,
+            data: Bytes::copy_from_slice(data.as_bytes()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -408,9 +415,11 @@ mod tests {
                 RaftLog::open(dir.path(), WalOptions::default(), meta()).unwrap();
             assert!(fresh);
             assert_eq!(log.first_index().unwrap(), 2);
-            let mut hs = HardState::default();
-            hs.term = 2;
-            hs.vote = 7;
+            let hs = HardState {
+                term: 2,
+                vote: 7,
+                ..Default::default()
+            };
             log.append(
                 &[entry(2, 2, "a"), entry(3, 2, "b"), entry(4, 2, "c")],
                 Some(&hs),

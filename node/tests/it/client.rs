@@ -1,0 +1,94 @@
+//! The Rust `etcd-client` crate against keel: a real client library's view of the KV API.
+
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse,
+};
+
+use crate::harness::Keel;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_crate_kv_txn_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().to_path_buf();
+    let k = tokio::task::spawn_blocking(move || Keel::start(&p, &[]))
+        .await
+        .unwrap();
+    let mut c = Client::connect([k.endpoint()], None).await.unwrap();
+
+    let r = c.put("a", "1", None).await.unwrap();
+    assert_eq!(r.header().unwrap().revision(), 2);
+    let r = c
+        .put("a", "2", Some(PutOptions::new().with_prev_key()))
+        .await
+        .unwrap();
+    assert_eq!(r.prev_key().unwrap().value(), b"1");
+    c.put("b", "3", None).await.unwrap();
+    c.put("c", "4", None).await.unwrap();
+
+    let r = c
+        .get(
+            "",
+            Some(
+                GetOptions::new()
+                    .with_from_key()
+                    .with_sort(SortTarget::Mod, SortOrder::Descend)
+                    .with_limit(2),
+            ),
+        )
+        .await
+        .unwrap();
+    let keys: Vec<&[u8]> = r.kvs().iter().map(|kv| kv.key()).collect();
+    assert_eq!(keys, vec![b"c".as_ref(), b"b".as_ref()]);
+    assert!(r.more());
+    assert_eq!(r.count(), 3);
+
+    let r = c
+        .get("a", Some(GetOptions::new().with_revision(2)))
+        .await
+        .unwrap();
+    assert_eq!(r.kvs()[0].value(), b"1");
+
+    let txn = Txn::new()
+        .when([Compare::value("a", CompareOp::Equal, "2")])
+        .and_then([TxnOp::put("a", "3", None), TxnOp::get("b", None)])
+        .or_else([TxnOp::put("never", "x", None)]);
+    let r = c.txn(txn).await.unwrap();
+    assert!(r.succeeded());
+    assert_eq!(r.header().unwrap().revision(), 6);
+    match &r.op_responses()[1] {
+        TxnOpResponse::Get(g) => assert_eq!(g.kvs()[0].value(), b"3"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let txn = Txn::new()
+        .when([Compare::version("a", CompareOp::Greater, 10)])
+        .and_then([TxnOp::put("never", "x", None)])
+        .or_else([TxnOp::delete(
+            "b",
+            Some(DeleteOptions::new().with_prev_key()),
+        )]);
+    let r = c.txn(txn).await.unwrap();
+    assert!(!r.succeeded());
+    match &r.op_responses()[0] {
+        TxnOpResponse::Delete(d) => {
+            assert_eq!(d.deleted(), 1);
+            assert_eq!(d.prev_kvs()[0].value(), b"3");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    let r = c
+        .delete("", Some(DeleteOptions::new().with_from_key()))
+        .await
+        .unwrap();
+    assert_eq!(r.deleted(), 2);
+    assert_eq!(c.get("never", None).await.unwrap().count(), 0);
+
+    let s = c.status().await.unwrap();
+    assert_eq!(s.version(), "3.5.0");
+    assert_eq!(s.leader(), s.header().unwrap().member_id());
+    assert!(s.raft_index() >= s.raft_applied_index() && s.raft_applied_index() > 0);
+    let m = c.member_list().await.unwrap();
+    assert_eq!(m.members().len(), 1);
+    assert_eq!(m.members()[0].name(), "default");
+}

@@ -1,0 +1,108 @@
+//! The keel binary's flags and config file as an operator meets them.
+
+use std::process::Command;
+
+use crate::harness::{etcdctl, free_port};
+
+#[test]
+fn version_flag_prints_keels_version() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with(&format!("keel Version: {}\n", env!("CARGO_PKG_VERSION"))));
+    assert!(text.contains("etcd API Version: 3.5.0"));
+}
+
+#[test]
+fn unknown_flag_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--frobnicate=1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("--frobnicate"), "{err}");
+}
+
+#[test]
+fn etcd_sample_yaml_starts_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = dir.path().join("etcd-data");
+    // etcd's documented sample, with the data dir and client port moved onto this test's.
+    let yaml = format!(
+        "name: node1\ndata-dir: {}\nlisten-client-urls: http://127.0.0.1:{port}\n\
+         advertise-client-urls: http://192.168.1.10:2379\n\
+         listen-peer-urls: http://0.0.0.0:2380\n\
+         initial-advertise-peer-urls: http://192.168.1.10:2380\n",
+        data.display()
+    );
+    let cfg = dir.path().join("etcd.conf.yml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--config-file")
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ep = format!("127.0.0.1:{port}");
+    let mut listed = String::new();
+    for _ in 0..200 {
+        let (ok, out, _) = etcdctl(&ep, &["member", "list"], None);
+        if ok {
+            listed = out;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        listed.contains("node1, http://192.168.1.10:2380, http://192.168.1.10:2379"),
+        "{listed}"
+    );
+    assert!(
+        data.join("member").join("wal").is_dir(),
+        "data-dir from the YAML is used"
+    );
+
+    std::fs::write(&cfg, "name: x\nno-such-key: 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--config-file")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-key"));
+}
+
+#[test]
+fn etcd_environment_variables_configure_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .env("ETCD_NAME", "envnode")
+        .env("ETCD_DATA_DIR", dir.path().join("d"))
+        .env("ETCD_LISTEN_CLIENT_URLS", &url)
+        .env("ETCD_ADVERTISE_CLIENT_URLS", &url)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ep = format!("127.0.0.1:{port}");
+    let mut listed = String::new();
+    for _ in 0..200 {
+        let (ok, out, _) = etcdctl(&ep, &["member", "list"], None);
+        if ok {
+            listed = out;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(listed.contains(", envnode, "), "{listed}");
+}

@@ -1,0 +1,174 @@
+//! Starts, kills and restarts `keel` processes on 127.0.0.1 with their own data dirs.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keel_proto::pb;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Keel {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub port: u16,
+    extra: Vec<String>,
+    log: PathBuf,
+}
+
+impl Keel {
+    /// Starts keel with its data in `dir` on a free 127.0.0.1 port and waits until it serves.
+    pub fn start(dir: &Path, extra: &[&str]) -> Keel {
+        let mut k = Keel {
+            child: None,
+            data_dir: dir.join("data.keel"),
+            port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: dir.join("keel.log"),
+        };
+        k.spawn();
+        k
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let url = format!("http://127.0.0.1:{}", self.port);
+        let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn keel");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = self.url();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("keel exited during start ({status}):\n{}", self.log_text());
+            }
+            let ok = rt.block_on(async {
+                let Ok(Ok(mut c)) = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    pb::maintenance_client::MaintenanceClient::connect(url.clone()),
+                )
+                .await
+                else {
+                    return false;
+                };
+                matches!(
+                    tokio::time::timeout(
+                        Duration::from_millis(500),
+                        c.status(pb::StatusRequest {})
+                    )
+                    .await,
+                    Ok(Ok(_))
+                )
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keel did not serve in 60 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+}
+
+impl Drop for Keel {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs etcdctl (API v3) against `endpoint`, with optional stdin; returns (ok, stdout, stderr).
+pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoint)
+        .arg("--command-timeout=10s")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("etcdctl on PATH (scripts/setup.sh installs Debian's etcd-client)");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn kv(url: &str) -> pb::kv_client::KvClient<tonic::transport::Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect_lazy();
+    pb::kv_client::KvClient::new(ch)
+}

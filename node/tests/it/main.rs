@@ -1,0 +1,11 @@
+//! End-to-end tests: the real `keel` binary as a process on loopback, driven by real clients
+//! (etcdctl 3.4 from Debian's etcd-client, the `etcd-client` crate, raw gRPC).
+
+mod harness;
+
+mod client;
+mod config;
+mod crash;
+mod errors;
+mod etcdctl;
+mod wal_io;
