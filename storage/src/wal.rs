@@ -1,10 +1,10 @@
 //! The write-ahead log: the durability point of every write Keel acknowledges.
 //!
 //! A WAL is a directory of segment files named `{seq:016x}.wal`, each preallocated (written
-//! with zeros and synced at creation, so later appends change no file metadata and
-//! `fdatasync` flushes data only) and opened `O_DIRECT`. Appends go down through io_uring as a
-//! write linked to an `fdatasync`; `append` returns only after both completed, so a caller may
-//! acknowledge what it appended.
+//! with zeros and synced at creation, so later appends change no file metadata) and opened
+//! `O_DIRECT`. Appends go down through io_uring as one write flagged `RWF_DSYNC` (per-write
+//! O_DSYNC: it completes once the data is durable); `append` returns only after that, so a
+//! caller may acknowledge what it appended.
 //!
 //! Records start at offsets aligned to `BLOCK_BYTES` (512, the logical block size of the
 //! device) and are padded with zeros to the next boundary:
@@ -34,7 +34,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, types, IoUring};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -220,53 +220,46 @@ impl Wal {
         Ok(())
     }
 
+    /// One io_uring write with RWF_DSYNC: the write completes only once its data (and any
+    /// metadata needed to read it back) is on stable storage, i.e. write + fdatasync in one
+    /// operation. Measured here (virtio disk, 512 B, preallocated O_DIRECT file): p50 92-127
+    /// us, where a write linked to an fdatasync took 165-189 us (the linked fsync is punted
+    /// to an io-wq worker) and pwrite + fdatasync 122 us.
     fn write_and_sync(&mut self, len: usize) -> Result<()> {
         let fd = types::Fd(self.file.as_raw_fd());
         let write = opcode::Write::new(fd, self.buf.ptr, len as u32)
             .offset(self.offset)
+            .rw_flags(libc::RWF_DSYNC)
             .build()
-            .flags(squeue::Flags::IO_LINK)
             .user_data(1);
-        let sync = opcode::Fsync::new(fd)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build()
-            .user_data(2);
         let path = segment_path(&self.dir, self.segment_seq);
-        // SAFETY: the buffer outlives the submission: we wait for both completions below.
+        // SAFETY: the buffer outlives the submission: we wait for the completion below.
         unsafe {
-            let mut sq = self.ring.submission();
-            sq.push(&write).expect("wal ring has room for 2 entries");
-            sq.push(&sync).expect("wal ring has room for 2 entries");
+            self.ring
+                .submission()
+                .push(&write)
+                .expect("wal ring has room for its one entry");
         }
         self.ring
-            .submit_and_wait(2)
+            .submit_and_wait(1)
             .io_ctx("io_uring submit wal write", &path)?;
-        let mut done = 0;
-        let mut failure = None;
-        for cqe in self.ring.completion() {
-            done += 1;
-            let res = cqe.result();
-            let ok = match cqe.user_data() {
-                1 => res == len as i32,
-                _ => res == 0,
-            };
-            if !ok && failure.is_none() {
-                failure = Some((cqe.user_data(), res));
-            }
-        }
-        assert_eq!(done, 2, "wal expects exactly its two completions");
-        if let Some((what, res)) = failure {
-            let op = if what == 1 {
-                "wal write"
-            } else {
-                "wal fdatasync"
-            };
+        let cqe = self
+            .ring
+            .completion()
+            .next()
+            .expect("wal write completion after submit_and_wait(1)");
+        let res = cqe.result();
+        if res != len as i32 {
             let source = if res < 0 {
                 std::io::Error::from_raw_os_error(-res)
             } else {
                 std::io::Error::other(format!("short write: {res} of {len} bytes"))
             };
-            return Err(Error::Io { op, path, source });
+            return Err(Error::Io {
+                op: "wal write (RWF_DSYNC)",
+                path,
+                source,
+            });
         }
         Ok(())
     }
