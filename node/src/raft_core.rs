@@ -44,7 +44,7 @@ const BATCH_PROPOSALS_MAX: usize = 8192;
 const BATCH_BYTES_MAX: usize = 32 << 20;
 /// How long the loop polls for more work before parking: a parked thread costs a futex wake
 /// (tens of µs) on the single-client path.
-const SPIN_BEFORE_PARK: Duration = Duration::from_micros(50);
+const SPIN_BEFORE_PARK_US: u64 = 50;
 
 /// What the raft core publishes for everyone else to read without asking it.
 #[derive(Default)]
@@ -63,6 +63,7 @@ pub struct RaftCore {
     pending: HashMap<u64, Responder>,
     next_id: u64,
     tick: Duration,
+    spin: Duration,
 }
 
 impl RaftCore {
@@ -106,6 +107,7 @@ impl RaftCore {
             pending: HashMap::new(),
             next_id: ((meta.member_id & 0xffff) << 48) | ((now_ms << 8) & ((1 << 48) - 1)),
             tick: Duration::from_millis(heartbeat_ms),
+            spin: Duration::from_micros(SPIN_BEFORE_PARK_US),
         })
     }
 
@@ -144,7 +146,7 @@ impl RaftCore {
 
     /// Waits for a proposal until `deadline`; spins briefly first. Err when disconnected.
     fn wait(&self, deadline: Instant) -> Result<Option<Proposal>, ()> {
-        let spin_until = Instant::now() + SPIN_BEFORE_PARK;
+        let spin_until = Instant::now() + self.spin;
         while Instant::now() < spin_until.min(deadline) {
             match self.rx.try_recv() {
                 Ok(p) => return Ok(Some(p)),

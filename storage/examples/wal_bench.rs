@@ -12,7 +12,10 @@ fn main() {
     let payload = vec![7u8; args.next().map_or(300, |s| s.parse().unwrap())];
     let _ = std::fs::remove_dir_all(&dir);
     let (mut wal, _) = Wal::open(&dir, WalOptions::default()).unwrap();
-    let gap_us: u64 = std::env::var("GAP_US").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let gap_us: u64 = std::env::var("GAP_US")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut us: Vec<u64> = Vec::with_capacity(count);
     for _ in 0..count {
         if gap_us > 0 {
