@@ -150,6 +150,17 @@ pub struct Wal {
     offset: u64,
     next_lsn: u64,
     buf: AlignedBuf,
+    /// The next segment, being zero-filled in the background as `{seq}.wal.tmp`, so a roll
+    /// costs a rename instead of writing and syncing a whole segment in the write path.
+    next_segment: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        if let Some(h) = self.next_segment.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 impl Wal {
@@ -171,7 +182,7 @@ impl Wal {
         let ring = IoUring::builder()
             .build(8)
             .io_ctx("io_uring_setup for wal", dir)?;
-        let wal = Wal {
+        let mut wal = Wal {
             dir: dir.to_path_buf(),
             opts,
             ring,
@@ -181,7 +192,9 @@ impl Wal {
             offset,
             next_lsn,
             buf: AlignedBuf::new(1 << 20),
+            next_segment: None,
         };
+        wal.prepare_next();
         Ok((wal, recovery))
     }
 
@@ -264,19 +277,44 @@ impl Wal {
         Ok(())
     }
 
-    /// Starts the next segment, large enough for `need` bytes.
+    fn prepare_next(&mut self) {
+        let dir = self.dir.clone();
+        let seq = self.segment_seq + 1;
+        let size = self.opts.segment_bytes;
+        self.next_segment = Some(
+            std::thread::Builder::new()
+                .name("keel-wal-prealloc".into())
+                .spawn(move || create_segment_tmp(&dir, seq, size))
+                .expect("spawn wal preallocation thread"),
+        );
+    }
+
+    /// Starts the next segment, large enough for `need` bytes: the one prepared in the
+    /// background when it is large enough, else a new one.
     fn roll(&mut self, need: u64) -> Result<()> {
         let seq = self.segment_seq + 1;
         let size = self
             .opts
             .segment_bytes
             .max(align_up(need as usize, 4096) as u64);
-        create_segment(&self.dir, seq, size)?;
+        let prepared = match self.next_segment.take() {
+            Some(h) => h.join().expect("wal preallocation thread panicked").is_ok(),
+            None => false,
+        };
         let path = segment_path(&self.dir, seq);
+        let tmp = path.with_extension("wal.tmp");
+        if prepared && size == self.opts.segment_bytes {
+            fs::rename(&tmp, &path).io_ctx("rename prepared wal segment", &path)?;
+            sync_dir(&self.dir)?;
+        } else {
+            let _ = fs::remove_file(&tmp);
+            create_segment(&self.dir, seq, size)?;
+        }
         self.file = open_direct(&path)?;
         self.segment_seq = seq;
         self.segment_bytes = size;
         self.offset = 0;
+        self.prepare_next();
         Ok(())
     }
 }
@@ -490,6 +528,14 @@ fn open_direct(path: &Path) -> Result<File> {
 /// Creates a segment of `size` zero bytes, durably: written to a .tmp, synced, renamed, and
 /// the directory synced.
 fn create_segment(dir: &Path, seq: u64, size: u64) -> Result<()> {
+    create_segment_tmp(dir, seq, size)?;
+    let path = segment_path(dir, seq);
+    fs::rename(path.with_extension("wal.tmp"), &path).io_ctx("rename new wal segment", &path)?;
+    sync_dir(dir)
+}
+
+/// Writes `{seq}.wal.tmp`: `size` zero bytes, synced. Recovery deletes leftover .tmp files.
+fn create_segment_tmp(dir: &Path, seq: u64, size: u64) -> Result<()> {
     let path = segment_path(dir, seq);
     let tmp = path.with_extension("wal.tmp");
     let mut file = OpenOptions::new()
@@ -506,10 +552,7 @@ fn create_segment(dir: &Path, seq: u64, size: u64) -> Result<()> {
             .io_ctx("preallocate wal segment", &tmp)?;
         left -= n as u64;
     }
-    file.sync_all().io_ctx("fsync new wal segment", &tmp)?;
-    drop(file);
-    fs::rename(&tmp, &path).io_ctx("rename new wal segment", &path)?;
-    sync_dir(dir)
+    file.sync_all().io_ctx("fsync new wal segment", &tmp)
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {
