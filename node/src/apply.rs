@@ -388,3 +388,216 @@ fn txn(mvcc: &Mvcc, r: &pb::TxnRequest) -> Result<pb::TxnResponse, ApiError> {
     resp.header = header(rev);
     Ok(resp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn put_req(k: &str, v: &str) -> InternalRequest {
+        InternalRequest {
+            put: Some(pb::PutRequest {
+                key: b(k),
+                value: b(v),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn rr(key: &str, end: &str) -> pb::RangeRequest {
+        pb::RangeRequest {
+            key: b(key),
+            range_end: b(end),
+            ..Default::default()
+        }
+    }
+
+    fn keys(r: &pb::RangeResponse) -> Vec<String> {
+        r.kvs
+            .iter()
+            .map(|kv| String::from_utf8(kv.key.to_vec()).unwrap())
+            .collect()
+    }
+
+    /// a@2 b@3 a@4 (version 2) c@5
+    fn store() -> Mvcc {
+        let m = Mvcc::new();
+        for (k, v) in [("a", "3"), ("b", "1"), ("a", "9"), ("c", "5")] {
+            apply(&m, put_req(k, v)).unwrap();
+        }
+        m
+    }
+
+    #[test]
+    fn range_filters_sorts_and_limits_like_etcd() {
+        let m = store();
+        let mut r = rr("a", "z");
+        r.min_mod_revision = 3;
+        r.max_create_revision = 3;
+        assert_eq!(keys(&range(&m, &r).unwrap()), ["a", "b"]);
+        let mut r = rr("a", "z");
+        r.sort_target = SortTarget::Version as i32; // NONE order + non-key target = ascend
+        assert_eq!(keys(&range(&m, &r).unwrap())[2], "a");
+        let mut r = rr("a", "z");
+        r.sort_target = SortTarget::Value as i32;
+        r.sort_order = SortOrder::Descend as i32;
+        assert_eq!(keys(&range(&m, &r).unwrap()), ["a", "c", "b"]);
+        let mut r = rr("a", "z");
+        r.sort_target = SortTarget::Create as i32;
+        r.sort_order = SortOrder::Descend as i32;
+        r.limit = 2;
+        let resp = range(&m, &r).unwrap();
+        assert_eq!(keys(&resp), ["c", "b"]);
+        assert!(resp.more);
+        assert_eq!(resp.count, 3);
+        let mut r = rr("a", "z");
+        r.count_only = true;
+        r.limit = 1;
+        let resp = range(&m, &r).unwrap();
+        assert!(resp.kvs.is_empty() && !resp.more && resp.count == 3);
+        let mut r = rr("\0", "\0");
+        r.keys_only = true;
+        let resp = range(&m, &r).unwrap();
+        assert!(resp.kvs.iter().all(|kv| kv.value.is_empty()));
+        assert_eq!(resp.header.unwrap().revision, 5);
+    }
+
+    fn cmp(key: &str, target: CompareTarget, result: CompareResult, u: TargetUnion) -> pb::Compare {
+        pb::Compare {
+            result: result as i32,
+            target: target as i32,
+            key: b(key),
+            target_union: Some(u),
+            range_end: Bytes::new(),
+        }
+    }
+
+    fn op_put(k: &str, v: &str) -> pb::RequestOp {
+        pb::RequestOp {
+            request: Some(Request::RequestPut(pb::PutRequest {
+                key: b(k),
+                value: b(v),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn txn_req(
+        c: Vec<pb::Compare>,
+        s: Vec<pb::RequestOp>,
+        f: Vec<pb::RequestOp>,
+    ) -> pb::TxnRequest {
+        pb::TxnRequest {
+            compare: c,
+            success: s,
+            failure: f,
+        }
+    }
+
+    #[test]
+    fn compares_on_every_target() {
+        let m = store();
+        let t = |c: pb::Compare| compare(&m, &c);
+        use CompareResult::*;
+        use CompareTarget::*;
+        assert!(t(cmp("a", Version, Equal, TargetUnion::Version(2))));
+        assert!(t(cmp("a", Create, Equal, TargetUnion::CreateRevision(2))));
+        assert!(t(cmp("a", Mod, Greater, TargetUnion::ModRevision(3))));
+        assert!(t(cmp("a", Value, Less, TargetUnion::Value(b("z")))));
+        assert!(t(cmp("a", Lease, Equal, TargetUnion::Lease(0))));
+        assert!(t(cmp("a", Value, NotEqual, TargetUnion::Value(b("3")))));
+        assert!(!t(cmp("nope", Value, NotEqual, TargetUnion::Value(b("x")))));
+        assert!(t(cmp("nope", Version, Equal, TargetUnion::Version(0))));
+        assert!(t(cmp(
+            "nope",
+            Create,
+            Equal,
+            TargetUnion::CreateRevision(0)
+        )));
+        let mut over = cmp("a", Version, Greater, TargetUnion::Version(0));
+        over.range_end = b("z");
+        assert!(t(over.clone()), "every key in [a, z) exists");
+        over.target_union = Some(TargetUnion::Version(1));
+        assert!(!t(over), "b and c have version 1");
+    }
+
+    #[test]
+    fn nested_txn_paths_are_decided_before_any_write() {
+        let m = store();
+        use CompareResult::*;
+        use CompareTarget::*;
+        // Inner compare sees a=9 (pre-txn), even though the outer branch writes a=0 first.
+        let inner = txn_req(
+            vec![cmp("a", Value, Equal, TargetUnion::Value(b("9")))],
+            vec![op_put("inner", "then")],
+            vec![op_put("inner", "else")],
+        );
+        let outer = txn_req(
+            vec![cmp("b", Version, Equal, TargetUnion::Version(1))],
+            vec![
+                op_put("a", "0"),
+                pb::RequestOp {
+                    request: Some(Request::RequestTxn(inner)),
+                },
+            ],
+            vec![],
+        );
+        let resp = txn(&m, &outer).unwrap();
+        assert!(resp.succeeded);
+        assert_eq!(
+            resp.header.as_ref().unwrap().revision,
+            6,
+            "one revision for all"
+        );
+        let Some(Response::ResponseTxn(inner)) = &resp.responses[1].response else {
+            panic!("nested response");
+        };
+        assert!(inner.succeeded);
+        assert_eq!(
+            inner.header.as_ref().unwrap().revision,
+            0,
+            "etcd leaves it empty"
+        );
+        let got = range(&m, &rr("inner", "")).unwrap();
+        assert_eq!(got.kvs[0].value, b("then"));
+        assert_eq!(got.kvs[0].mod_revision, 6);
+    }
+
+    #[test]
+    fn failed_txn_check_writes_nothing() {
+        let m = store();
+        let mut leased = op_put("x", "1");
+        if let Some(Request::RequestPut(p)) = &mut leased.request {
+            p.lease = 42;
+        }
+        let r = txn_req(vec![], vec![op_put("y", "1"), leased], vec![]);
+        assert_eq!(txn(&m, &r).unwrap_err(), ApiError::LeaseNotFound);
+        assert_eq!(m.current_rev(), 5);
+        assert_eq!(range(&m, &rr("y", "")).unwrap().count, 0);
+    }
+
+    #[test]
+    fn ignore_value_and_lease_keep_the_previous_ones() {
+        let m = store();
+        let req = InternalRequest {
+            put: Some(pb::PutRequest {
+                key: b("a"),
+                ignore_value: true,
+                prev_kv: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let WriteResponse::Put(p) = apply(&m, req).unwrap() else {
+            panic!("put response");
+        };
+        assert_eq!(p.prev_kv.unwrap().value, b("9"));
+        let kv = &range(&m, &rr("a", "")).unwrap().kvs[0];
+        assert_eq!((kv.value.clone(), kv.version), (b("9"), 3));
+    }
+}
