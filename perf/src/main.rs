@@ -15,7 +15,9 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use keel_proto::pb;
-use tonic::transport::{Channel, Endpoint};
+
+mod grpc;
+use grpc::Conn;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -83,16 +85,15 @@ fn make_key(i: u64, key_size: usize) -> Bytes {
     Bytes::from(k)
 }
 
-async fn connect(endpoints: &[String], conns: usize) -> anyhow::Result<Vec<Channel>> {
+async fn connect(endpoints: &[String], conns: usize) -> anyhow::Result<Vec<Conn>> {
     let mut out = Vec::with_capacity(conns);
     for i in 0..conns {
         let ep = &endpoints[i % endpoints.len()];
-        let ch = Endpoint::from_shared(format!("http://{ep}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("connect {ep}"))?;
-        out.push(ch);
+        out.push(
+            Conn::connect(ep)
+                .await
+                .with_context(|| format!("connect {ep}"))?,
+        );
     }
     Ok(out)
 }
@@ -160,8 +161,7 @@ enum Work {
     Range(pb::RangeRequest),
 }
 
-async fn client(ch: Channel, work: Work, issued: Arc<AtomicU64>, total: u64, seed: u64) -> Outcome {
-    let mut kv = pb::kv_client::KvClient::new(ch);
+async fn client(ch: Conn, work: Work, issued: Arc<AtomicU64>, total: u64, seed: u64) -> Outcome {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     let mut errors = BTreeMap::new();
     let mut rng = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
@@ -186,15 +186,19 @@ async fn client(ch: Channel, work: Work, issued: Arc<AtomicU64>, total: u64, see
                     rng ^= rng << 17;
                     rng % space
                 };
-                kv.put(pb::PutRequest {
+                let req = pb::PutRequest {
                     key: make_key(k, *key_size),
                     value: value.clone(),
                     ..Default::default()
-                })
-                .await
-                .map(|_| ())
+                };
+                ch.unary::<_, pb::PutResponse>("/etcdserverpb.KV/Put", &req)
+                    .await
+                    .map(|_| ())
             }
-            Work::Range(r) => kv.range(r.clone()).await.map(|_| ()),
+            Work::Range(r) => ch
+                .unary::<_, pb::RangeResponse>("/etcdserverpb.KV/Range", r)
+                .await
+                .map(|_| ()),
         };
         match res {
             Ok(()) => {
@@ -203,9 +207,9 @@ async fn client(ch: Channel, work: Work, issued: Arc<AtomicU64>, total: u64, see
             }
             Err(s) => {
                 *errors
-                    .entry(format!("{:?}: {}", s.code(), s.message()))
+                    .entry(format!("{}: {}", s.code_name(), s.message))
                     .or_insert(0) += 1;
-                if s.code() == tonic::Code::Unavailable {
+                if s.code == 14 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }

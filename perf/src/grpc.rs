@@ -1,0 +1,157 @@
+//! A lean unary gRPC client straight on h2: one HTTP/2 connection per `Conn`, shared by many
+//! concurrent clients (h2 multiplexes streams), no tower buffer or hyper dispatch in between.
+//! The harness shares the machine with the server under test, so every microsecond of client
+//! CPU per request is taken from the server it measures.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use keel_proto::prost::Message;
+
+/// A gRPC error as the server sent it: numeric code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Status {
+    fn transport(e: impl std::fmt::Display) -> Status {
+        Status {
+            code: 14,
+            message: format!("transport: {e}"),
+        }
+    }
+
+    pub fn code_name(&self) -> &'static str {
+        const NAMES: [&str; 17] = [
+            "OK",
+            "Canceled",
+            "Unknown",
+            "InvalidArgument",
+            "DeadlineExceeded",
+            "NotFound",
+            "AlreadyExists",
+            "PermissionDenied",
+            "ResourceExhausted",
+            "FailedPrecondition",
+            "Aborted",
+            "OutOfRange",
+            "Unimplemented",
+            "Internal",
+            "Unavailable",
+            "DataLoss",
+            "Unauthenticated",
+        ];
+        NAMES.get(self.code as usize).copied().unwrap_or("Unknown")
+    }
+}
+
+#[derive(Clone)]
+pub struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    authority: String,
+}
+
+impl Conn {
+    pub async fn connect(addr: &str) -> anyhow::Result<Conn> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(16 << 20)
+            .handshake::<_, Bytes>(tcp)
+            .await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn {
+            send,
+            authority: addr.to_string(),
+        })
+    }
+
+    /// One unary call: `path` like "/etcdserverpb.KV/Put".
+    pub async fn unary<Req: Message, Resp: Message + Default>(
+        &self,
+        path: &str,
+        req: &Req,
+    ) -> Result<Resp, Status> {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}{path}", self.authority))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("valid request");
+        let mut send = self.send.clone().ready().await.map_err(Status::transport)?;
+        let (response, mut stream) = send
+            .send_request(request, false)
+            .map_err(Status::transport)?;
+        let len = req.encoded_len();
+        let mut frame = BytesMut::with_capacity(5 + len);
+        frame.put_u8(0);
+        frame.put_u32(len as u32);
+        req.encode(&mut frame).expect("buffer has room");
+        stream
+            .send_data(frame.freeze(), true)
+            .map_err(Status::transport)?;
+        let (parts, mut body) = response.await.map_err(Status::transport)?.into_parts();
+        if let Some(st) = grpc_status(&parts.headers) {
+            return Err(st); // trailers-only error response
+        }
+        let mut data = BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(Status::transport)?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        let trailers = body.trailers().await.map_err(Status::transport)?;
+        if let Some(st) = trailers.as_ref().and_then(grpc_status) {
+            return Err(st);
+        }
+        if data.len() < 5 {
+            return Err(Status::transport("response without a message"));
+        }
+        Resp::decode(&data[5..]).map_err(Status::transport)
+    }
+}
+
+/// The gRPC status in headers or trailers, if it is an error.
+fn grpc_status(h: &http::HeaderMap) -> Option<Status> {
+    let code: i32 = h.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    if code == 0 {
+        return None;
+    }
+    let message = h
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .map(percent_decode)
+        .unwrap_or_default();
+    Some(Status { code, message })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grpc_message_is_percent_decoded() {
+        assert_eq!(super::percent_decode("a%20b%3A"), "a b:");
+        assert_eq!(super::percent_decode("100%"), "100%");
+    }
+}
