@@ -8,4 +8,5 @@ mod config;
 mod crash;
 mod errors;
 mod etcdctl;
+mod recovery;
 mod wal_io;
