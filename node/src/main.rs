@@ -7,6 +7,7 @@ mod apply;
 mod backend;
 mod config;
 mod ids;
+mod placement;
 mod raft_core;
 
 use std::fs::OpenOptions;
@@ -135,18 +136,10 @@ fn member_meta(cfg: &Config) -> MemberMeta {
     }
 }
 
-fn core_ids(n: usize) -> Vec<Option<core_affinity::CoreId>> {
-    let all = core_affinity::get_core_ids().unwrap_or_default();
-    (0..n)
-        .map(|i| all.get(i % all.len().max(1)).copied())
-        .collect()
-}
-
 fn run(cfg: Config) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&cfg)?;
     let cfg = Arc::new(cfg);
     let net_cores = cfg.cores.saturating_sub(1).max(1);
-    let pins = core_ids(cfg.cores.max(2));
 
     // Bind first, so a taken port fails fast; accept only once the state is rebuilt.
     let mut listeners = Vec::new();
@@ -169,6 +162,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         );
     }
     let meta = log.meta().clone();
+    let irq_cpu = placement::disk_irq_cpu(&cfg.wal_dir);
+    let (raft_cpu, net_cpus) = placement::plan(cfg.cores, irq_cpu);
+    tracing::info!(?irq_cpu, ?raft_cpu, ?net_cpus, "core placement");
     let last_index = log.last_index()?;
     tracing::info!(
         member_id = format!("{:x}", meta.member_id),
@@ -191,12 +187,11 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.heartbeat_ms,
         cfg.election_ms,
     )?;
-    let raft_pin = pins[0];
     let raft_thread = std::thread::Builder::new()
         .name("keel-raft".into())
         .spawn(move || {
-            if let Some(id) = raft_pin {
-                core_affinity::set_for_current(id);
+            if let Some(id) = raft_cpu {
+                core_affinity::set_for_current(core_affinity::CoreId { id });
             }
             core.run()
         })?;
@@ -227,7 +222,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let mut net_threads = Vec::new();
     for (i, per_core) in listeners.into_iter().enumerate() {
         let backend = backend.clone();
-        let pin = pins[(1 + i) % pins.len()];
+        let pin = net_cpus[i].map(|id| core_affinity::CoreId { id });
         net_threads.push(
             std::thread::Builder::new()
                 .name(format!("keel-net-{i}"))
