@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use keel_proto::pb;
 
+mod disk;
 mod grpc;
 use grpc::Conn;
 
@@ -46,6 +47,16 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Probes the disk the way Keel's WAL writes (O_DIRECT, io_uring, durable writes) and
+    /// checks it against the target sheet of HARDWARE.md.
+    Disk {
+        /// A directory on the disk to probe (e.g. the data dir's parent).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Durable writes per probe line.
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+    },
     /// Puts keys.
     Put {
         #[arg(long, default_value_t = 10_000)]
@@ -104,6 +115,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let issued = Arc::new(AtomicU64::new(0));
     let total = match &args.cmd {
         Cmd::Put { total, .. } | Cmd::Range { total, .. } => *total,
+        Cmd::Disk { .. } => unreachable!("disk runs without a server"),
     };
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -123,6 +135,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 space: (*key_space_size).max(1),
                 sequential: *sequential_keys,
             },
+            Cmd::Disk { .. } => unreachable!("disk runs without a server"),
             Cmd::Range {
                 key,
                 range_end,
@@ -253,6 +266,9 @@ fn report(args: &Args, h: &Histogram<u64>, errors: &BTreeMap<String, u64>, secs:
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Cmd::Disk { dir, count } = &args.cmd {
+        return disk::run(dir, *count, args.json);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()

@@ -6,15 +6,18 @@
 //! O_DSYNC: it completes once the data is durable); `append` returns only after that, so a
 //! caller may acknowledge what it appended.
 //!
-//! Records start at offsets aligned to `BLOCK_BYTES` (512, the logical block size of the
-//! device) and are padded with zeros to the next boundary:
+//! Records start at offsets aligned to the device's direct-I/O alignment (statx's
+//! `dio_offset_align`: 512 on most disks, 4096 on 4Kn drives; 4096 when the kernel does not
+//! say) and are padded with zeros to the next boundary. Each record names its alignment, so a
+//! WAL moved between devices still reads back:
 //!
 //! ```text
-//!  0       4       8    9         16              24                 24+len   aligned
-//!  +-------+-------+----+---------+---------------+--------------------+--------+
-//!  | len   | crc32c| typ| zero x7 | lsn (u64 LE)  | payload (len bytes) | zeros  |
-//!  +-------+-------+----+---------+---------------+--------------------+--------+
-//!  len: u32 LE, payload length. crc32c: over bytes 8..24+len (type, pad, lsn, payload).
+//!  0       4       8    9    10        16              24                 24+len   aligned
+//!  +-------+-------+----+----+---------+---------------+--------------------+--------+
+//!  | len   | crc32c| typ| al | zero x6 | lsn (u64 LE)  | payload (len bytes) | zeros  |
+//!  +-------+-------+----+----+---------+---------------+--------------------+--------+
+//!  len: u32 LE, payload length. crc32c: over bytes 8..24+len (type, al, pad, lsn, payload).
+//!  al: log2 of the record's alignment (9 = 512 ... 12 = 4096; 0 is read as 512).
 //!  lsn: record sequence number, 1 for the first record of the WAL, +1 per record, across
 //!  segments.
 //! ```
@@ -38,8 +41,10 @@ use io_uring::{opcode, types, IoUring};
 
 use crate::error::{Error, IoContext, Result};
 
-/// Alignment of record starts and of every O_DIRECT write.
+/// The smallest record alignment; recovery scans for records at this granularity.
 pub const BLOCK_BYTES: usize = 512;
+/// The alignment used when the kernel does not report one (safe on every device).
+pub const ALIGN_BYTES_FALLBACK: usize = 4096;
 /// Size of the record header.
 pub const HEADER_BYTES: usize = 24;
 /// Default segment size (etcd's is 64 MiB too).
@@ -68,13 +73,42 @@ pub struct RecordPos {
 #[derive(Debug, Clone)]
 pub struct WalOptions {
     pub segment_bytes: u64,
+    /// Record alignment for new writes; `None`: what the device reports.
+    pub align_bytes: Option<usize>,
 }
 
 impl Default for WalOptions {
     fn default() -> Self {
         WalOptions {
             segment_bytes: SEGMENT_BYTES_DEFAULT,
+            align_bytes: None,
         }
+    }
+}
+
+/// The O_DIRECT offset alignment `path`'s filesystem and device require (statx
+/// STATX_DIOALIGN, Linux 6.1+), at least 512; `ALIGN_BYTES_FALLBACK` if not reported.
+pub fn dio_align_bytes(path: &Path) -> usize {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return ALIGN_BYTES_FALLBACK;
+    };
+    // SAFETY: statx fills the zeroed struct; c is a valid NUL-terminated path.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            0,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let align = stx.stx_dio_offset_align as usize;
+    if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && align.is_power_of_two() {
+        align.clamp(BLOCK_BYTES, 1 << 16)
+    } else {
+        ALIGN_BYTES_FALLBACK
     }
 }
 
@@ -135,9 +169,9 @@ pub fn align_up(n: usize, to: usize) -> usize {
     n.div_ceil(to) * to
 }
 
-/// The bytes a record with `payload_len` bytes of payload takes on disk.
-pub fn record_bytes(payload_len: usize) -> usize {
-    align_up(HEADER_BYTES + payload_len, BLOCK_BYTES)
+/// The bytes a record with `payload_len` bytes of payload takes on disk at `align`.
+pub fn record_bytes(payload_len: usize, align: usize) -> usize {
+    align_up(HEADER_BYTES + payload_len, align)
 }
 
 pub struct Wal {
@@ -149,6 +183,8 @@ pub struct Wal {
     segment_bytes: u64,
     offset: u64,
     next_lsn: u64,
+    /// Alignment of the records this WAL writes.
+    align: usize,
     buf: AlignedBuf,
     /// The next segment, being zero-filled in the background as `{seq}.wal.tmp`, so a roll
     /// costs a rename instead of writing and syncing a whole segment in the write path.
@@ -178,6 +214,13 @@ impl Wal {
         };
         let path = segment_path(dir, segment_seq);
         let file = open_direct(&path)?;
+        let align = opts.align_bytes.unwrap_or_else(|| dio_align_bytes(&path));
+        assert!(
+            align.is_power_of_two() && align >= BLOCK_BYTES,
+            "bad wal alignment {align}"
+        );
+        // Recovered data may end on a smaller alignment than ours; the gap stays zeros.
+        let offset = align_up(offset as usize, align) as u64;
         let segment_bytes = file.metadata().io_ctx("stat wal segment", &path)?.len();
         let ring = IoUring::builder()
             .build(8)
@@ -191,6 +234,7 @@ impl Wal {
             segment_bytes,
             offset,
             next_lsn,
+            align,
             buf: AlignedBuf::new(1 << 20),
             next_segment: None,
         };
@@ -202,6 +246,11 @@ impl Wal {
         &self.dir
     }
 
+    /// The alignment of the records this WAL writes.
+    pub fn align_bytes(&self) -> usize {
+        self.align
+    }
+
     /// The lsn the next record will get.
     pub fn next_lsn(&self) -> u64 {
         self.next_lsn
@@ -209,13 +258,18 @@ impl Wal {
 
     /// Appends records in one write and one fdatasync. Returns once they are durable.
     pub fn append(&mut self, records: &[(u8, &[u8])]) -> Result<()> {
-        let total: usize = records.iter().map(|(_, p)| record_bytes(p.len())).sum();
+        let align = self.align;
+        let total: usize = records
+            .iter()
+            .map(|(_, p)| record_bytes(p.len(), align))
+            .sum();
         if total > RECORD_BYTES_MAX {
             return Err(Error::Invalid(format!(
                 "wal batch of {total} bytes exceeds the {RECORD_BYTES_MAX} byte limit"
             )));
         }
         if self.offset + total as u64 > self.segment_bytes {
+            // (segment sizes are multiples of 4096, so an aligned offset stays inside)
             self.roll(total as u64)?;
         }
         self.buf.ensure(total);
@@ -223,7 +277,7 @@ impl Wal {
         let mut at = 0;
         let mut lsn = self.next_lsn;
         for (record_type, payload) in records {
-            at += encode_record(&mut buf[at..], *record_type, lsn, payload);
+            at += encode_record(&mut buf[at..], *record_type, align, lsn, payload);
             lsn += 1;
         }
         debug_assert_eq!(at, total);
@@ -319,12 +373,13 @@ impl Wal {
     }
 }
 
-fn encode_record(buf: &mut [u8], record_type: u8, lsn: u64, payload: &[u8]) -> usize {
-    let total = record_bytes(payload.len());
+fn encode_record(buf: &mut [u8], record_type: u8, align: usize, lsn: u64, payload: &[u8]) -> usize {
+    let total = record_bytes(payload.len(), align);
     let rec = &mut buf[..total];
     rec[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     rec[8] = record_type;
-    rec[9..16].fill(0);
+    rec[9] = align.trailing_zeros() as u8;
+    rec[10..16].fill(0);
     rec[16..24].copy_from_slice(&lsn.to_le_bytes());
     rec[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(payload);
     rec[HEADER_BYTES + payload.len()..].fill(0);
@@ -338,6 +393,8 @@ enum Parsed {
         record_type: u8,
         lsn: u64,
         len: usize,
+        /// Bytes the record takes, padding included.
+        span: usize,
     },
     Empty,
     Invalid(&'static str),
@@ -360,10 +417,16 @@ fn parse_at(data: &[u8], pos: usize) -> Parsed {
         return Parsed::Invalid("crc mismatch");
     }
     let lsn = u64::from_le_bytes(h[16..24].try_into().unwrap());
+    let align = match h[9] {
+        0 => BLOCK_BYTES,
+        a @ 9..=16 => 1usize << a,
+        _ => return Parsed::Invalid("bad record alignment"),
+    };
     Parsed::Valid {
         record_type: h[8],
         lsn,
         len,
+        span: record_bytes(len, align),
     }
 }
 
@@ -394,6 +457,7 @@ fn scan(dir: &Path, segments: &[u64], recovery: &mut Recovery) -> Result<(u64, u
                     record_type,
                     lsn,
                     len,
+                    span,
                 } => {
                     if lsn != next_lsn {
                         return Err(corrupted(
@@ -407,16 +471,26 @@ fn scan(dir: &Path, segments: &[u64], recovery: &mut Recovery) -> Result<(u64, u
                         lsn,
                         payload: data[pos + HEADER_BYTES..pos + HEADER_BYTES + len].to_vec(),
                     });
-                    let bytes = record_bytes(len);
                     recovery.positions.push(RecordPos {
                         segment_seq: seq,
                         offset: pos as u64,
-                        len_bytes: bytes as u64,
+                        len_bytes: span as u64,
                     });
                     next_lsn += 1;
-                    pos += bytes;
+                    pos += span;
                 }
-                Parsed::Empty => break,
+                Parsed::Empty => {
+                    // A writer with a larger alignment than the last record's continues at
+                    // the next boundary; the gap is zeros.
+                    let next = align_up(pos, ALIGN_BYTES_FALLBACK);
+                    let continues = next != pos
+                        && matches!(parse_at(&data, next), Parsed::Valid { lsn, .. } if lsn == next_lsn);
+                    if continues {
+                        pos = next;
+                        continue;
+                    }
+                    break;
+                }
                 Parsed::Invalid(reason) => {
                     bad = Some(reason);
                     break;
@@ -568,6 +642,7 @@ mod tests {
     fn small() -> WalOptions {
         WalOptions {
             segment_bytes: 64 << 10,
+            align_bytes: Some(512),
         }
     }
 
@@ -609,5 +684,37 @@ mod tests {
         let types: Vec<u8> = rec.records.iter().map(|r| r.record_type).collect();
         assert_eq!(types, vec![1, 2, 3]);
         assert_eq!(rec.positions[1].offset, BLOCK_BYTES as u64);
+    }
+
+    #[test]
+    fn records_of_different_alignments_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |align| WalOptions {
+            segment_bytes: 64 << 10,
+            align_bytes: Some(align),
+        };
+        let (mut wal, _) = Wal::open(dir.path(), at(512)).unwrap();
+        wal.append(&[(1, b"a"), (1, b"b")]).unwrap();
+        drop(wal);
+        // Moved to a 4Kn device: new records go on 4096 boundaries after a zero gap.
+        let (mut wal, rec) = Wal::open(dir.path(), at(4096)).unwrap();
+        assert_eq!(rec.records.len(), 2);
+        wal.append(&[(1, b"c")]).unwrap();
+        wal.append(&[(1, b"d")]).unwrap();
+        drop(wal);
+        let (_, rec) = Wal::open(dir.path(), at(512)).unwrap();
+        let got: Vec<&[u8]> = rec.records.iter().map(|r| r.payload.as_slice()).collect();
+        assert_eq!(got, vec![&b"a"[..], b"b", b"c", b"d"]);
+        let offsets: Vec<u64> = rec.positions.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, vec![0, 512, 4096, 8192]);
+    }
+
+    #[test]
+    fn device_alignment_is_a_power_of_two_of_at_least_512() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x");
+        std::fs::write(&f, b"").unwrap();
+        let a = dio_align_bytes(&f);
+        assert!(a.is_power_of_two() && a >= 512, "{a}");
     }
 }

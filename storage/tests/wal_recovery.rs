@@ -12,6 +12,7 @@ use keel_storage::Error;
 fn opts() -> WalOptions {
     WalOptions {
         segment_bytes: 64 << 10,
+        align_bytes: Some(512),
     }
 }
 

@@ -22,9 +22,16 @@ fn corrupted_wal_refuses_to_start_naming_file_and_offset() {
     let wal_dir = k.data_dir.join("member").join("wal");
     let seg = wal_dir.join("0000000000000000.wal");
     let mut bytes = std::fs::read(&seg).unwrap();
-    // Record 1 is the member meta at offset 0 (one 512 B block); the second batch record
-    // starts at 1024. Flip a payload bit in it.
-    bytes[1024 + 40] ^= 0x01;
+    // Walk the record headers (len at 0..4, log2 alignment at 9) to the third record (the
+    // member meta, then two batches) and flip a payload bit in it.
+    let span = |pos: usize| {
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        let align = 1usize << bytes[pos + 9];
+        (24 + len).div_ceil(align) * align
+    };
+    let second = span(0);
+    let third = second + span(second);
+    bytes[third + 40] ^= 0x01;
     std::fs::write(&seg, &bytes).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
         .arg("--data-dir")
@@ -39,7 +46,7 @@ fn corrupted_wal_refuses_to_start_naming_file_and_offset() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("wal corrupted"), "{err}");
     assert!(
-        err.contains(&format!("{} at offset 1024", seg.display())),
+        err.contains(&format!("{} at offset {third}", seg.display())),
         "{err}"
     );
 }
