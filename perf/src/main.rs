@@ -3,9 +3,16 @@
 //! claims is a ratio of two runs of this tool on the same machine.
 //!
 //! Clients share connections as in etcd's tool: client i uses connection i % conns. Each
-//! client records latencies in its own HDR histogram; they are merged at the end.
+//! client records latencies in its own HDR histogram (merged at the end) and a timeline of
+//! (start, latency) samples for the plot. The harness reports its own CPU use, since it shares
+//! the machine with the server under test.
+
+mod disk;
+mod grpc;
+mod report;
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,44 +20,69 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
+use grpc::{Conn, Status};
 use hdrhistogram::Histogram;
 use keel_proto::pb;
-
-mod disk;
-mod grpc;
-use grpc::Conn;
+use keel_proto::pb::request_op::Request;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "keel-bench",
     about = "etcd v3 load generator (drives etcd and Keel alike)"
 )]
-struct Args {
+pub struct Args {
     /// Comma-separated gRPC endpoints (host:port).
-    #[arg(long, default_value = "127.0.0.1:2379")]
+    #[arg(long, global = true, default_value = "127.0.0.1:2379")]
     endpoints: String,
     /// Total number of gRPC connections.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, global = true, default_value_t = 1)]
     conns: usize,
-    /// Total number of concurrent clients.
-    #[arg(long, default_value_t = 1)]
+    /// Total number of concurrent clients (they share the connections).
+    #[arg(long, global = true, default_value_t = 1)]
     clients: usize,
-    /// Runtime worker threads of the harness itself (it shares the machine with the server).
-    #[arg(long, default_value_t = 1)]
+    /// Runtime worker threads of the harness itself.
+    #[arg(long, global = true, default_value_t = 1)]
     threads: usize,
+    /// Send requests only to the leader (found with Maintenance.Status on each endpoint).
+    #[arg(long, global = true)]
+    target_leader: bool,
+    /// Run this many seconds instead of a request count.
+    #[arg(long, global = true)]
+    duration: Option<f64>,
+    /// Requests per second across all clients; 0: as fast as they go.
+    #[arg(long, global = true, default_value_t = 0)]
+    rate: u64,
     /// Print the result as JSON.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
+    /// Write an SVG plot (latency over time, latency CDF) to this file.
+    #[arg(long, global = true)]
+    plot: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+#[derive(clap::Args, Debug, Clone)]
+struct Keys {
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 8)]
+    key_size: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 8)]
+    val_size: usize,
+    /// Keys are drawn from this many distinct keys.
+    #[arg(long, default_value_t = 1)]
+    key_space_size: u64,
+    /// Sequential keys (i % key-space-size) instead of random ones.
+    #[arg(long)]
+    sequential_keys: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Probes the disk the way Keel's WAL writes (O_DIRECT, io_uring, durable writes) and
-    /// checks it against the target sheet of HARDWARE.md.
+    /// Probes the disk the way Keel's WAL writes and checks it against HARDWARE.md's sheet.
     Disk {
-        /// A directory on the disk to probe (e.g. the data dir's parent).
+        /// A directory on the disk to probe.
         #[arg(long)]
         dir: std::path::PathBuf,
         /// Durable writes per probe line.
@@ -61,18 +93,10 @@ enum Cmd {
     Put {
         #[arg(long, default_value_t = 10_000)]
         total: u64,
-        #[arg(long, default_value_t = 8)]
-        key_size: usize,
-        #[arg(long, default_value_t = 8)]
-        val_size: usize,
-        /// Keys are drawn from this many distinct keys.
-        #[arg(long, default_value_t = 1)]
-        key_space_size: u64,
-        /// Use sequential keys (i % key-space-size) instead of random ones.
-        #[arg(long)]
-        sequential_keys: bool,
+        #[command(flatten)]
+        keys: Keys,
     },
-    /// Reads a key or range.
+    /// Reads a key or a range [key, range_end).
     Range {
         key: String,
         range_end: Option<String>,
@@ -81,186 +105,407 @@ enum Cmd {
         /// l: linearizable, s: serializable.
         #[arg(long, default_value = "l")]
         consistency: String,
+        /// Most keys per response; 0: all.
+        #[arg(long, default_value_t = 0)]
+        limit: i64,
+    },
+    /// Txns of --txn-ops puts each.
+    TxnPut {
+        #[arg(long, default_value_t = 10_000)]
+        total: u64,
+        #[arg(long, default_value_t = 1)]
+        txn_ops: usize,
+        #[command(flatten)]
+        keys: Keys,
+    },
+    /// Read-only txns (a range over [key, range_end)) mixed with txns that put a key.
+    TxnMixed {
+        key: String,
+        range_end: Option<String>,
+        #[arg(long, default_value_t = 10_000)]
+        total: u64,
+        /// Reads per write.
+        #[arg(long, default_value_t = 1.0)]
+        rw_ratio: f64,
+        #[command(flatten)]
+        keys: Keys,
+    },
+    /// Single-key ranges mixed with puts over the same key space.
+    Mixed {
+        #[arg(long, default_value_t = 10_000)]
+        total: u64,
+        /// Reads per write.
+        #[arg(long, default_value_t = 1.0)]
+        rw_ratio: f64,
+        /// Reads: l linearizable, s serializable.
+        #[arg(long, default_value = "l")]
+        consistency: String,
+        #[command(flatten)]
+        keys: Keys,
     },
 }
 
-struct Outcome {
-    hist: Histogram<u64>,
-    errors: BTreeMap<String, u64>,
+/// What each request of a run is.
+#[derive(Clone)]
+enum Work {
+    Put(Keys, Bytes),
+    Range(pb::RangeRequest),
+    TxnPut(Keys, Bytes, usize),
+    TxnMixed(pb::RangeRequest, Keys, Bytes, f64),
+    Mixed(Keys, Bytes, f64, bool),
 }
 
 fn make_key(i: u64, key_size: usize) -> Bytes {
-    let mut k = vec![0u8; key_size.max(8)];
-    k[..8].copy_from_slice(&i.to_be_bytes());
-    k.truncate(key_size.max(1));
+    let mut k = vec![b'k'; key_size.max(1)];
+    let b = i.to_be_bytes();
+    let n = b.len().min(k.len());
+    let at = k.len() - n;
+    k[at..].copy_from_slice(&b[b.len() - n..]);
     Bytes::from(k)
 }
 
-async fn connect(endpoints: &[String], conns: usize) -> anyhow::Result<Vec<Conn>> {
-    let mut out = Vec::with_capacity(conns);
-    for i in 0..conns {
-        let ep = &endpoints[i % endpoints.len()];
-        out.push(
-            Conn::connect(ep)
-                .await
-                .with_context(|| format!("connect {ep}"))?,
-        );
+/// xorshift: cheap per-client randomness, so the harness spends its CPU on requests.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
     }
-    Ok(out)
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let endpoints: Vec<String> = args.endpoints.split(',').map(str::to_string).collect();
-    let chans = connect(&endpoints, args.conns.max(1)).await?;
-    let issued = Arc::new(AtomicU64::new(0));
-    let total = match &args.cmd {
-        Cmd::Put { total, .. } | Cmd::Range { total, .. } => *total,
-        Cmd::Disk { .. } => unreachable!("disk runs without a server"),
+fn pick_key(k: &Keys, i: u64, rng: &mut Rng) -> Bytes {
+    let space = k.key_space_size.max(1);
+    let n = if k.sequential_keys {
+        i % space
+    } else {
+        rng.next() % space
     };
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..args.clients.max(1) {
-        let ch = chans[c % chans.len()].clone();
-        let issued = issued.clone();
-        let cmd = match &args.cmd {
-            Cmd::Put {
-                key_size,
-                val_size,
-                key_space_size,
-                sequential_keys,
-                ..
-            } => Work::Put {
-                key_size: *key_size,
-                value: Bytes::from(vec![b'v'; *val_size]),
-                space: (*key_space_size).max(1),
-                sequential: *sequential_keys,
-            },
-            Cmd::Disk { .. } => unreachable!("disk runs without a server"),
-            Cmd::Range {
-                key,
-                range_end,
-                consistency,
-                ..
-            } => Work::Range(pb::RangeRequest {
-                key: Bytes::from(key.clone()),
-                range_end: Bytes::from(range_end.clone().unwrap_or_default()),
-                serializable: consistency == "s",
-                ..Default::default()
-            }),
-        };
-        tasks.push(tokio::spawn(client(ch, cmd, issued, total, c as u64)));
-    }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    for t in tasks {
-        let o = t.await?;
-        hist.add(&o.hist)?;
-        for (k, v) in o.errors {
-            *errors.entry(k).or_default() += v;
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    report(&args, &hist, &errors, secs);
-    Ok(())
+    make_key(n, k.key_size)
 }
 
-enum Work {
-    Put {
-        key_size: usize,
-        value: Bytes,
-        space: u64,
-        sequential: bool,
-    },
-    Range(pb::RangeRequest),
+fn put_req(k: &Keys, value: &Bytes, i: u64, rng: &mut Rng) -> pb::PutRequest {
+    pb::PutRequest {
+        key: pick_key(k, i, rng),
+        value: value.clone(),
+        ..Default::default()
+    }
 }
 
-async fn client(ch: Conn, work: Work, issued: Arc<AtomicU64>, total: u64, seed: u64) -> Outcome {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-    let mut errors = BTreeMap::new();
-    let mut rng = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
-    loop {
-        let i = issued.fetch_add(1, Ordering::Relaxed);
-        if i >= total {
-            break;
-        }
-        let t0 = Instant::now();
-        let res = match &work {
-            Work::Put {
-                key_size,
-                value,
-                space,
-                sequential,
-            } => {
-                let k = if *sequential {
-                    i % space
+const PUT: &str = "/etcdserverpb.KV/Put";
+const RANGE: &str = "/etcdserverpb.KV/Range";
+const TXN: &str = "/etcdserverpb.KV/Txn";
+
+impl Work {
+    /// Sends request `i`; returns whether it was a write.
+    async fn one(&self, c: &Conn, i: u64, rng: &mut Rng) -> Result<bool, Status> {
+        match self {
+            Work::Put(k, v) => {
+                c.unary::<_, pb::PutResponse>(PUT, &put_req(k, v, i, rng))
+                    .await?;
+                Ok(true)
+            }
+            Work::Range(r) => {
+                c.unary::<_, pb::RangeResponse>(RANGE, r).await?;
+                Ok(false)
+            }
+            Work::TxnPut(k, v, ops) => {
+                // Consecutive keys from one base: a txn may not put a key twice.
+                let space = k.key_space_size.max(1);
+                let base = if k.sequential_keys {
+                    i * *ops as u64
                 } else {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng % space
+                    rng.next()
                 };
-                let req = pb::PutRequest {
-                    key: make_key(k, *key_size),
-                    value: value.clone(),
+                let success = (0..*ops as u64)
+                    .map(|j| pb::RequestOp {
+                        request: Some(Request::RequestPut(pb::PutRequest {
+                            key: make_key(base.wrapping_add(j) % space, k.key_size),
+                            value: v.clone(),
+                            ..Default::default()
+                        })),
+                    })
+                    .collect();
+                let t = pb::TxnRequest {
+                    success,
                     ..Default::default()
                 };
-                ch.unary::<_, pb::PutResponse>("/etcdserverpb.KV/Put", &req)
-                    .await
-                    .map(|_| ())
+                c.unary::<_, pb::TxnResponse>(TXN, &t).await?;
+                Ok(true)
             }
-            Work::Range(r) => ch
-                .unary::<_, pb::RangeResponse>("/etcdserverpb.KV/Range", r)
-                .await
-                .map(|_| ()),
+            Work::TxnMixed(read, k, v, rw) => {
+                let write = rng.unit() < 1.0 / (1.0 + rw);
+                let op = if write {
+                    Request::RequestPut(put_req(k, v, i, rng))
+                } else {
+                    Request::RequestRange(read.clone())
+                };
+                let t = pb::TxnRequest {
+                    success: vec![pb::RequestOp { request: Some(op) }],
+                    ..Default::default()
+                };
+                c.unary::<_, pb::TxnResponse>(TXN, &t).await?;
+                Ok(write)
+            }
+            Work::Mixed(k, v, rw, serializable) => {
+                if rng.unit() < 1.0 / (1.0 + rw) {
+                    c.unary::<_, pb::PutResponse>(PUT, &put_req(k, v, i, rng))
+                        .await?;
+                    Ok(true)
+                } else {
+                    let r = pb::RangeRequest {
+                        key: pick_key(k, i, rng),
+                        serializable: *serializable,
+                        ..Default::default()
+                    };
+                    c.unary::<_, pb::RangeResponse>(RANGE, &r).await?;
+                    Ok(false)
+                }
+            }
+        }
+    }
+}
+
+fn range_req(key: &str, end: &Option<String>, serializable: bool, limit: i64) -> pb::RangeRequest {
+    pb::RangeRequest {
+        key: Bytes::from(key.to_string()),
+        range_end: Bytes::from(end.clone().unwrap_or_default()),
+        serializable,
+        limit,
+        ..Default::default()
+    }
+}
+
+/// The workload and its request count.
+fn plan(cmd: &Cmd) -> (Work, u64) {
+    let value = |k: &Keys| Bytes::from(vec![b'v'; k.val_size]);
+    match cmd {
+        Cmd::Disk { .. } => unreachable!("disk runs without a server"),
+        Cmd::Put { total, keys } => (Work::Put(keys.clone(), value(keys)), *total),
+        Cmd::Range {
+            key,
+            range_end,
+            total,
+            consistency,
+            limit,
+        } => (
+            Work::Range(range_req(key, range_end, consistency == "s", *limit)),
+            *total,
+        ),
+        Cmd::TxnPut {
+            total,
+            txn_ops,
+            keys,
+        } => (
+            Work::TxnPut(keys.clone(), value(keys), (*txn_ops).max(1)),
+            *total,
+        ),
+        Cmd::TxnMixed {
+            key,
+            range_end,
+            total,
+            rw_ratio,
+            keys,
+        } => (
+            Work::TxnMixed(
+                range_req(key, range_end, false, 0),
+                keys.clone(),
+                value(keys),
+                *rw_ratio,
+            ),
+            *total,
+        ),
+        Cmd::Mixed {
+            total,
+            rw_ratio,
+            consistency,
+            keys,
+        } => (
+            Work::Mixed(keys.clone(), value(keys), *rw_ratio, consistency == "s"),
+            *total,
+        ),
+    }
+}
+
+/// The endpoints to load: all, or only the current leader's.
+async fn endpoints(args: &Args) -> anyhow::Result<Vec<String>> {
+    let all: Vec<String> = args.endpoints.split(',').map(str::to_string).collect();
+    if !args.target_leader {
+        return Ok(all);
+    }
+    for ep in &all {
+        let Ok(c) = Conn::connect(ep).await else {
+            continue;
         };
-        match res {
-            Ok(()) => {
-                let us = t0.elapsed().as_micros() as u64;
-                hist.saturating_record(us.max(1));
+        if let Ok(s) = c
+            .unary::<_, pb::StatusResponse>(
+                "/etcdserverpb.Maintenance/Status",
+                &pb::StatusRequest {},
+            )
+            .await
+        {
+            if s.header.as_ref().is_some_and(|h| h.member_id == s.leader) {
+                return Ok(vec![ep.clone()]);
+            }
+        }
+    }
+    anyhow::bail!(
+        "--target-leader: no endpoint of {} reports itself leader",
+        args.endpoints
+    )
+}
+
+/// What one client saw.
+pub struct Outcome {
+    pub hist: Histogram<u64>,
+    pub errors: BTreeMap<String, u64>,
+    pub writes: u64,
+    /// (ms since start when sent, latency in µs), for the plot.
+    pub samples: Vec<(u32, u32)>,
+}
+
+struct Limits {
+    total: Option<u64>,
+    deadline: Option<Instant>,
+    rate: u64,
+    start: Instant,
+}
+
+async fn client(
+    conn: Conn,
+    work: Work,
+    issued: Arc<AtomicU64>,
+    limits: Arc<Limits>,
+    seed: u64,
+) -> Outcome {
+    let mut out = Outcome {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+        errors: BTreeMap::new(),
+        writes: 0,
+        samples: Vec::new(),
+    };
+    let mut rng = Rng(seed.wrapping_mul(0x9e3779b97f4a7c15) | 1);
+    loop {
+        let i = issued.fetch_add(1, Ordering::Relaxed);
+        if limits.total.is_some_and(|t| i >= t) {
+            break;
+        }
+        if limits.rate > 0 {
+            let at = limits.start + Duration::from_secs_f64(i as f64 / limits.rate as f64);
+            tokio::time::sleep_until(at.into()).await;
+        }
+        let t0 = Instant::now();
+        if limits.deadline.is_some_and(|d| t0 >= d) {
+            break;
+        }
+        match work.one(&conn, i, &mut rng).await {
+            Ok(write) => {
+                let us = t0.elapsed().as_micros().max(1) as u64;
+                out.hist.saturating_record(us);
+                out.writes += write as u64;
+                let at_ms = (t0 - limits.start).as_millis() as u32;
+                out.samples.push((at_ms, us.min(u32::MAX as u64) as u32));
             }
             Err(s) => {
-                *errors
+                *out.errors
                     .entry(format!("{}: {}", s.code_name(), s.message))
                     .or_insert(0) += 1;
                 if s.code == 14 {
+                    // Unavailable: do not spin on a dead endpoint.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
         }
     }
-    Outcome { hist, errors }
+    out
 }
 
-fn report(args: &Args, h: &Histogram<u64>, errors: &BTreeMap<String, u64>, secs: f64) {
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let rps = h.len() as f64 / secs;
-    if args.json {
-        let v = serde_json::json!({
-            "requests": h.len(),
-            "seconds": secs,
-            "requests_per_sec": rps,
-            "latency_ms": {
-                "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
-                "max": h.max() as f64 / 1000.0, "mean": h.mean() / 1000.0,
-            },
-            "errors": errors,
-        });
-        println!("{v}");
-    } else {
-        println!("requests      {}", h.len());
-        println!("seconds       {secs:.3}");
-        println!("requests/sec  {rps:.1}");
-        println!(
-            "latency ms    p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
-            ms(0.5),
-            ms(0.9),
-            ms(0.99),
-            ms(0.999),
-            h.max() as f64 / 1000.0
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let eps = endpoints(&args).await?;
+    let mut conns = Vec::with_capacity(args.conns.max(1));
+    for i in 0..args.conns.max(1) {
+        let ep = &eps[i % eps.len()];
+        conns.push(
+            Conn::connect(ep)
+                .await
+                .with_context(|| format!("connect {ep}"))?,
         );
-        for (e, n) in errors {
-            println!("error         {n} x {e}");
-        }
+    }
+    let (work, total) = plan(&args.cmd);
+    let start = Instant::now();
+    let limits = Arc::new(Limits {
+        total: args.duration.is_none().then_some(total),
+        deadline: args.duration.map(|d| start + Duration::from_secs_f64(d)),
+        rate: args.rate,
+        start,
+    });
+    let issued = Arc::new(AtomicU64::new(0));
+    let cpu0 = cpu_seconds();
+    let progress = progress_bar(&args, total);
+    let ticker = {
+        let (issued, progress, limits) = (issued.clone(), progress.clone(), limits.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match limits.total {
+                    Some(t) => progress.set_position(issued.load(Ordering::Relaxed).min(t)),
+                    None => progress.set_position(limits.start.elapsed().as_secs()),
+                }
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for c in 0..args.clients.max(1) {
+        let conn = conns[c % conns.len()].clone();
+        tasks.push(tokio::spawn(client(
+            conn,
+            work.clone(),
+            issued.clone(),
+            limits.clone(),
+            c as u64 + 1,
+        )));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await?);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    ticker.abort();
+    progress.finish_and_clear();
+    let cpu = cpu_seconds() - cpu0;
+    let summary = report::Summary::merge(outcomes, seconds, cpu / seconds)?;
+    if let Some(path) = &args.plot {
+        std::fs::write(path, report::svg(&summary))
+            .with_context(|| format!("write plot {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", summary.json());
+    } else {
+        print!("{}", summary.text());
+    }
+    Ok(())
+}
+
+fn progress_bar(args: &Args, total: u64) -> indicatif::ProgressBar {
+    if args.json || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    match args.duration {
+        Some(d) => indicatif::ProgressBar::new(d.ceil() as u64).with_message("seconds"),
+        None => indicatif::ProgressBar::new(total),
     }
 }
 
