@@ -108,6 +108,9 @@ enum Cmd {
         /// Most keys per response; 0: all.
         #[arg(long, default_value_t = 0)]
         limit: i64,
+        /// Read at this revision; 0: the newest.
+        #[arg(long, default_value_t = 0)]
+        rev: i64,
     },
     /// Txns of --txn-ops puts each.
     TxnPut {
@@ -281,6 +284,11 @@ fn range_req(key: &str, end: &Option<String>, serializable: bool, limit: i64) ->
     }
 }
 
+fn range_at(mut r: pb::RangeRequest, revision: i64) -> pb::RangeRequest {
+    r.revision = revision;
+    r
+}
+
 /// The workload and its request count.
 fn plan(cmd: &Cmd) -> (Work, u64) {
     let value = |k: &Keys| Bytes::from(vec![b'v'; k.val_size]);
@@ -293,8 +301,12 @@ fn plan(cmd: &Cmd) -> (Work, u64) {
             total,
             consistency,
             limit,
+            rev,
         } => (
-            Work::Range(range_req(key, range_end, consistency == "s", *limit)),
+            Work::Range(range_at(
+                range_req(key, range_end, consistency == "s", *limit),
+                *rev,
+            )),
             *total,
         ),
         Cmd::TxnPut {
