@@ -25,6 +25,8 @@ WORKLOADS_ALL=(
   "range-s-1x1|put|--conns 1 --clients 1 range foo --total 5000 --consistency s"
   "range-l-100x1000|put|--conns 100 --clients 1000 --threads 2 range foo --total 100000 --consistency l"
   "range-s-100x1000|put|--conns 100 --clients 1000 --threads 2 range foo --total 100000 --consistency s"
+  "watch-10x100-fanout|-|--conns 10 watch --streams 10 --watchers-per-stream 100 --put-total 500 --put-rate 200"
+  "lease-keepalive-10x100|-|--conns 10 --clients 100 lease-keepalive --total 20000"
 )
 
 PID=""
@@ -102,5 +104,6 @@ for name, d in by.items():
     ep, kp = med(e, 2), med(k, 2)
     ers, krs = med(e, 4), med(k, 4)
     errs = sum(x[5] for x in e + k)
-    print(f"| {name} | {er:.0f} | {kr:.0f} | {kr/er:.2f}x | {ep:.2f} | {kp:.2f} | {kp/ep:.2f}x | {med(e,3):.2f} | {med(k,3):.2f} | {ers:.0f} | {krs:.0f} | {krs/ers:.2f} | {errs} |")
+    ratio = lambda a, b: f"{a/b:.2f}x" if b else "n/a"
+    print(f"| {name} | {er:.0f} | {kr:.0f} | {ratio(kr, er)} | {ep:.2f} | {kp:.2f} | {ratio(kp, ep)} | {med(e,3):.2f} | {med(k,3):.2f} | {ers:.0f} | {krs:.0f} | {ratio(krs, ers)} | {errs} |")
 PY

@@ -14,7 +14,7 @@ pub struct Status {
 }
 
 impl Status {
-    fn transport(e: impl std::fmt::Display) -> Status {
+    pub fn transport(e: impl std::fmt::Display) -> Status {
         Status {
             code: 14,
             message: format!("transport: {e}"),
@@ -112,6 +112,90 @@ impl Conn {
             return Err(Status::transport("response without a message"));
         }
         Resp::decode(&data[5..]).map_err(Status::transport)
+    }
+}
+
+/// A bidirectional gRPC stream (Watch, LeaseKeepAlive): framed messages both ways.
+pub struct Bidi<Req, Resp> {
+    send: h2::SendStream<Bytes>,
+    response: Option<h2::client::ResponseFuture>,
+    body: Option<h2::RecvStream>,
+    buf: BytesMut,
+    _types: std::marker::PhantomData<fn(Req) -> Resp>,
+}
+
+impl Conn {
+    /// Opens a bidirectional stream on `path`, like "/etcdserverpb.Watch/Watch".
+    pub async fn bidi<Req: Message, Resp: Message + Default>(
+        &self,
+        path: &str,
+    ) -> Result<Bidi<Req, Resp>, Status> {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}{path}", self.authority))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("valid request");
+        let mut send = self.send.clone().ready().await.map_err(Status::transport)?;
+        let (response, stream) = send
+            .send_request(request, false)
+            .map_err(Status::transport)?;
+        Ok(Bidi {
+            send: stream,
+            response: Some(response),
+            body: None,
+            buf: BytesMut::new(),
+            _types: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<Req: Message, Resp: Message + Default> Bidi<Req, Resp> {
+    pub fn send(&mut self, m: &Req) -> Result<(), Status> {
+        let len = m.encoded_len();
+        let mut frame = BytesMut::with_capacity(5 + len);
+        frame.put_u8(0);
+        frame.put_u32(len as u32);
+        m.encode(&mut frame).expect("buffer has room");
+        self.send
+            .send_data(frame.freeze(), false)
+            .map_err(Status::transport)
+    }
+
+    /// The next message; Ok(None) when the server ends the stream cleanly.
+    pub async fn recv(&mut self) -> Result<Option<Resp>, Status> {
+        if let Some(resp) = self.response.take() {
+            let (parts, body) = resp.await.map_err(Status::transport)?.into_parts();
+            if let Some(st) = grpc_status(&parts.headers) {
+                return Err(st);
+            }
+            self.body = Some(body);
+        }
+        let body = self.body.as_mut().expect("response headers were read");
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
+                if self.buf.len() >= 5 + len {
+                    let msg = self.buf.split_to(5 + len);
+                    return Resp::decode(&msg[5..]).map(Some).map_err(Status::transport);
+                }
+            }
+            match body.data().await {
+                Some(chunk) => {
+                    let chunk = chunk.map_err(Status::transport)?;
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    self.buf.extend_from_slice(&chunk);
+                }
+                None => {
+                    let trailers = body.trailers().await.map_err(Status::transport)?;
+                    return match trailers.as_ref().and_then(grpc_status) {
+                        Some(st) => Err(st),
+                        None => Ok(None),
+                    };
+                }
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 mod disk;
 mod grpc;
 mod report;
+mod streams;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -133,6 +134,43 @@ enum Cmd {
         #[command(flatten)]
         keys: Keys,
     },
+    /// Watch fan-out: watchers on a set of keys, puts at a fixed rate; event delivery latency.
+    Watch {
+        #[arg(long, default_value_t = 10)]
+        streams: usize,
+        #[arg(long, default_value_t = 10)]
+        watchers_per_stream: usize,
+        /// Distinct keys the watchers spread over.
+        #[arg(long, default_value_t = 10)]
+        watched_key_total: u64,
+        #[arg(long, default_value_t = 1000)]
+        put_total: u64,
+        /// Puts per second.
+        #[arg(long, default_value_t = 100)]
+        put_rate: u64,
+        #[arg(long, default_value_t = 32)]
+        val_size: usize,
+    },
+    /// Serializable ranges of a key while many unsynced watchers (from revision 1) exist.
+    WatchGet {
+        #[arg(long, default_value_t = 10_000)]
+        watchers: usize,
+        #[arg(long, default_value_t = 10)]
+        streams: usize,
+        /// Versions of the key written first, for the watchers to catch up on.
+        #[arg(long, default_value_t = 100)]
+        history: u64,
+        /// Ranges to send.
+        #[arg(long, default_value_t = 10_000)]
+        total: u64,
+    },
+    /// Lease keep-alives: each client grants a lease and keeps it alive over one stream.
+    LeaseKeepalive {
+        #[arg(long, default_value_t = 10_000)]
+        total: u64,
+        #[arg(long, default_value_t = 30)]
+        ttl: i64,
+    },
     /// Single-key ranges mixed with puts over the same key space.
     Mixed {
         #[arg(long, default_value_t = 10_000)]
@@ -201,6 +239,7 @@ fn put_req(k: &Keys, value: &Bytes, i: u64, rng: &mut Rng) -> pb::PutRequest {
 }
 
 const PUT: &str = "/etcdserverpb.KV/Put";
+const WATCH_GET_KEY: &str = "watchget";
 const RANGE: &str = "/etcdserverpb.KV/Range";
 const TXN: &str = "/etcdserverpb.KV/Txn";
 
@@ -293,7 +332,13 @@ fn range_at(mut r: pb::RangeRequest, revision: i64) -> pb::RangeRequest {
 fn plan(cmd: &Cmd) -> (Work, u64) {
     let value = |k: &Keys| Bytes::from(vec![b'v'; k.val_size]);
     match cmd {
-        Cmd::Disk { .. } => unreachable!("disk runs without a server"),
+        Cmd::Disk { .. } | Cmd::Watch { .. } | Cmd::LeaseKeepalive { .. } => {
+            unreachable!("runs its own loop")
+        }
+        Cmd::WatchGet { total, .. } => (
+            Work::Range(range_req(WATCH_GET_KEY, &None, true, 0)),
+            *total,
+        ),
         Cmd::Put { total, keys } => (Work::Put(keys.clone(), value(keys)), *total),
         Cmd::Range {
             key,
@@ -456,6 +501,84 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("connect {ep}"))?,
         );
     }
+    let cpu0 = cpu_seconds();
+    let (outcomes, seconds) = match &args.cmd {
+        Cmd::Watch {
+            streams,
+            watchers_per_stream,
+            watched_key_total,
+            put_total,
+            put_rate,
+            val_size,
+        } => {
+            let plan = streams::WatchPlan {
+                streams: *streams,
+                watchers_per_stream: *watchers_per_stream,
+                keys: *watched_key_total,
+                put_total: *put_total,
+                put_rate: *put_rate,
+                val_size: *val_size,
+            };
+            streams::watch(&conns, plan).await
+        }
+        Cmd::LeaseKeepalive { total, ttl } => {
+            let issued = Arc::new(AtomicU64::new(0));
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..args.clients.max(1) {
+                let conn = conns[c % conns.len()].clone();
+                tasks.push(tokio::spawn(streams::keepalive_client(
+                    conn,
+                    issued.clone(),
+                    *total,
+                    *ttl,
+                )));
+            }
+            let mut outs = Vec::new();
+            for t in tasks {
+                outs.push(t.await?);
+            }
+            (outs, start.elapsed().as_secs_f64())
+        }
+        _ => {
+            // watch-get: the unsynced watchers must stay open while the ranges run.
+            let _watchers = match &args.cmd {
+                Cmd::WatchGet {
+                    watchers,
+                    streams,
+                    history,
+                    ..
+                } => {
+                    let key = Bytes::from_static(WATCH_GET_KEY.as_bytes());
+                    streams::unsynced_watchers(&conns, &key, *history, *watchers, *streams)
+                        .await
+                        .map_err(|s| {
+                            anyhow::anyhow!("watch-get setup: {}: {}", s.code_name(), s.message)
+                        })?
+                }
+                _ => Vec::new(),
+            };
+            requests(&args, &conns).await?
+        }
+    };
+    let cpu = cpu_seconds() - cpu0;
+    let cores = if seconds > 1e-3 { cpu / seconds } else { 0.0 };
+    let summary = report::Summary::merge(outcomes, seconds, cores)?;
+    if let Some(path) = &args.plot {
+        std::fs::write(path, report::svg(&summary))
+            .with_context(|| format!("write plot {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", summary.json());
+    } else {
+        print!("{}", summary.text());
+    }
+    Ok(())
+}
+
+/// The request loop shared by the unary workloads: clients pull request numbers until the
+/// total or the deadline.
+async fn requests(args: &Args, conns: &[Conn]) -> anyhow::Result<(Vec<Outcome>, f64)> {
     let (work, total) = plan(&args.cmd);
     let start = Instant::now();
     let limits = Arc::new(Limits {
@@ -465,8 +588,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         start,
     });
     let issued = Arc::new(AtomicU64::new(0));
-    let cpu0 = cpu_seconds();
-    let progress = progress_bar(&args, total);
+    let progress = progress_bar(args, total);
     let ticker = {
         let (issued, progress, limits) = (issued.clone(), progress.clone(), limits.clone());
         tokio::spawn(async move {
@@ -497,18 +619,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let seconds = start.elapsed().as_secs_f64();
     ticker.abort();
     progress.finish_and_clear();
-    let cpu = cpu_seconds() - cpu0;
-    let summary = report::Summary::merge(outcomes, seconds, cpu / seconds)?;
-    if let Some(path) = &args.plot {
-        std::fs::write(path, report::svg(&summary))
-            .with_context(|| format!("write plot {}", path.display()))?;
-    }
-    if args.json {
-        println!("{}", summary.json());
-    } else {
-        print!("{}", summary.text());
-    }
-    Ok(())
+    Ok((outcomes, seconds))
 }
 
 fn progress_bar(args: &Args, total: u64) -> indicatif::ProgressBar {
