@@ -81,7 +81,8 @@ hz = os.sysconf("SC_CLK_TCK")
 cpu_s = int(ticks) / hz
 errs = sum(d["errors"].values())
 print("\t".join(map(str, [name, which, rep, round(d["requests_per_sec"], 1), d["latency_ms"]["p50"],
-      d["latency_ms"]["p99"], round(cpu_s / d["seconds"], 2), int(rss) // 1024, errs])))
+      d["latency_ms"]["p99"], round(cpu_s / max(d["seconds"], 1e-9), 2), int(rss) // 1024, errs,
+      round(d["client_cpu_cores"], 2)])))
 PY
     done
   done
@@ -91,13 +92,13 @@ python3 - "$RESULTS" "$REPS" <<'PY'
 import sys, statistics as st, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 by = collections.OrderedDict()
-for name, which, rep, rps, p50, p99, cores, rss, errs in rows:
-    by.setdefault(name, {}).setdefault(which, []).append((float(rps), float(p50), float(p99), float(cores), int(rss), int(errs)))
+for name, which, rep, rps, p50, p99, cores, rss, errs, bench in rows:
+    by.setdefault(name, {}).setdefault(which, []).append((float(rps), float(p50), float(p99), float(cores), int(rss), int(errs), float(bench)))
 med = lambda xs, i: st.median(x[i] for x in xs)
-print(f"reps per cell: {sys.argv[2]} (medians); cores = server CPU cores used while loaded; RSS after the run")
+print(f"reps per cell: {sys.argv[2]} (medians); cores = server CPU cores used while loaded; bench = the harness's own cores; RSS after the run")
 print()
-print("| workload | etcd req/s | keel req/s | ratio | etcd p99 ms | keel p99 ms | p99 ratio | etcd cores | keel cores | etcd RSS MiB | keel RSS MiB | RSS ratio | errors |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| workload | etcd req/s | keel req/s | ratio | etcd p99 ms | keel p99 ms | p99 ratio | etcd cores | keel cores | bench cores etcd/keel | etcd RSS MiB | keel RSS MiB | RSS ratio | errors |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for name, d in by.items():
     e, k = d["etcd"], d["keel"]
     er, kr = med(e, 0), med(k, 0)
@@ -105,5 +106,5 @@ for name, d in by.items():
     ers, krs = med(e, 4), med(k, 4)
     errs = sum(x[5] for x in e + k)
     ratio = lambda a, b: f"{a/b:.2f}x" if b else "n/a"
-    print(f"| {name} | {er:.0f} | {kr:.0f} | {ratio(kr, er)} | {ep:.2f} | {kp:.2f} | {ratio(kp, ep)} | {med(e,3):.2f} | {med(k,3):.2f} | {ers:.0f} | {krs:.0f} | {ratio(krs, ers)} | {errs} |")
+    print(f"| {name} | {er:.0f} | {kr:.0f} | {ratio(kr, er)} | {ep:.2f} | {kp:.2f} | {ratio(kp, ep)} | {med(e,3):.2f} | {med(k,3):.2f} | {med(e,6):.2f}/{med(k,6):.2f} | {ers:.0f} | {krs:.0f} | {ratio(krs, ers)} | {errs} |")
 PY

@@ -9,6 +9,7 @@
 
 mod disk;
 mod grpc;
+mod metrics;
 mod report;
 mod streams;
 
@@ -482,6 +483,30 @@ async fn client(
     out
 }
 
+/// etcd's disk histograms summed over the endpoints that expose them.
+async fn scrape_all(eps: &[String]) -> BTreeMap<String, metrics::Hist> {
+    let mut out: BTreeMap<String, metrics::Hist> = BTreeMap::new();
+    for ep in eps {
+        let Some(text) = metrics::scrape(ep).await else {
+            continue;
+        };
+        for name in metrics::HISTOGRAMS {
+            if let Some(h) = metrics::parse(&text, name) {
+                let sum = out.entry(name.to_string()).or_default();
+                sum.sum += h.sum;
+                sum.count += h.count;
+                for (le, c) in h.buckets {
+                    match sum.buckets.iter_mut().find(|(b, _)| *b == le) {
+                        Some(b) => b.1 += c,
+                        None => sum.buckets.push((le, c)),
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage fills the zeroed struct.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -501,6 +526,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("connect {ep}"))?,
         );
     }
+    let metrics_before = scrape_all(&eps).await;
     let cpu0 = cpu_seconds();
     let (outcomes, seconds) = match &args.cmd {
         Cmd::Watch {
@@ -563,7 +589,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let cpu = cpu_seconds() - cpu0;
     let cores = if seconds > 1e-3 { cpu / seconds } else { 0.0 };
-    let summary = report::Summary::merge(outcomes, seconds, cores)?;
+    let mut summary = report::Summary::merge(outcomes, seconds, cores)?;
+    let metrics_after = scrape_all(&eps).await;
+    for (name, after) in metrics_after {
+        if let Some(before) = metrics_before.get(&name) {
+            summary
+                .server_metrics
+                .insert(name, metrics::delta(before, &after));
+        }
+    }
     if let Some(path) = &args.plot {
         std::fs::write(path, report::svg(&summary))
             .with_context(|| format!("write plot {}", path.display()))?;

@@ -16,6 +16,8 @@ pub struct Summary {
     pub seconds: f64,
     pub client_cpu_cores: f64,
     pub samples: Vec<(u32, u32)>,
+    /// Deltas of the server's disk histograms over the run, when it exposes them.
+    pub server_metrics: BTreeMap<String, crate::metrics::Hist>,
 }
 
 impl Summary {
@@ -27,6 +29,7 @@ impl Summary {
             seconds,
             client_cpu_cores: cores,
             samples: Vec::new(),
+            server_metrics: BTreeMap::new(),
         };
         for o in outcomes {
             s.hist.add(&o.hist)?;
@@ -72,6 +75,9 @@ impl Summary {
             "errors": self.errors,
             "error_count": self.error_count(),
             "client_cpu_cores": self.client_cpu_cores,
+            "server_metrics": self.server_metrics.iter()
+                .map(|(k, h)| (k.clone(), h.json()))
+                .collect::<serde_json::Map<String, serde_json::Value>>(),
         })
     }
 
@@ -95,6 +101,18 @@ impl Summary {
             self.hist.max() as f64 / 1000.0
         );
         let _ = writeln!(t, "harness CPU   {:.2} cores", self.client_cpu_cores);
+        for (name, h) in &self.server_metrics {
+            let j = h.json();
+            let _ = writeln!(
+                t,
+                "server        {name}: {} in the run, mean {:.3} ms, p99 <= {} ms",
+                h.count,
+                j["mean_ms"].as_f64().unwrap_or(0.0),
+                j["p99_ms_at_most"]
+                    .as_f64()
+                    .map_or("?".into(), |v| format!("{v:.3}"))
+            );
+        }
         for (e, n) in &self.errors {
             let _ = writeln!(t, "error         {n} x {e}");
         }
