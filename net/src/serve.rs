@@ -11,6 +11,26 @@ use tokio_stream::StreamExt;
 use crate::backend::Backend;
 use crate::service::{decode_limit_bytes, ClusterService, KvService, MaintenanceService};
 
+/// Fails if another socket already listens on `addr`. The net cores' listeners share their
+/// port through SO_REUSEPORT, which would also let a second process join it silently; a plain
+/// bind first gives etcd's answer instead.
+pub fn ensure_free(addr: SocketAddr) -> std::io::Result<()> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            std::io::Error::new(e.kind(), "bind: address already in use")
+        } else {
+            e
+        }
+    })
+}
+
 /// Binds a listening socket with SO_REUSEADDR and SO_REUSEPORT.
 pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {

@@ -142,6 +142,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let net_cores = cfg.cores.saturating_sub(1).max(1);
 
     // Bind first, so a taken port fails fast; accept only once the state is rebuilt.
+    for addr in &cfg.listen_client {
+        keel_net::serve::ensure_free(*addr).with_context(|| format!("listen tcp {addr}"))?;
+    }
     let mut listeners = Vec::new();
     for _ in 0..net_cores {
         let mut per_core = Vec::new();

@@ -33,11 +33,24 @@ impl Keel {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: dir.join("keel.log"),
         };
-        k.spawn();
-        k
+        // A port picked free can be taken by a parallel test before keel binds it.
+        for _ in 0..5 {
+            match k.try_spawn() {
+                Ok(()) => return k,
+                Err(log) if log.contains("address already in use") => k.port = free_port(),
+                Err(log) => panic!("keel exited during start:\n{log}"),
+            }
+        }
+        panic!("no free port after 5 tries");
     }
 
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("keel exited during start:\n{log}");
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -59,7 +72,7 @@ impl Keel {
             .spawn()
             .expect("spawn keel");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
     pub fn endpoint(&self) -> String {
@@ -78,7 +91,7 @@ impl Keel {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let url = self.url();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -87,7 +100,8 @@ impl Keel {
             .unwrap();
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("keel exited during start ({status}):\n{}", self.log_text());
+                self.child = None;
+                return Err(format!("({status}) {}", self.log_text()));
             }
             let ok = rt.block_on(async {
                 let Ok(Ok(mut c)) = tokio::time::timeout(
@@ -108,7 +122,7 @@ impl Keel {
                 )
             });
             if ok {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,

@@ -51,6 +51,33 @@ fn corrupted_wal_refuses_to_start_naming_file_and_offset() {
     );
 }
 
+/// etcd refuses a client address another process listens on; SO_REUSEPORT must not let a
+/// second keel join the first one's port.
+#[test]
+fn a_taken_client_port_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start(dir.path(), &[]);
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--data-dir")
+        .arg(other.path().join("d"))
+        .args(["--listen-client-urls", &k.url()])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a second keel started on a taken port"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "listen tcp {}: bind: address already in use",
+            k.endpoint()
+        )),
+        "{err}"
+    );
+}
+
 #[test]
 fn two_processes_cannot_share_a_data_dir() {
     let dir = tempfile::tempdir().unwrap();
