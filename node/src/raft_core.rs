@@ -42,9 +42,13 @@ pub struct Proposal {
 /// Most proposals drained into one batch (bounds one WAL record and one turn's latency).
 const BATCH_PROPOSALS_MAX: usize = 8192;
 const BATCH_BYTES_MAX: usize = 32 << 20;
-/// How long the loop polls for more work before parking: a parked thread costs a futex wake
-/// (tens of µs) on the single-client path.
-const SPIN_BEFORE_PARK_US: u64 = 50;
+/// How long the loop polls for more work before parking while busy: a parked thread costs a
+/// futex wake (tens of µs) on the single-client path. Measured here (put 1x1, medians of 3):
+/// 300 µs gives 3584 req/s and p99.9 0.85 ms, 50 µs 2864 req/s and p99.9 8-13 ms; 100x1000
+/// the same within noise.
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(300);
+/// "Busy": a proposal arrived this recently. An idle node parks at once.
+const BUSY_WINDOW: Duration = Duration::from_millis(2);
 
 /// What the raft core publishes for everyone else to read without asking it.
 #[derive(Default)]
@@ -63,7 +67,7 @@ pub struct RaftCore {
     pending: HashMap<u64, Responder>,
     next_id: u64,
     tick: Duration,
-    spin: Duration,
+    last_proposal: Instant,
 }
 
 impl RaftCore {
@@ -107,7 +111,7 @@ impl RaftCore {
             pending: HashMap::new(),
             next_id: ((meta.member_id & 0xffff) << 48) | ((now_ms << 8) & ((1 << 48) - 1)),
             tick: Duration::from_millis(heartbeat_ms),
-            spin: Duration::from_micros(SPIN_BEFORE_PARK_US),
+            last_proposal: Instant::now(),
         })
     }
 
@@ -146,7 +150,13 @@ impl RaftCore {
 
     /// Waits for a proposal until `deadline`; spins briefly first. Err when disconnected.
     fn wait(&self, deadline: Instant) -> Result<Option<Proposal>, ()> {
-        let spin_until = Instant::now() + self.spin;
+        let now = Instant::now();
+        let spin = if now.duration_since(self.last_proposal) < BUSY_WINDOW {
+            SPIN_BEFORE_PARK
+        } else {
+            Duration::ZERO
+        };
+        let spin_until = now + spin;
         while Instant::now() < spin_until.min(deadline) {
             match self.rx.try_recv() {
                 Ok(p) => return Ok(Some(p)),
@@ -165,6 +175,7 @@ impl RaftCore {
     }
 
     fn propose(&mut self, p: Proposal) {
+        self.last_proposal = Instant::now();
         let id = self.next_id;
         self.next_id += 1;
         match self.node.propose(id.to_le_bytes().to_vec(), p.data) {
