@@ -33,6 +33,23 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Proposals waiting for the raft core at most; beyond, writes get "too many requests".
 const PROPOSAL_QUEUE_MAX: usize = 16 * 1024;
 
+/// mimalloc's `arena_eager_commit` (option 4 in its C enum).
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+/// Runs before `main` (and before the Rust runtime's first allocation reserves an arena):
+/// mimalloc commits arena memory as it is used instead of eagerly. Measured here: 8 instead of
+/// 16 MiB RSS idle, 74 instead of 83-88 MiB after 100k puts, same throughput. Set in `main`
+/// it comes too late to matter.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static MIMALLOC_OPTIONS: extern "C" fn() = {
+    extern "C" fn lazy_commit() {
+        // SAFETY: sets a process-wide allocator option before any allocation.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+    }
+    lazy_commit
+};
+
 fn main() -> ExitCode {
     let cfg = match Config::load(std::env::args().collect()) {
         Ok(Some(cfg)) => cfg,
