@@ -11,10 +11,8 @@ use tokio_stream::StreamExt;
 use crate::backend::Backend;
 use crate::service::{decode_limit_bytes, ClusterService, KvService, MaintenanceService};
 
-/// Fails if another socket already listens on `addr`. The net cores' listeners share their
-/// port through SO_REUSEPORT, which would also let a second process join it silently; a plain
-/// bind first gives etcd's answer instead.
-pub fn ensure_free(addr: SocketAddr) -> std::io::Result<()> {
+/// A TCP socket for `addr`'s family, with SO_REUSEADDR.
+fn tcp_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -22,6 +20,14 @@ pub fn ensure_free(addr: SocketAddr) -> std::io::Result<()> {
     };
     let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    Ok(sock)
+}
+
+/// Fails if another socket already listens on `addr`. The net cores' listeners share their
+/// port through SO_REUSEPORT, which would also let a second process join it silently; a plain
+/// bind first gives etcd's answer instead.
+pub fn ensure_free(addr: SocketAddr) -> std::io::Result<()> {
+    let sock = tcp_socket(addr)?;
     sock.bind(&addr.into()).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             std::io::Error::new(e.kind(), "bind: address already in use")
@@ -33,13 +39,7 @@ pub fn ensure_free(addr: SocketAddr) -> std::io::Result<()> {
 
 /// Binds a listening socket with SO_REUSEADDR and SO_REUSEPORT.
 pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    sock.set_reuse_address(true)?;
+    let sock = tcp_socket(addr)?;
     sock.set_reuse_port(true)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;

@@ -236,44 +236,34 @@ fn compare(view: &impl ReadView, c: &pb::Compare) -> bool {
 
 fn compare_kv(c: &pb::Compare, target: Option<CompareTarget>, kv: &KeyValue) -> bool {
     use std::cmp::Ordering;
-    let int = |v: Option<i64>, have: i64| have.cmp(&v.unwrap_or(0));
-    let ord: Ordering = match (target, &c.target_union) {
-        (Some(CompareTarget::Value), u) => {
-            let want: &[u8] = match u {
+    // etcd compares against 0 (or an empty value) when the union holds another target.
+    let want =
+        |pick: fn(&TargetUnion) -> Option<i64>| c.target_union.as_ref().and_then(pick).unwrap_or(0);
+    let ord: Ordering = match target {
+        Some(CompareTarget::Value) => {
+            let want: &[u8] = match &c.target_union {
                 Some(TargetUnion::Value(v)) => v,
                 _ => &[],
             };
             kv.value.as_ref().cmp(want)
         }
-        (Some(CompareTarget::Create), u) => int(
-            match u {
-                Some(TargetUnion::CreateRevision(v)) => Some(*v),
-                _ => None,
-            },
-            kv.create_revision,
-        ),
-        (Some(CompareTarget::Mod), u) => int(
-            match u {
-                Some(TargetUnion::ModRevision(v)) => Some(*v),
-                _ => None,
-            },
-            kv.mod_revision,
-        ),
-        (Some(CompareTarget::Version), u) => int(
-            match u {
-                Some(TargetUnion::Version(v)) => Some(*v),
-                _ => None,
-            },
-            kv.version,
-        ),
-        (Some(CompareTarget::Lease), u) => int(
-            match u {
-                Some(TargetUnion::Lease(v)) => Some(*v),
-                _ => None,
-            },
-            kv.lease,
-        ),
-        (None, _) => Ordering::Equal,
+        Some(CompareTarget::Create) => kv.create_revision.cmp(&want(|u| match u {
+            TargetUnion::CreateRevision(v) => Some(*v),
+            _ => None,
+        })),
+        Some(CompareTarget::Mod) => kv.mod_revision.cmp(&want(|u| match u {
+            TargetUnion::ModRevision(v) => Some(*v),
+            _ => None,
+        })),
+        Some(CompareTarget::Version) => kv.version.cmp(&want(|u| match u {
+            TargetUnion::Version(v) => Some(*v),
+            _ => None,
+        })),
+        Some(CompareTarget::Lease) => kv.lease.cmp(&want(|u| match u {
+            TargetUnion::Lease(v) => Some(*v),
+            _ => None,
+        })),
+        None => Ordering::Equal,
     };
     match CompareResult::try_from(c.result) {
         Ok(CompareResult::Equal) => ord == Ordering::Equal,

@@ -69,12 +69,11 @@ impl Conn {
         })
     }
 
-    /// One unary call: `path` like "/etcdserverpb.KV/Put".
-    pub async fn unary<Req: Message, Resp: Message + Default>(
+    /// Starts a gRPC call on `path`: request headers sent, body stream open.
+    async fn open(
         &self,
         path: &str,
-        req: &Req,
-    ) -> Result<Resp, Status> {
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), Status> {
         let request = http::Request::builder()
             .method("POST")
             .uri(format!("http://{}{path}", self.authority))
@@ -83,16 +82,18 @@ impl Conn {
             .body(())
             .expect("valid request");
         let mut send = self.send.clone().ready().await.map_err(Status::transport)?;
-        let (response, mut stream) = send
-            .send_request(request, false)
-            .map_err(Status::transport)?;
-        let len = req.encoded_len();
-        let mut frame = BytesMut::with_capacity(5 + len);
-        frame.put_u8(0);
-        frame.put_u32(len as u32);
-        req.encode(&mut frame).expect("buffer has room");
+        send.send_request(request, false).map_err(Status::transport)
+    }
+
+    /// One unary call: `path` like "/etcdserverpb.KV/Put".
+    pub async fn unary<Req: Message, Resp: Message + Default>(
+        &self,
+        path: &str,
+        req: &Req,
+    ) -> Result<Resp, Status> {
+        let (response, mut stream) = self.open(path).await?;
         stream
-            .send_data(frame.freeze(), true)
+            .send_data(frame(req), true)
             .map_err(Status::transport)?;
         let (parts, mut body) = response.await.map_err(Status::transport)?.into_parts();
         if let Some(st) = grpc_status(&parts.headers) {
@@ -130,17 +131,7 @@ impl Conn {
         &self,
         path: &str,
     ) -> Result<Bidi<Req, Resp>, Status> {
-        let request = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://{}{path}", self.authority))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .expect("valid request");
-        let mut send = self.send.clone().ready().await.map_err(Status::transport)?;
-        let (response, stream) = send
-            .send_request(request, false)
-            .map_err(Status::transport)?;
+        let (response, stream) = self.open(path).await?;
         Ok(Bidi {
             send: stream,
             response: Some(response),
@@ -153,13 +144,8 @@ impl Conn {
 
 impl<Req: Message, Resp: Message + Default> Bidi<Req, Resp> {
     pub fn send(&mut self, m: &Req) -> Result<(), Status> {
-        let len = m.encoded_len();
-        let mut frame = BytesMut::with_capacity(5 + len);
-        frame.put_u8(0);
-        frame.put_u32(len as u32);
-        m.encode(&mut frame).expect("buffer has room");
         self.send
-            .send_data(frame.freeze(), false)
+            .send_data(frame(m), false)
             .map_err(Status::transport)
     }
 
@@ -197,6 +183,16 @@ impl<Req: Message, Resp: Message + Default> Bidi<Req, Resp> {
             }
         }
     }
+}
+
+/// A gRPC message frame: uncompressed flag, big-endian length, the message.
+fn frame<M: Message>(m: &M) -> Bytes {
+    let len = m.encoded_len();
+    let mut f = BytesMut::with_capacity(5 + len);
+    f.put_u8(0);
+    f.put_u32(len as u32);
+    m.encode(&mut f).expect("buffer has room");
+    f.freeze()
 }
 
 /// The gRPC status in headers or trailers, if it is an error.

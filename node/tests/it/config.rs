@@ -4,6 +4,18 @@ use std::process::Command;
 
 use crate::harness::{etcdctl, free_port};
 
+/// `etcdctl member list` once the node at `ep` answers (up to 10 s); empty if it never does.
+fn member_list_when_up(ep: &str) -> String {
+    for _ in 0..200 {
+        let (ok, out, _) = etcdctl(ep, &["member", "list"], None);
+        if ok {
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    String::new()
+}
+
 #[test]
 fn version_flag_prints_keels_version() {
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
@@ -49,15 +61,7 @@ fn etcd_sample_yaml_starts_a_node() {
         .spawn()
         .unwrap();
     let ep = format!("127.0.0.1:{port}");
-    let mut listed = String::new();
-    for _ in 0..200 {
-        let (ok, out, _) = etcdctl(&ep, &["member", "list"], None);
-        if ok {
-            listed = out;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let listed = member_list_when_up(&ep);
     let _ = child.kill();
     let _ = child.wait();
     assert!(
@@ -93,15 +97,7 @@ fn etcd_environment_variables_configure_the_node() {
         .spawn()
         .unwrap();
     let ep = format!("127.0.0.1:{port}");
-    let mut listed = String::new();
-    for _ in 0..200 {
-        let (ok, out, _) = etcdctl(&ep, &["member", "list"], None);
-        if ok {
-            listed = out;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let listed = member_list_when_up(&ep);
     let _ = child.kill();
     let _ = child.wait();
     assert!(listed.contains(", envnode, "), "{listed}");

@@ -7,6 +7,16 @@ use keel_proto::pb;
 
 use crate::harness::{free_port, kv, Keel};
 
+/// Runs keel on `data_dir`, listening on `listen`, to completion (it is expected to refuse).
+fn keel_output(data_dir: &std::path::Path, listen: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen-client-urls", listen])
+        .output()
+        .unwrap()
+}
+
 /// A flipped bit in a WAL record that is followed by good records is corruption: keel must
 /// refuse to start and name the segment file and the record's offset.
 #[test]
@@ -33,15 +43,7 @@ fn corrupted_wal_refuses_to_start_naming_file_and_offset() {
     let third = second + span(second);
     bytes[third + 40] ^= 0x01;
     std::fs::write(&seg, &bytes).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("--data-dir")
-        .arg(&k.data_dir)
-        .args([
-            "--listen-client-urls",
-            &format!("http://127.0.0.1:{}", free_port()),
-        ])
-        .output()
-        .unwrap();
+    let out = keel_output(&k.data_dir, &format!("http://127.0.0.1:{}", free_port()));
     assert!(!out.status.success(), "keel started on a corrupted WAL");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("wal corrupted"), "{err}");
@@ -58,12 +60,7 @@ fn a_taken_client_port_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let k = Keel::start(dir.path(), &[]);
     let other = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("--data-dir")
-        .arg(other.path().join("d"))
-        .args(["--listen-client-urls", &k.url()])
-        .output()
-        .unwrap();
+    let out = keel_output(&other.path().join("d"), &k.url());
     assert!(
         !out.status.success(),
         "a second keel started on a taken port"
@@ -82,15 +79,7 @@ fn a_taken_client_port_is_refused() {
 fn two_processes_cannot_share_a_data_dir() {
     let dir = tempfile::tempdir().unwrap();
     let k = Keel::start(dir.path(), &[]);
-    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("--data-dir")
-        .arg(&k.data_dir)
-        .args([
-            "--listen-client-urls",
-            &format!("http://127.0.0.1:{}", free_port()),
-        ])
-        .output()
-        .unwrap();
+    let out = keel_output(&k.data_dir, &format!("http://127.0.0.1:{}", free_port()));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another keel process"));
 }
