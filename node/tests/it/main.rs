@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod cas;
 mod client;
 mod config;
 mod crash;
