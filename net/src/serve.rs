@@ -62,9 +62,15 @@ pub async fn serve<B: Backend>(
         s
     });
     let limit = decode_limit_bytes(backend.limits());
+    // gRPC health checking, as etcd registers it: "" (all of etcd's services) is SERVING.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        .add_service(health_service)
         .add_service(
             pb::kv_server::KvServer::new(KvService::new(backend.clone()))
                 .max_decoding_message_size(limit)

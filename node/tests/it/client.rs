@@ -92,3 +92,39 @@ async fn etcd_client_crate_kv_txn_and_status() {
     assert_eq!(m.members().len(), 1);
     assert_eq!(m.members()[0].name(), "default");
 }
+
+/// The standard gRPC health service, registered as etcd registers it ("" is SERVING), so
+/// grpc_health_probe and health-checking load balancers work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_service_reports_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().to_path_buf();
+    let k = tokio::task::spawn_blocking(move || Keel::start(&p, &[]))
+        .await
+        .unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(k.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = HealthClient::new(ch);
+    let r = h
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, ServingStatus::Serving as i32);
+    let unknown = h
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+}
