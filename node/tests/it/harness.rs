@@ -184,5 +184,6 @@ pub fn kv(url: &str) -> pb::kv_client::KvClient<tonic::transport::Channel> {
     let ch = tonic::transport::Endpoint::from_shared(url.to_string())
         .unwrap()
         .connect_lazy();
-    pb::kv_client::KvClient::new(ch)
+    // Like etcd's Go client, accept large responses (a full range of a big store).
+    pb::kv_client::KvClient::new(ch).max_decoding_message_size(usize::MAX)
 }
