@@ -11,16 +11,25 @@ use keel_proto::pb::request_op::Request;
 
 use crate::harness::{kv, Keel};
 
+async fn read_counter(
+    c: &mut pb::kv_client::KvClient<tonic::transport::Channel>,
+) -> pb::RangeResponse {
+    c.range(pb::RangeRequest {
+        key: Bytes::from_static(b"counter"),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 const CLIENTS: usize = 16;
 const INCREMENTS: usize = 25;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cas_increments_are_never_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().to_path_buf();
-    let k = tokio::task::spawn_blocking(move || Keel::start(&p, &["--cores", "3"]))
-        .await
-        .unwrap();
+    let k = Keel::start_async(dir.path(), &["--cores", "3"]).await;
     let url = k.url();
     kv(&url)
         .put(pb::PutRequest {
@@ -40,14 +49,7 @@ async fn concurrent_cas_increments_are_never_lost() {
             while won_revisions.len() < INCREMENTS {
                 attempts += 1;
                 assert!(attempts < 100_000, "livelock");
-                let got = c
-                    .range(pb::RangeRequest {
-                        key: Bytes::from_static(b"counter"),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let got = read_counter(&mut c).await;
                 let kv0 = &got.kvs[0];
                 let n: u64 = std::str::from_utf8(&kv0.value).unwrap().parse().unwrap();
                 let txn = pb::TxnRequest {
@@ -84,14 +86,7 @@ async fn concurrent_cas_increments_are_never_lost() {
             );
         }
     }
-    let end = kv(&url)
-        .range(pb::RangeRequest {
-            key: Bytes::from_static(b"counter"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let end = read_counter(&mut kv(&url)).await;
     let total = (CLIENTS * INCREMENTS) as u64;
     assert_eq!(end.kvs[0].value, Bytes::from(total.to_string()));
     assert_eq!(end.kvs[0].version, total as i64 + 1);

@@ -10,10 +10,7 @@ use crate::harness::Keel;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_client_crate_kv_txn_and_status() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().to_path_buf();
-    let k = tokio::task::spawn_blocking(move || Keel::start(&p, &[]))
-        .await
-        .unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
     let mut c = Client::connect([k.endpoint()], None).await.unwrap();
 
     let r = c.put("a", "1", None).await.unwrap();
@@ -102,10 +99,7 @@ async fn grpc_health_service_reports_serving() {
     use tonic_health::pb::HealthCheckRequest;
 
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().to_path_buf();
-    let k = tokio::task::spawn_blocking(move || Keel::start(&p, &[]))
-        .await
-        .unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
     let ch = tonic::transport::Endpoint::from_shared(k.url())
         .unwrap()
         .connect()

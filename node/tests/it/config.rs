@@ -4,16 +4,23 @@ use std::process::Command;
 
 use crate::harness::{etcdctl, free_port};
 
-/// `etcdctl member list` once the node at `ep` answers (up to 10 s); empty if it never does.
-fn member_list_when_up(ep: &str) -> String {
+/// Runs `keel` as configured, and returns `etcdctl member list` once it answers on port `port`
+/// (up to 10 s; empty if it never does). The process is killed before returning.
+fn member_list_of(keel: &mut Command, port: u16) -> String {
+    let mut child = keel.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let ep = format!("127.0.0.1:{port}");
+    let mut listed = String::new();
     for _ in 0..200 {
-        let (ok, out, _) = etcdctl(ep, &["member", "list"], None);
+        let (ok, out, _) = etcdctl(&ep, &["member", "list"], None);
         if ok {
-            return out;
+            listed = out;
+            break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    String::new()
+    let _ = child.kill();
+    let _ = child.wait();
+    listed
 }
 
 #[test]
@@ -54,16 +61,12 @@ fn etcd_sample_yaml_starts_a_node() {
     );
     let cfg = dir.path().join("etcd.conf.yml");
     std::fs::write(&cfg, yaml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("--config-file")
-        .arg(&cfg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let ep = format!("127.0.0.1:{port}");
-    let listed = member_list_when_up(&ep);
-    let _ = child.kill();
-    let _ = child.wait();
+    let listed = member_list_of(
+        Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("--config-file")
+            .arg(&cfg),
+        port,
+    );
     assert!(
         listed.contains("node1, http://192.168.1.10:2380, http://192.168.1.10:2379"),
         "{listed}"
@@ -88,17 +91,13 @@ fn etcd_environment_variables_configure_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .env("ETCD_NAME", "envnode")
-        .env("ETCD_DATA_DIR", dir.path().join("d"))
-        .env("ETCD_LISTEN_CLIENT_URLS", &url)
-        .env("ETCD_ADVERTISE_CLIENT_URLS", &url)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let ep = format!("127.0.0.1:{port}");
-    let listed = member_list_when_up(&ep);
-    let _ = child.kill();
-    let _ = child.wait();
+    let listed = member_list_of(
+        Command::new(env!("CARGO_BIN_EXE_keel"))
+            .env("ETCD_NAME", "envnode")
+            .env("ETCD_DATA_DIR", dir.path().join("d"))
+            .env("ETCD_LISTEN_CLIENT_URLS", &url)
+            .env("ETCD_ADVERTISE_CLIENT_URLS", &url),
+        port,
+    );
     assert!(listed.contains(", envnode, "), "{listed}");
 }

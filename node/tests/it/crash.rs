@@ -28,10 +28,7 @@ async fn acknowledged_writes_survive_kill_9_soak() {
 
 async fn kill_9_cycles(cycles: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().to_path_buf();
-    let mut keel = tokio::task::spawn_blocking(move || Keel::start(&p, &[]))
-        .await
-        .unwrap();
+    let mut keel = Keel::start_async(dir.path(), &[]).await;
     let seed: u64 = rand::thread_rng().gen();
     eprintln!("crash test seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

@@ -269,12 +269,7 @@ fn check(got: Vec<(&'static str, Code, String)>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_etcds_code_and_message() {
     let dir = tempfile::tempdir().unwrap();
-    let k = tokio::task::spawn_blocking({
-        let p = dir.path().to_path_buf();
-        move || Keel::start(&p, &[])
-    })
-    .await
-    .unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
     check(run_table(&k.url()).await);
 }
 

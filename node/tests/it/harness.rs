@@ -44,6 +44,18 @@ impl Keel {
         panic!("no free port after 5 tries");
     }
 
+    /// `start` from async tests (it blocks while keel replays its WAL and comes up).
+    pub async fn start_async(dir: &Path, extra: &[&str]) -> Keel {
+        let dir = dir.to_path_buf();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            Keel::start(&dir, &extra)
+        })
+        .await
+        .expect("start keel")
+    }
+
     fn spawn(&mut self) {
         if let Err(log) = self.try_spawn() {
             panic!("keel exited during start:\n{log}");

@@ -89,10 +89,7 @@ fn two_processes_cannot_share_a_data_dir() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_core_layout_serves_all_connections() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().to_path_buf();
-    let k = tokio::task::spawn_blocking(move || Keel::start(&p, &["--cores", "4"]))
-        .await
-        .unwrap();
+    let k = Keel::start_async(dir.path(), &["--cores", "4"]).await;
     let mut tasks = Vec::new();
     for c in 0..12 {
         let url = k.url();
