@@ -210,7 +210,6 @@ impl Mvcc {
             begin_rev: begin,
             sub: 0,
             changes: Vec::new(),
-            inserted: Vec::new(),
             committed: false,
         }
     }
@@ -266,16 +265,6 @@ impl Mvcc {
     pub fn versions_total(&self) -> usize {
         self.map.len()
     }
-
-    /// All keys live now, for tests and hashing: (key, value, mod revision).
-    pub fn dump(&self) -> Vec<KeyValue> {
-        let rev = self.current_rev();
-        let mut out = Vec::new();
-        self.walk(KeyRange::Span(&[], &[]), rev, |k, main, v| {
-            out.push(to_kv(k, main, v))
-        });
-        out
-    }
 }
 
 fn version_bytes(key: &[u8], value: &[u8]) -> i64 {
@@ -297,12 +286,12 @@ fn to_kv(key: &Bytes, main: i64, v: &Version) -> KeyValue {
 ///
 /// Dropped without `commit`, it removes what it inserted: readers never saw it (the revision
 /// was not published), and the next transaction reuses the revision on a clean slate.
+/// `changes[i]` is the write at sub revision `i`, so it also says what to remove.
 pub struct WriteTxn<'a> {
     mvcc: &'a Mvcc,
     begin_rev: i64,
     sub: i64,
     changes: Vec<KeyValue>,
-    inserted: Vec<KeyRev>,
     committed: bool,
 }
 
@@ -311,8 +300,13 @@ impl Drop for WriteTxn<'_> {
         if self.committed {
             return;
         }
-        for kr in self.inserted.drain(..) {
-            self.mvcc.map.remove(&kr);
+        let main = self.main();
+        for (sub, kv) in self.changes.iter().enumerate() {
+            self.mvcc.map.remove(&KeyRev {
+                key: kv.key.clone(),
+                main,
+                sub: sub as i64,
+            });
         }
     }
 }
@@ -329,11 +323,6 @@ impl WriteTxn<'_> {
         } else {
             self.main()
         }
-    }
-
-    /// The revision before this transaction.
-    pub fn begin_rev(&self) -> i64 {
-        self.begin_rev
     }
 
     pub fn range(&self, range: KeyRange<'_>, opts: RangeOptions) -> Result<RangeResult> {
@@ -368,8 +357,8 @@ impl WriteTxn<'_> {
             version,
             lease,
         };
+        debug_assert_eq!(self.changes.len() as i64, kr.sub);
         self.changes.push(to_kv(&kr.key, main, &v));
-        self.inserted.push(kr.clone());
         self.mvcc.map.insert(kr, v);
         main
     }
@@ -395,7 +384,6 @@ impl WriteTxn<'_> {
                 mod_revision: main,
                 ..Default::default()
             });
-            self.inserted.push(kr.clone());
             self.mvcc.map.insert(
                 kr,
                 Version {
@@ -407,10 +395,6 @@ impl WriteTxn<'_> {
             );
         }
         keys.len() as i64
-    }
-
-    pub fn has_changes(&self) -> bool {
-        !self.changes.is_empty()
     }
 
     /// Publishes the transaction to readers; returns its changes (for watchers) and the
@@ -449,6 +433,29 @@ mod tests {
         n
     }
 
+    /// Every live key at `rev` (0: now).
+    fn all_at(m: &Mvcc, rev: i64) -> Result<RangeResult> {
+        m.range(
+            KeyRange::from_request(b"\0", b"\0"),
+            RangeOptions {
+                rev,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Key `k` at `rev` (0: now).
+    fn key_at(m: &Mvcc, k: &[u8], rev: i64) -> RangeResult {
+        m.range(
+            KeyRange::Single(k),
+            RangeOptions {
+                rev,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
     fn keys(r: &RangeResult) -> Vec<String> {
         r.kvs
             .iter()
@@ -478,26 +485,10 @@ mod tests {
             .kvs[0]
             .clone();
         assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (5, 5, 1));
-        let old = m
-            .range(
-                KeyRange::Single(b"a"),
-                RangeOptions {
-                    rev: 3,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let old = key_at(&m, b"a", 3);
         assert_eq!(old.kvs[0].value, Bytes::from_static(b"2"));
         assert_eq!(old.rev, 5, "header revision is the current one");
-        let gone = m
-            .range(
-                KeyRange::Single(b"a"),
-                RangeOptions {
-                    rev: 4,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let gone = key_at(&m, b"a", 4);
         assert!(gone.kvs.is_empty());
     }
 
@@ -563,15 +554,7 @@ mod tests {
         del(&m, "b", ""); // 5
         put(&m, "c", "1"); // 6
         m.compact(5).unwrap();
-        let at = |rev| {
-            m.range(
-                KeyRange::from_request(b"\0", b"\0"),
-                RangeOptions {
-                    rev,
-                    ..Default::default()
-                },
-            )
-        };
+        let at = |rev| all_at(&m, rev);
         assert!(matches!(at(4), Err(Error::Compacted)));
         assert_eq!(keys(&at(5).unwrap()), ["a"]);
         assert_eq!(keys(&at(6).unwrap()), ["a", "c"]);
@@ -610,17 +593,13 @@ mod tests {
         put(&m, "a", "1");
         {
             let mut t = m.write();
-            t.put(b"a", Bytes::from_static(b"2"), 0);
             t.put(b"b", Bytes::from_static(b"2"), 0);
+            assert_eq!(t.delete_range(KeyRange::Single(b"a")), 1);
+            t.put(b"c", Bytes::from_static(b"2"), 0);
         }
-        assert_eq!(m.versions_total(), 1);
+        assert_eq!(m.versions_total(), 1, "the puts and the tombstone are gone");
         put(&m, "b", "3");
-        let r = m
-            .range(
-                KeyRange::from_request(b"\0", b"\0"),
-                RangeOptions::default(),
-            )
-            .unwrap();
+        let r = all_at(&m, 0).unwrap();
         assert_eq!(keys(&r), ["a", "b"]);
         assert_eq!(r.kvs[0].value, Bytes::from_static(b"1"));
     }
@@ -656,15 +635,7 @@ mod tests {
             }
         }
         for (rev, snap) in &history {
-            let r = m
-                .range(
-                    KeyRange::from_request(b"\0", b"\0"),
-                    RangeOptions {
-                        rev: *rev,
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
+            let r = all_at(&m, *rev).unwrap();
             let got: BTreeMap<String, String> = r
                 .kvs
                 .iter()

@@ -120,10 +120,6 @@ impl RaftLog {
         &self.meta
     }
 
-    pub fn hard_state(&self) -> &HardState {
-        &self.hard_state
-    }
-
     /// Persists `entries` and the hard state (updated with `hs` if given) in one WAL record,
     /// durably, then makes the entries visible to raft.
     pub fn append(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {

@@ -246,16 +246,6 @@ impl Wal {
         &self.dir
     }
 
-    /// The alignment of the records this WAL writes.
-    pub fn align_bytes(&self) -> usize {
-        self.align
-    }
-
-    /// The lsn the next record will get.
-    pub fn next_lsn(&self) -> u64 {
-        self.next_lsn
-    }
-
     /// Appends records in one write and one fdatasync. Returns once they are durable.
     pub fn append(&mut self, records: &[(u8, &[u8])]) -> Result<()> {
         let align = self.align;
