@@ -236,9 +236,6 @@ fn compare(view: &impl ReadView, c: &pb::Compare) -> bool {
 
 fn compare_kv(c: &pb::Compare, target: Option<CompareTarget>, kv: &KeyValue) -> bool {
     use std::cmp::Ordering;
-    // etcd compares against 0 (or an empty value) when the union holds another target.
-    let want =
-        |pick: fn(&TargetUnion) -> Option<i64>| c.target_union.as_ref().and_then(pick).unwrap_or(0);
     let ord: Ordering = match target {
         Some(CompareTarget::Value) => {
             let want: &[u8] = match &c.target_union {
@@ -247,22 +244,25 @@ fn compare_kv(c: &pb::Compare, target: Option<CompareTarget>, kv: &KeyValue) -> 
             };
             kv.value.as_ref().cmp(want)
         }
-        Some(CompareTarget::Create) => kv.create_revision.cmp(&want(|u| match u {
-            TargetUnion::CreateRevision(v) => Some(*v),
-            _ => None,
-        })),
-        Some(CompareTarget::Mod) => kv.mod_revision.cmp(&want(|u| match u {
-            TargetUnion::ModRevision(v) => Some(*v),
-            _ => None,
-        })),
-        Some(CompareTarget::Version) => kv.version.cmp(&want(|u| match u {
-            TargetUnion::Version(v) => Some(*v),
-            _ => None,
-        })),
-        Some(CompareTarget::Lease) => kv.lease.cmp(&want(|u| match u {
-            TargetUnion::Lease(v) => Some(*v),
-            _ => None,
-        })),
+        Some(t) => {
+            let have = match t {
+                CompareTarget::Create => kv.create_revision,
+                CompareTarget::Mod => kv.mod_revision,
+                CompareTarget::Version => kv.version,
+                CompareTarget::Lease => kv.lease,
+                CompareTarget::Value => unreachable!("handled above"),
+            };
+            // The union names its own target; etcd compares against 0 when it names another.
+            let named = match &c.target_union {
+                Some(TargetUnion::CreateRevision(v)) => Some((CompareTarget::Create, *v)),
+                Some(TargetUnion::ModRevision(v)) => Some((CompareTarget::Mod, *v)),
+                Some(TargetUnion::Version(v)) => Some((CompareTarget::Version, *v)),
+                Some(TargetUnion::Lease(v)) => Some((CompareTarget::Lease, *v)),
+                Some(TargetUnion::Value(_)) | None => None,
+            };
+            let want = named.filter(|(nt, _)| *nt == t).map_or(0, |(_, v)| v);
+            have.cmp(&want)
+        }
         None => Ordering::Equal,
     };
     match CompareResult::try_from(c.result) {
