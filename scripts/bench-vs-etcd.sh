@@ -4,14 +4,19 @@
 # carries the other's history. Prints a markdown table of medians and Keel/etcd ratios.
 #
 # Usage: scripts/bench-vs-etcd.sh [REPS]   (default 3)
-# Env:   WORK_DIR (default /tmp/keel-vs-etcd), WORKLOADS (space-separated names to run)
+# Env:   WORK_DIR (default /tmp/keel-vs-etcd), WORKLOADS (space-separated names to run),
+#        KEEL_BIN and BENCH_BIN (binaries to use instead of building this tree's: compares two
+#        builds, e.g. before and after a change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS="${1:-3}"
 WORK="${WORK_DIR:-/tmp/keel-vs-etcd}"
 scripts/setup.sh
-cargo build --release -q --bin keel --bin keel-bench
-BENCH=target/release/keel-bench
+if [ -z "${KEEL_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
+  cargo build --release -q --bin keel --bin keel-bench
+fi
+KEEL="${KEEL_BIN:-target/release/keel}"
+BENCH="${BENCH_BIN:-target/release/keel-bench}"
 mkdir -p "$WORK"
 ETCD_PORT=23890; KEEL_PORT=23892
 
@@ -40,7 +45,7 @@ start() { # which
       --initial-cluster "bench=http://127.0.0.1:$((ETCD_PORT+1))" > "$WORK/etcd.log" 2>&1 &
     PID=$!; PORT=$ETCD_PORT
   else
-    target/release/keel --data-dir "$WORK/keel.data" \
+    "$KEEL" --data-dir "$WORK/keel.data" \
       --listen-client-urls "http://127.0.0.1:$KEEL_PORT" --advertise-client-urls "http://127.0.0.1:$KEEL_PORT" \
       > "$WORK/keel.log" 2>&1 &
     PID=$!; PORT=$KEEL_PORT

@@ -7,11 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all --check
-cargo clippy --workspace --all-targets -- -D warnings
+# The fail-stop tests need the node's test-only fail points.
+features=(--features keel-node/failpoints)
+cargo clippy --workspace --all-targets "${features[@]}" -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --all-targets 2>&1 | tee "$log"
+cargo test --workspace --all-targets "${features[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 passed=$(awk '/^test result:/ {p += $4} END {print p + 0}' "$log")

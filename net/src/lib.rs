@@ -1,10 +1,12 @@
 //! Keel's network edge: the etcd v3 gRPC services, request validation with etcd's exact
 //! errors, and the per-core listeners. It sees the node through the `Backend` trait only.
 
+pub mod authority;
 pub mod backend;
 pub mod error;
 pub mod serve;
 pub mod service;
+pub mod unserved;
 pub mod validate;
 
 pub use backend::{Backend, Limits, WriteRequest, WriteResponse};

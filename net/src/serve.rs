@@ -8,8 +8,10 @@ use std::sync::Arc;
 use keel_proto::pb;
 use tokio_stream::StreamExt;
 
+use crate::authority::AuthorityFix;
 use crate::backend::Backend;
 use crate::service::{decode_limit_bytes, ClusterService, KvService, MaintenanceService};
+use crate::unserved;
 
 /// A TCP socket for `addr`'s family, with SO_REUSEADDR.
 fn tcp_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
@@ -56,10 +58,10 @@ pub async fn serve<B: Backend>(
 ) -> Result<(), tonic::transport::Error> {
     let listener = tokio::net::TcpListener::from_std(listener).expect("listener into tokio");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
+        s.map(|s| {
             let _ = s.set_nodelay(true);
-        }
-        s
+            AuthorityFix::new(s)
+        })
     });
     let limit = decode_limit_bytes(backend.limits());
     // gRPC health checking, as etcd registers it: "" (all of etcd's services) is SERVING.
@@ -67,9 +69,8 @@ pub async fn serve<B: Backend>(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(1 << 20))
-        .initial_connection_window_size(Some(16 << 20))
+    let mut routes = tonic::service::Routes::builder();
+    routes
         .add_service(health_service)
         .add_service(
             pb::kv_server::KvServer::new(KvService::new(backend.clone()))
@@ -85,7 +86,13 @@ pub async fn serve<B: Backend>(
         .add_service(
             pb::cluster_server::ClusterServer::new(ClusterService::new(backend))
                 .max_decoding_message_size(limit),
-        )
+        );
+    let mut routes = routes.routes();
+    unserved::route(routes.axum_router_mut());
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(1 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

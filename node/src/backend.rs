@@ -75,6 +75,7 @@ impl Backend for NodeBackend {
         // One voter: every acknowledged write is already applied and published before its
         // client hears back, so reading the published state is linearizable. ReadIndex comes
         // with the cluster issue.
+        fail::fail_point!("backend-range");
         let result = apply::range(&*self.mvcc, &req);
         std::future::ready(result)
     }
@@ -103,7 +104,9 @@ impl Backend for NodeBackend {
     }
 
     fn status(&self) -> pb::StatusResponse {
-        let db_bytes = self.mvcc.approx_bytes();
+        // etcd reports its backend file; Keel's state on disk is its WAL until the B+tree
+        // backend lands (storage-engine issue), so that is the size reported.
+        let db_bytes = self.status.state_bytes.load(Ordering::Acquire) as i64;
         pb::StatusResponse {
             header: Some(self.header(0)),
             version: ETCD_API_VERSION.to_string(),

@@ -10,6 +10,9 @@ use clap::Parser;
 
 pub const ETCD_API_VERSION: &str = "3.5.0";
 const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+/// Above this etcd warns "exceeded recommended request limit" (etcdserver's
+/// recommendedMaxRequestBytes), and so does Keel.
+pub const RECOMMENDED_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -365,6 +368,15 @@ impl Config {
                 f.heartbeat_interval
             );
         }
+        if f.max_request_bytes as usize > crate::raft_core::REQUEST_BYTES_LIMIT {
+            anyhow::bail!(
+                "--max-request-bytes {} is larger than one WAL record can carry: at most {} \
+                 (etcd recommends at most {})",
+                f.max_request_bytes,
+                crate::raft_core::REQUEST_BYTES_LIMIT,
+                RECOMMENDED_MAX_REQUEST_BYTES
+            );
+        }
         let cores = f.cores.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -419,6 +431,23 @@ mod tests {
         let mut v = vec!["keel".to_string()];
         v.extend(args.iter().map(|s| s.to_string()));
         Config::load(v).map(|c| c.expect("not --version"))
+    }
+
+    #[test]
+    fn max_request_bytes_is_refused_above_what_one_wal_record_carries() {
+        let limit = crate::raft_core::REQUEST_BYTES_LIMIT;
+        let at_limit = load(&["--max-request-bytes", &limit.to_string()]).unwrap();
+        assert_eq!(at_limit.max_request_bytes, limit);
+        let err = load(&["--max-request-bytes", &(limit + 1).to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "larger than one WAL record can carry: at most {limit}"
+            )),
+            "{err}"
+        );
+        assert!(load(&["--max-request-bytes", "300000000"]).is_err());
     }
 
     #[test]

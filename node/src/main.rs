@@ -50,7 +50,35 @@ static MIMALLOC_OPTIONS: extern "C" fn() = {
     lazy_commit
 };
 
+/// Exit status after a panic (Go's, so etcd's, for a panic).
+pub const PANIC_EXIT_CODE: i32 = 2;
+/// Exit status after a fatal condition that is not a panic.
+pub const FATAL_EXIT_CODE: i32 = 1;
+
+/// Ends the whole process now, saying why. A node with a dead core must not keep answering
+/// reads and health checks: exiting lets systemd's `Restart=on-failure` restart it. `_exit`
+/// runs no atexit handler or destructor, so nothing half-torn-down runs on the way out;
+/// nothing needs flushing (the WAL is durable per write, logs go unbuffered to stderr).
+pub fn fatal(code: i32, why: &str) -> ! {
+    tracing::error!("fatal: {why}; exiting");
+    eprintln!("keel: fatal: {why}; exiting");
+    // SAFETY: terminates the process; no Rust state is used afterwards.
+    unsafe { libc::_exit(code) }
+}
+
+/// A panic on any thread (raft core, net core, a tokio task) takes the process down.
+fn exit_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        fatal(PANIC_EXIT_CODE, &format!("panic on thread {name}: {info}"));
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_on_panic();
     let cfg = match Config::load(std::env::args().collect()) {
         Ok(Some(cfg)) => cfg,
         Ok(None) => {
@@ -73,6 +101,8 @@ fn main() -> ExitCode {
     };
     init_logging(&cfg.log_level);
     warn_unknown_env();
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     match run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -155,6 +185,13 @@ fn member_meta(cfg: &Config) -> MemberMeta {
 
 fn run(cfg: Config) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&cfg)?;
+    if cfg.max_request_bytes > config::RECOMMENDED_MAX_REQUEST_BYTES {
+        tracing::warn!(
+            max_request_bytes = cfg.max_request_bytes,
+            recommended_request_bytes = config::RECOMMENDED_MAX_REQUEST_BYTES,
+            "exceeded recommended request limit"
+        );
+    }
     let cfg = Arc::new(cfg);
     let net_cores = cfg.cores.saturating_sub(1).max(1);
 
@@ -239,15 +276,12 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         cluster_id: meta.cluster_id,
         cfg: cfg.clone(),
     });
-    let mut net_threads = Vec::new();
     for (i, per_core) in listeners.into_iter().enumerate() {
         let backend = backend.clone();
         let pin = net_cpus[i].map(|id| core_affinity::CoreId { id });
-        net_threads.push(
-            std::thread::Builder::new()
-                .name(format!("keel-net-{i}"))
-                .spawn(move || net_core(pin, per_core, backend))?,
-        );
+        std::thread::Builder::new()
+            .name(format!("keel-net-{i}"))
+            .spawn(move || net_core(pin, per_core, backend))?;
     }
     drop(backend);
     tracing::info!(
@@ -255,11 +289,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         cores = cfg.cores,
         "ready to serve client requests"
     );
-    for t in net_threads {
-        let _ = t.join();
-    }
+    // Nothing here returns while the node is healthy: a core that stops is fatal.
     let _ = raft_thread.join();
-    Ok(())
+    fatal(FATAL_EXIT_CODE, "raft core stopped");
 }
 
 fn net_core(
@@ -280,7 +312,7 @@ fn net_core(
             let b = backend.clone();
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = keel_net::serve::serve(l, b, std::future::pending()).await {
-                    tracing::error!(error = %e, "client listener failed");
+                    fatal(FATAL_EXIT_CODE, &format!("client listener failed: {e}"));
                 }
             }));
         }

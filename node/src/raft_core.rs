@@ -42,6 +42,15 @@ pub struct Proposal {
 /// Most proposals drained into one batch (bounds one WAL record and one turn's latency).
 const BATCH_PROPOSALS_MAX: usize = 8192;
 const BATCH_BYTES_MAX: usize = 32 << 20;
+/// What a batch's WAL record adds to its entries' data: 49 B per entry (index, term, type,
+/// two lengths, the 8 B proposal ID), the hard state and the record header and padding.
+const BATCH_OVERHEAD_BYTES_MAX: usize = 1 << 20;
+const _: () = assert!(BATCH_PROPOSALS_MAX * 49 + 64 * 1024 <= BATCH_OVERHEAD_BYTES_MAX);
+/// The largest request the raft core can always write. A batch stops taking proposals once it
+/// holds more than `BATCH_BYTES_MAX`, so it is at most that plus one request, plus overhead,
+/// and it must fit one WAL record. `--max-request-bytes` above this is refused at start-up.
+pub const REQUEST_BYTES_LIMIT: usize =
+    keel_storage::wal::RECORD_BYTES_MAX - BATCH_BYTES_MAX - BATCH_OVERHEAD_BYTES_MAX;
 /// How long the loop polls for more work before parking while busy: a parked thread costs a
 /// futex wake (tens of µs) on the single-client path. Measured here (put 1x1, medians of 3):
 /// 300 µs gives 3584 req/s and p99.9 0.85 ms, 50 µs 2864 req/s and p99.9 8-13 ms; 100x1000
@@ -57,6 +66,8 @@ pub struct RaftStatus {
     pub commit_index: AtomicU64,
     pub applied_index: AtomicU64,
     pub leader_id: AtomicU64,
+    /// On-disk bytes of the state (the WAL's records), for Status' db size.
+    pub state_bytes: AtomicU64,
 }
 
 pub struct RaftCore {
@@ -120,12 +131,15 @@ impl RaftCore {
         let mut next_tick = Instant::now() + self.tick;
         loop {
             self.on_ready();
+            let mut batch_bytes = 0;
             match self.wait(next_tick) {
-                Ok(Some(p)) => self.propose(p),
+                Ok(Some(p)) => {
+                    batch_bytes += p.data.len();
+                    self.propose(p);
+                }
                 Ok(None) => {}
                 Err(()) => return,
             }
-            let mut batch_bytes = 0;
             for _ in 1..BATCH_PROPOSALS_MAX {
                 if batch_bytes > BATCH_BYTES_MAX {
                     break;
@@ -204,9 +218,7 @@ impl RaftCore {
             let hs = rd.hs().cloned();
             if let Err(e) = self.node.mut_store().append(rd.entries(), hs.as_ref()) {
                 // Like etcd: a WAL that cannot be written is fatal. Nothing unsynced was acked.
-                tracing::error!(error = %e, "wal append failed; stopping");
-                eprintln!("keel: fatal: wal append failed: {e}");
-                std::process::exit(1);
+                crate::fatal(crate::FATAL_EXIT_CODE, &format!("wal append failed: {e}"));
             }
         }
         let mut light = self.node.advance(rd);
@@ -221,6 +233,7 @@ impl RaftCore {
     fn apply_entries(&mut self, entries: Vec<Entry>) {
         for e in entries {
             if e.entry_type == EntryType::EntryNormal && !e.data.is_empty() {
+                fail::fail_point!("raft-apply");
                 let id = <[u8; 8]>::try_from(e.context.as_ref())
                     .map(u64::from_le_bytes)
                     .ok();
@@ -251,6 +264,8 @@ impl RaftCore {
             raft.leader_id
         };
         self.status.leader_id.store(leader, Ordering::Release);
+        let bytes = self.node.store().wal_bytes();
+        self.status.state_bytes.store(bytes, Ordering::Release);
         let applied = self.status.applied_index.load(Ordering::Acquire);
         self.node.mut_store().compact_applied(applied);
     }

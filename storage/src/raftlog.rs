@@ -85,35 +85,105 @@ impl RaftLog {
         Ok((log, fresh))
     }
 
+    /// Rebuilds the log from the WAL's records. Whatever does not fit the rules of a raft log
+    /// (a record that does not decode, an index gap, terms that go back, a commit past the
+    /// end) is corruption, reported with the file and offset of the record, never a panic.
     fn replay(&mut self, recovery: Recovery) -> Result<()> {
-        let mut records = recovery.records.into_iter();
-        let first = records.next().expect("non-empty recovery");
+        let Recovery {
+            records, positions, ..
+        } = recovery;
+        let dir = self.wal.dir().to_path_buf();
+        let at = |i: usize, reason: String| {
+            let pos = positions[i];
+            Error::Corrupted {
+                path: crate::wal::segment_path(&dir, pos.segment_seq),
+                offset: pos.offset,
+                reason: format!("record {}: {reason}", records[i].lsn),
+            }
+        };
+        let first = &records[0];
         if first.record_type != RECORD_META {
-            return Err(Error::Invalid(format!(
-                "wal {}: first record has type {}, expected member meta",
-                self.wal.dir().display(),
-                first.record_type
-            )));
+            return Err(at(
+                0,
+                format!(
+                    "type {}, expected the member meta record",
+                    first.record_type
+                ),
+            ));
         }
-        self.meta = decode_meta(&first.payload)
-            .ok_or_else(|| self.bad_record(first.lsn, "member meta record does not decode"))?;
-        for rec in records {
+        let meta = decode_meta(&first.payload)
+            .ok_or_else(|| at(0, "member meta record does not decode".into()))?;
+        let mut batches = Vec::with_capacity(records.len() - 1);
+        for (i, rec) in records.iter().enumerate().skip(1) {
             if rec.record_type != RECORD_BATCH {
-                return Err(self.bad_record(rec.lsn, "unknown record type"));
+                return Err(at(i, format!("unknown record type {}", rec.record_type)));
             }
             let (hs, entries) = decode_batch(&rec.payload)
-                .ok_or_else(|| self.bad_record(rec.lsn, "batch record does not decode"))?;
+                .ok_or_else(|| at(i, "batch record does not decode".into()))?;
+            self.check_batch(&hs, &entries).map_err(|r| at(i, r))?;
             self.hard_state = hs;
             self.splice(entries);
+            batches.push(i);
+        }
+        if self.hard_state.commit > self.last() {
+            let i = batches.last().copied().unwrap_or(0);
+            return Err(at(
+                i,
+                format!(
+                    "commit index {} past the last entry {}",
+                    self.hard_state.commit,
+                    self.last()
+                ),
+            ));
+        }
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// Whether a batch read back can follow the log as it stands (what `splice` asserts for
+    /// batches raft hands us).
+    fn check_batch(&self, hs: &HardState, entries: &[Entry]) -> Result<(), String> {
+        if hs.term < self.hard_state.term {
+            return Err(format!(
+                "hard state term {} after term {}",
+                hs.term, self.hard_state.term
+            ));
+        }
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        if first.index <= self.offset_index || first.index > self.last() + 1 {
+            return Err(format!(
+                "entry {} does not follow the log (entries {}..={})",
+                first.index,
+                self.offset_index + 1,
+                self.last()
+            ));
+        }
+        let prev_term = if first.index - 1 == self.offset_index {
+            self.offset_term
+        } else {
+            self.entries[(first.index - self.offset_index - 2) as usize].term
+        };
+        let mut prev = (first.index - 1, prev_term);
+        for e in entries {
+            if e.index != prev.0 + 1 {
+                return Err(format!("entry {} after entry {}", e.index, prev.0));
+            }
+            if e.term < prev.1 || e.term > hs.term {
+                return Err(format!(
+                    "entry {} has term {} (previous {}, hard state {})",
+                    e.index, e.term, prev.1, hs.term
+                ));
+            }
+            prev = (e.index, e.term);
         }
         Ok(())
     }
 
-    fn bad_record(&self, lsn: u64, what: &str) -> Error {
-        Error::Invalid(format!(
-            "wal {}: record {lsn}: {what}",
-            self.wal.dir().display()
-        ))
+    /// Bytes of records in the WAL: the on-disk size of the state until the backend lands.
+    pub fn wal_bytes(&self) -> u64 {
+        self.wal.used_bytes()
     }
 
     pub fn meta(&self) -> &MemberMeta {
@@ -421,8 +491,14 @@ mod tests {
                 Some(&hs),
             )
             .unwrap();
-            // A conflicting append from index 3 replaces 3 and 4.
-            log.append(&[entry(3, 3, "B")], None).unwrap();
+            // A conflicting append from index 3 replaces 3 and 4 (from a leader of term 3,
+            // so the hard state moves to term 3 in the same batch, as raft does).
+            let hs3 = HardState {
+                term: 3,
+                vote: 7,
+                ..Default::default()
+            };
+            log.append(&[entry(3, 3, "B")], Some(&hs3)).unwrap();
             log.set_commit(3);
             log.append(&[], None).unwrap();
         }
@@ -444,7 +520,7 @@ mod tests {
         let st = log.initial_state().unwrap();
         assert_eq!(
             (st.hard_state.term, st.hard_state.vote, st.hard_state.commit),
-            (2, 7, 3)
+            (3, 7, 3)
         );
         assert_eq!(st.conf_state.voters, vec![meta().member_id]);
     }
@@ -464,6 +540,83 @@ mod tests {
         assert!(log
             .entries(50, 60, None, GetEntriesContext::empty(false))
             .is_err());
+    }
+
+    /// A WAL record as (type, payload).
+    type RawRecord = (u8, Vec<u8>);
+
+    /// Writes a log with entries 2..=4 (term 2), then `bad` as raw WAL records (CRC-valid),
+    /// and returns what reopening says.
+    fn reopen_after(bad: &[RawRecord]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut log, _) = RaftLog::open(dir.path(), WalOptions::default(), meta()).unwrap();
+            let hs = HardState {
+                term: 2,
+                commit: 3,
+                ..Default::default()
+            };
+            log.append(
+                &[entry(2, 2, "a"), entry(3, 2, "b"), entry(4, 2, "c")],
+                Some(&hs),
+            )
+            .unwrap();
+            let records: Vec<(u8, &[u8])> = bad.iter().map(|(t, p)| (*t, &p[..])).collect();
+            log.wal.append(&records).unwrap();
+        }
+        match RaftLog::open(dir.path(), WalOptions::default(), meta()) {
+            Ok(_) => panic!("a corrupt log opened"),
+            Err(e @ Error::Corrupted { .. }) => e.to_string(),
+            Err(e) => panic!("not reported as corruption: {e}"),
+        }
+    }
+
+    fn hs(term: u64, commit: u64) -> HardState {
+        HardState {
+            term,
+            commit,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn inconsistent_batches_are_corruption_with_file_and_offset() {
+        let batch = |h: HardState, e: &[Entry]| (RECORD_BATCH, encode_batch(&h, e));
+        let cases: Vec<(Vec<RawRecord>, &str)> = vec![
+            (
+                vec![batch(hs(2, 3), &[entry(10, 2, "gap")])],
+                "entry 10 does not follow",
+            ),
+            (
+                vec![batch(hs(2, 3), &[entry(5, 2, "x"), entry(7, 2, "y")])],
+                "entry 7 after entry 5",
+            ),
+            (vec![batch(hs(3, 3), &[entry(5, 1, "old")])], "has term 1"),
+            (vec![batch(hs(2, 3), &[entry(5, 3, "ahead")])], "has term 3"),
+            (vec![batch(hs(1, 3), &[])], "hard state term 1 after term 2"),
+            (
+                vec![batch(hs(2, 9), &[])],
+                "commit index 9 past the last entry 4",
+            ),
+            (
+                vec![(RECORD_BATCH, vec![1, 2, 3])],
+                "batch record does not decode",
+            ),
+            (vec![(7, b"what".to_vec())], "unknown record type 7"),
+            (
+                vec![(RECORD_META, encode_meta(&meta()))],
+                "unknown record type 1",
+            ),
+        ];
+        for (records, want) in cases {
+            let got = reopen_after(&records);
+            assert!(got.contains(want), "{got:?} should say {want:?}");
+            // The third record (meta, first batch, this one) starts at 1024 with 512 B blocks.
+            assert!(
+                got.contains("0000000000000000.wal at offset") && got.contains("record 3"),
+                "{got}"
+            );
+        }
     }
 
     #[test]

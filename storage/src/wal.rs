@@ -147,6 +147,13 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.cap) }
     }
 
+    /// Gives up the memory without freeing it (the kernel may still be reading it) and
+    /// takes a new buffer of the same size.
+    fn leak(&mut self) {
+        let fresh = AlignedBuf::new(self.cap);
+        std::mem::forget(std::mem::replace(self, fresh));
+    }
+
     fn ensure(&mut self, len: usize) {
         if len > self.cap {
             *self = AlignedBuf::new(len.next_power_of_two());
@@ -183,6 +190,8 @@ pub struct Wal {
     segment_bytes: u64,
     offset: u64,
     next_lsn: u64,
+    /// Bytes of records in the WAL (what it holds on disk, less preallocated zeros).
+    used_bytes: u64,
     /// Alignment of the records this WAL writes.
     align: usize,
     buf: AlignedBuf,
@@ -234,6 +243,7 @@ impl Wal {
             segment_bytes,
             offset,
             next_lsn,
+            used_bytes: recovery.positions.iter().map(|p| p.len_bytes).sum(),
             align,
             buf: AlignedBuf::new(1 << 20),
             next_segment: None,
@@ -244,6 +254,11 @@ impl Wal {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Bytes of records the WAL holds (segments are preallocated; this is what is written).
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes
     }
 
     /// Appends records in one write and one fdatasync. Returns once they are durable.
@@ -274,6 +289,7 @@ impl Wal {
         self.write_and_sync(total)?;
         self.offset += total as u64;
         self.next_lsn = lsn;
+        self.used_bytes += total as u64;
         Ok(())
     }
 
@@ -297,14 +313,26 @@ impl Wal {
                 .push(&write)
                 .expect("wal ring has room for its one entry");
         }
-        self.ring
-            .submit_and_wait(1)
-            .io_ctx("io_uring submit wal write", &path)?;
-        let cqe = self
-            .ring
-            .completion()
-            .next()
-            .expect("wal write completion after submit_and_wait(1)");
+        let cqe = loop {
+            // The kernel may read the buffer until the completion arrives, so nothing returns
+            // (or frees or reuses the buffer) before it: an interrupted wait is retried.
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if retry_wait(&e) => {}
+                Err(e) => {
+                    // The write may still be in flight: the buffer must outlive it.
+                    self.buf.leak();
+                    return Err(Error::Io {
+                        op: "io_uring submit wal write",
+                        path,
+                        source: e,
+                    });
+                }
+            }
+            if let Some(cqe) = self.ring.completion().next() {
+                break cqe;
+            }
+        };
         let res = cqe.result();
         if res != len as i32 {
             let source = if res < 0 {
@@ -361,6 +389,15 @@ impl Wal {
         self.prepare_next();
         Ok(())
     }
+}
+
+/// Whether a failed `io_uring_enter` wait is worth repeating: interrupted by a signal, or the
+/// kernel was briefly out of resources. The submission stays queued either way.
+fn retry_wait(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+    )
 }
 
 fn encode_record(buf: &mut [u8], record_type: u8, align: usize, lsn: u64, payload: &[u8]) -> usize {
@@ -662,6 +699,60 @@ mod tests {
         let (_, rec) = Wal::open(dir.path(), small()).unwrap();
         assert_eq!(rec.records.len(), 201);
         assert_eq!(rec.records[200].payload, b"after");
+    }
+
+    #[test]
+    fn appends_complete_when_signals_interrupt_the_wait() {
+        extern "C" fn on_signal(_: libc::c_int) {}
+        // SAFETY: a no-op handler for SIGUSR1, without SA_RESTART, so a signal makes the
+        // io_uring wait return EINTR; no other test uses SIGUSR1.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer_done = done.clone();
+        const N: u32 = 1500;
+        let writer = std::thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            tid_tx.send(unsafe { libc::pthread_self() }).unwrap();
+            let (mut wal, _) = Wal::open(&path, small()).unwrap();
+            let mut result = Ok(());
+            for i in 0..N {
+                if let Err(e) = wal.append(&[(7, &i.to_le_bytes())]) {
+                    result = Err(format!("append {i}: {e}"));
+                    break;
+                }
+            }
+            writer_done.store(true, std::sync::atomic::Ordering::Release);
+            // Stay alive until no more signals are sent to this thread.
+            let _ = stop_rx.recv();
+            result
+        });
+        let tid = tid_rx.recv().unwrap();
+        let mut signals = 0;
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            // SAFETY: the writer thread is alive until it gets `stop_tx`.
+            unsafe { libc::pthread_kill(tid, libc::SIGUSR1) };
+            signals += 1;
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+        stop_tx.send(()).unwrap();
+        writer.join().unwrap().expect("no append fails on EINTR");
+        assert!(signals > 100, "only {signals} signals sent");
+        let (_, rec) = Wal::open(dir.path(), small()).unwrap();
+        let got: Vec<u32> = rec
+            .records
+            .iter()
+            .map(|r| u32::from_le_bytes(r.payload[..4].try_into().unwrap()))
+            .collect();
+        assert_eq!(got, (0..N).collect::<Vec<_>>());
     }
 
     #[test]

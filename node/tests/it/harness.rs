@@ -20,17 +20,27 @@ pub struct Keel {
     pub data_dir: PathBuf,
     pub port: u16,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
 }
 
 impl Keel {
     /// Starts keel with its data in `dir` on a free 127.0.0.1 port and waits until it serves.
     pub fn start(dir: &Path, extra: &[&str]) -> Keel {
+        Keel::start_env(dir, extra, &[])
+    }
+
+    /// `start` with extra environment variables for keel.
+    pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Keel {
         let mut k = Keel {
             child: None,
             data_dir: dir.join("data.keel"),
             port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log: dir.join("keel.log"),
         };
         // A port picked free can be taken by a parallel test before keel binds it.
@@ -79,6 +89,7 @@ impl Keel {
                 &url,
             ])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -143,6 +154,19 @@ impl Keel {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits up to `limit` for keel to exit by itself; its status, or None if still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// SIGKILL: no chance to flush or clean up.

@@ -9,5 +9,7 @@ mod config;
 mod crash;
 mod errors;
 mod etcdctl;
+#[cfg(feature = "failpoints")]
+mod fatal;
 mod recovery;
 mod wal_io;
