@@ -9,9 +9,21 @@ use crate::harness::Keel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_client_crate_kv_txn_and_status() {
+    kv_txn_and_status(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_crate_with_an_http_url_endpoint() {
+    kv_txn_and_status(true).await;
+}
+
+/// The crate's KV, txn, status and member calls on a fresh keel, dialled as `127.0.0.1:PORT`
+/// or as `http://127.0.0.1:PORT`.
+async fn kv_txn_and_status(url_form: bool) {
     let dir = tempfile::tempdir().unwrap();
     let k = Keel::start_async(dir.path(), &[]).await;
-    let mut c = Client::connect([k.endpoint()], None).await.unwrap();
+    let ep = if url_form { k.url() } else { k.endpoint() };
+    let mut c = Client::connect([ep], None).await.unwrap();
 
     let r = c.put("a", "1", None).await.unwrap();
     assert_eq!(r.header().unwrap().revision(), 2);
@@ -88,6 +100,12 @@ async fn etcd_client_crate_kv_txn_and_status() {
     let m = c.member_list().await.unwrap();
     assert_eq!(m.members().len(), 1);
     assert_eq!(m.members()[0].name(), "default");
+    c.defragment().await.unwrap();
+    let e = c.lease_grant(10, None).await.unwrap_err().to_string();
+    assert!(
+        e.contains("keel: etcdserverpb.Lease/LeaseGrant is not implemented yet"),
+        "{e}"
+    );
 }
 
 /// The standard gRPC health service, registered as etcd registers it ("" is SERVING), so

@@ -1,4 +1,7 @@
-//! etcdctl 3.4 against keel: the commands operators type, with the output etcd gives.
+//! etcdctl 3.4 against keel: the commands operators type, with the output etcd gives, with
+//! both endpoint forms users type (`127.0.0.1:PORT`, and the deployment guide's
+//! `http://127.0.0.1:PORT`, which etcdctl 3.4 sends whole as the HTTP/2 :authority on some
+//! calls).
 
 use serde_json::Value;
 
@@ -10,6 +13,16 @@ fn ok(ep: &str, args: &[&str]) -> String {
     out
 }
 
+/// Runs `test` against a fresh keel (started with `extra`) once per endpoint form.
+fn each_endpoint_form(extra: &[&str], test: impl Fn(&Keel, &str)) {
+    for url_form in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let k = Keel::start(dir.path(), extra);
+        let ep = if url_form { k.url() } else { k.endpoint() };
+        test(&k, &ep);
+    }
+}
+
 fn json(ep: &str, args: &[&str]) -> Value {
     let mut a = args.to_vec();
     a.extend(["-w", "json"]);
@@ -18,140 +31,195 @@ fn json(ep: &str, args: &[&str]) -> Value {
 
 #[test]
 fn put_get_del_and_revisions_in_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let k = Keel::start(dir.path(), &[]);
-    let ep = k.endpoint();
-    assert_eq!(ok(&ep, &["put", "foo", "bar"]), "OK\n");
-    assert_eq!(ok(&ep, &["get", "foo"]), "foo\nbar\n");
-    let put = json(&ep, &["put", "foo", "baz", "--prev-kv"]);
-    assert_eq!(put["header"]["revision"], 3);
-    assert_eq!(put["prev_kv"]["value"], "YmFy"); // "bar"
-    let get = json(&ep, &["get", "foo"]);
-    let kv = &get["kvs"][0];
-    assert_eq!(
-        (
-            kv["create_revision"].as_i64(),
-            kv["mod_revision"].as_i64(),
-            kv["version"].as_i64()
-        ),
-        (Some(2), Some(3), Some(2))
-    );
-    assert_eq!(
-        get["header"]["member_id"].as_u64(),
-        Some(0x8e9e05c52164694d)
-    );
-    assert_eq!(
-        get["header"]["cluster_id"].as_u64(),
-        Some(0xcdf818194e3a8c32)
-    );
-    assert!(get["header"]["raft_term"].as_u64().unwrap() >= 1);
-    ok(&ep, &["put", "fop", "1"]);
-    ok(&ep, &["put", "g", "1"]);
-    assert_eq!(
-        ok(&ep, &["get", "fo", "--prefix", "--keys-only"]),
-        "foo\n\nfop\n\n"
-    );
-    assert_eq!(ok(&ep, &["get", "foo", "--rev=2"]), "foo\nbar\n");
-    assert_eq!(ok(&ep, &["del", "fo", "--prefix"]), "2\n");
-    assert_eq!(ok(&ep, &["get", "foo"]), "");
-    let all = json(&ep, &["get", "", "--from-key"]);
-    assert_eq!(all["count"], 1);
-    assert_eq!(all["header"]["revision"], 6);
+    each_endpoint_form(&[], |_k, ep| {
+        assert_eq!(ok(ep, &["put", "foo", "bar"]), "OK\n");
+        assert_eq!(ok(ep, &["get", "foo"]), "foo\nbar\n");
+        let put = json(ep, &["put", "foo", "baz", "--prev-kv"]);
+        assert_eq!(put["header"]["revision"], 3);
+        assert_eq!(put["prev_kv"]["value"], "YmFy"); // "bar"
+        let get = json(ep, &["get", "foo"]);
+        let kv = &get["kvs"][0];
+        assert_eq!(
+            (
+                kv["create_revision"].as_i64(),
+                kv["mod_revision"].as_i64(),
+                kv["version"].as_i64()
+            ),
+            (Some(2), Some(3), Some(2))
+        );
+        assert_eq!(
+            get["header"]["member_id"].as_u64(),
+            Some(0x8e9e05c52164694d)
+        );
+        assert_eq!(
+            get["header"]["cluster_id"].as_u64(),
+            Some(0xcdf818194e3a8c32)
+        );
+        assert!(get["header"]["raft_term"].as_u64().unwrap() >= 1);
+        ok(ep, &["put", "fop", "1"]);
+        ok(ep, &["put", "g", "1"]);
+        assert_eq!(
+            ok(ep, &["get", "fo", "--prefix", "--keys-only"]),
+            "foo\n\nfop\n\n"
+        );
+        assert_eq!(ok(ep, &["get", "foo", "--rev=2"]), "foo\nbar\n");
+        assert_eq!(ok(ep, &["del", "fo", "--prefix"]), "2\n");
+        assert_eq!(ok(ep, &["get", "foo"]), "");
+        let all = json(ep, &["get", "", "--from-key"]);
+        assert_eq!(all["count"], 1);
+        assert_eq!(all["header"]["revision"], 6);
+    });
 }
 
 #[test]
 fn interactive_txn_from_stdin() {
-    let dir = tempfile::tempdir().unwrap();
-    let k = Keel::start(dir.path(), &[]);
-    let ep = k.endpoint();
-    ok(&ep, &["put", "user1", "bad"]);
-    let script = "value(\"user1\") = \"bad\"\n\nput user1 good\nget user1\n\ndel user1\n\n";
-    // Interactive mode prints its prompts, then the result.
-    let prompts =
-        "compares:\nsuccess requests (get, put, del):\nfailure requests (get, put, del):\n";
-    let (success, out, err) = etcdctl(&ep, &["txn", "-i"], Some(script));
-    assert!(success, "{err}");
-    assert_eq!(out, format!("{prompts}SUCCESS\n\nOK\n\nuser1\ngood\n"));
-    let (success, out, _) = etcdctl(&ep, &["txn", "-i"], Some(script));
-    assert!(success);
-    assert_eq!(
-        out,
-        format!("{prompts}FAILURE\n\n1\n"),
-        "the compare fails now: the failure branch deletes"
-    );
-    assert_eq!(ok(&ep, &["get", "user1"]), "");
-    let (success, out, _) = etcdctl(&ep, &["txn", "-w", "json"], Some("\nput a 1\n\n\n"));
-    assert!(success);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["succeeded"], true);
-    assert_eq!(
-        v["responses"][0]["Response"]["ResponsePut"]["header"]["revision"],
-        5
-    );
+    each_endpoint_form(&[], |_k, ep| {
+        ok(ep, &["put", "user1", "bad"]);
+        let script = "value(\"user1\") = \"bad\"\n\nput user1 good\nget user1\n\ndel user1\n\n";
+        // Interactive mode prints its prompts, then the result.
+        let prompts =
+            "compares:\nsuccess requests (get, put, del):\nfailure requests (get, put, del):\n";
+        let (success, out, err) = etcdctl(ep, &["txn", "-i"], Some(script));
+        assert!(success, "{err}");
+        assert_eq!(out, format!("{prompts}SUCCESS\n\nOK\n\nuser1\ngood\n"));
+        let (success, out, _) = etcdctl(ep, &["txn", "-i"], Some(script));
+        assert!(success);
+        assert_eq!(
+            out,
+            format!("{prompts}FAILURE\n\n1\n"),
+            "the compare fails now: the failure branch deletes"
+        );
+        assert_eq!(ok(ep, &["get", "user1"]), "");
+        let (success, out, _) = etcdctl(ep, &["txn", "-w", "json"], Some("\nput a 1\n\n\n"));
+        assert!(success);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["succeeded"], true);
+        assert_eq!(
+            v["responses"][0]["Response"]["ResponsePut"]["header"]["revision"],
+            5
+        );
+    });
 }
 
 #[test]
 fn compaction_and_compacted_reads() {
-    let dir = tempfile::tempdir().unwrap();
-    let k = Keel::start(dir.path(), &[]);
-    let ep = k.endpoint();
-    for i in 0..5 {
-        ok(&ep, &["put", "k", &i.to_string()]);
-    }
-    assert_eq!(ok(&ep, &["compact", "4"]), "compacted revision 4\n");
-    let (success, _, err) = etcdctl(&ep, &["get", "k", "--rev=3"], None);
-    assert!(!success);
-    assert!(
-        err.contains("etcdserver: mvcc: required revision has been compacted"),
-        "{err}"
-    );
-    assert_eq!(ok(&ep, &["get", "k", "--rev=4"]), "k\n2\n");
-    let (success, _, err) = etcdctl(&ep, &["compact", "4"], None);
-    assert!(
-        !success && err.contains("required revision has been compacted"),
-        "{err}"
-    );
-    let (success, _, err) = etcdctl(&ep, &["compact", "100"], None);
-    assert!(
-        !success && err.contains("required revision is a future revision"),
-        "{err}"
-    );
+    each_endpoint_form(&[], |_k, ep| {
+        for i in 0..5 {
+            ok(ep, &["put", "k", &i.to_string()]);
+        }
+        assert_eq!(ok(ep, &["compact", "4"]), "compacted revision 4\n");
+        let (success, _, err) = etcdctl(ep, &["get", "k", "--rev=3"], None);
+        assert!(!success);
+        assert!(
+            err.contains("etcdserver: mvcc: required revision has been compacted"),
+            "{err}"
+        );
+        assert_eq!(ok(ep, &["get", "k", "--rev=4"]), "k\n2\n");
+        let (success, _, err) = etcdctl(ep, &["compact", "4"], None);
+        assert!(
+            !success && err.contains("required revision has been compacted"),
+            "{err}"
+        );
+        let (success, _, err) = etcdctl(ep, &["compact", "100"], None);
+        assert!(
+            !success && err.contains("required revision is a future revision"),
+            "{err}"
+        );
+    });
 }
 
 #[test]
 fn endpoint_status_health_and_member_list() {
-    let dir = tempfile::tempdir().unwrap();
-    let k = Keel::start(dir.path(), &["--name", "n1"]);
-    let ep = k.endpoint();
-    let table = ok(&ep, &["endpoint", "status", "-w", "table"]);
-    let row = table
-        .lines()
-        .find(|l| l.contains(&ep))
-        .unwrap_or_else(|| panic!("{table}"));
-    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-    // | ENDPOINT | ID | VERSION | DB SIZE | IS LEADER | IS LEARNER | TERM | INDEX | APPLIED |
-    assert_eq!(cells[3], "3.5.0");
-    assert_eq!(cells[5], "true", "{row}");
-    assert_eq!(cells[6], "false", "{row}");
-    assert_eq!(
-        cells[8], cells[9],
-        "raft index == applied index when idle: {row}"
-    );
-    // etcdctl 3.4 prints health on stderr.
-    let (healthy, out, err) = etcdctl(&ep, &["endpoint", "health"], None);
-    let health = out + &err;
-    assert!(healthy, "{health}");
-    assert!(
-        health.contains("is healthy: successfully committed proposal"),
-        "{health}"
-    );
-    let members = ok(&ep, &["member", "list"]);
-    let url = k.url();
-    assert_eq!(
-        members.trim(),
-        format!(
-            "{}, started, n1, http://localhost:2380, {url}, false",
-            cells[2]
-        )
-    );
+    each_endpoint_form(&["--name", "n1"], |k, ep| {
+        let table = ok(ep, &["endpoint", "status", "-w", "table"]);
+        let row = table
+            .lines()
+            .find(|l| l.contains(ep))
+            .unwrap_or_else(|| panic!("{table}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // | ENDPOINT | ID | VERSION | DB SIZE | IS LEADER | IS LEARNER | TERM | INDEX | APPLIED |
+        assert_eq!(cells[3], "3.5.0");
+        assert_eq!(cells[5], "true", "{row}");
+        assert_eq!(cells[6], "false", "{row}");
+        assert_eq!(
+            cells[8], cells[9],
+            "raft index == applied index when idle: {row}"
+        );
+        // etcdctl 3.4 prints health on stderr.
+        let (healthy, out, err) = etcdctl(ep, &["endpoint", "health"], None);
+        let health = out + &err;
+        assert!(healthy, "{health}");
+        assert!(
+            health.contains("is healthy: successfully committed proposal"),
+            "{health}"
+        );
+        let members = ok(ep, &["member", "list"]);
+        let url = k.url();
+        assert_eq!(
+            members.trim(),
+            format!(
+                "{}, started, n1, http://localhost:2380, {url}, false",
+                cells[2]
+            )
+        );
+    });
+}
+
+/// `dbSize` of `endpoint status -w json`.
+fn db_size(ep: &str) -> u64 {
+    let st = json(ep, &["endpoint", "status"]);
+    st[0]["Status"]["dbSize"].as_u64().expect("dbSize")
+}
+
+#[test]
+fn db_size_is_never_zero_and_grows_with_writes() {
+    each_endpoint_form(&[], |_k, ep| {
+        let fresh = db_size(ep);
+        assert!(fresh > 0, "a running member reports its state's size");
+        for i in 0..20 {
+            ok(ep, &["put", &format!("k{i}"), &"v".repeat(1000)]);
+        }
+        let after = db_size(ep);
+        assert!(after >= fresh + 20_000, "{fresh} -> {after}");
+        let st = json(ep, &["endpoint", "status"]);
+        assert_eq!(st[0]["Status"]["dbSizeInUse"].as_u64(), Some(after));
+    });
+}
+
+#[test]
+fn per_endpoint_calls_and_unserved_rpcs_answer_as_etcd_would() {
+    each_endpoint_form(&[], |_k, ep| {
+        assert_eq!(
+            ok(ep, &["defrag"]),
+            format!("Finished defragmenting etcd member[{ep}]\n")
+        );
+        // Not served yet: a clear Unimplemented naming the call, never PROTOCOL_ERROR.
+        for (args, rpc) in [
+            (
+                &["endpoint", "hashkv"][..],
+                "keel: HashKV is not implemented yet",
+            ),
+            (
+                &["lease", "grant", "10"],
+                "keel: etcdserverpb.Lease/LeaseGrant is not implemented yet",
+            ),
+            (
+                &["user", "list"],
+                "keel: etcdserverpb.Auth/UserList is not implemented yet",
+            ),
+            (
+                &["watch", "w"],
+                "keel: etcdserverpb.Watch/Watch is not implemented yet",
+            ),
+        ] {
+            let (success, out, err) = etcdctl(ep, args, None);
+            assert!(!success, "{args:?}: {out}");
+            let said = out + &err;
+            assert!(
+                said.contains(&format!("code = Unimplemented desc = {rpc}")),
+                "{args:?}: {said}"
+            );
+            assert!(!said.contains("PROTOCOL_ERROR"), "{said}");
+        }
+    });
 }

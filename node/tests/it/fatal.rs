@@ -12,7 +12,9 @@ fn panics_and_exits(failpoint: &str, args: &[&str], thread: &str) {
     let trigger = format!("{failpoint}=panic(test trigger)");
     let mut k = Keel::start_env(dir.path(), &[], &[("FAILPOINTS", &trigger)]);
     let ep = k.endpoint();
-    let (ok, _, _) = etcdctl(&ep, args, None);
+    let mut args = args.to_vec();
+    args.push("--command-timeout=3s");
+    let (ok, _, _) = etcdctl(&ep, &args, None);
     assert!(!ok, "etcdctl {args:?} answered through a panic");
     let status = k
         .wait_exit(Duration::from_secs(10))
