@@ -289,9 +289,31 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         cores = cfg.cores,
         "ready to serve client requests"
     );
+    notify_systemd();
     // Nothing here returns while the node is healthy: a core that stops is fatal.
     let _ = raft_thread.join();
     fatal(FATAL_EXIT_CODE, "raft core stopped");
+}
+
+/// Tells systemd the node serves (`Type=notify` units, as in etcd's deployment guides): etcd
+/// sends READY=1 once it is ready to serve clients, and a unit waiting for it would otherwise
+/// be killed at its start timeout. Nothing happens outside systemd (no NOTIFY_SOCKET).
+fn notify_systemd() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(b"READY=1", &addr));
+    match sent {
+        Ok(_) => tracing::info!("notified systemd: READY=1"),
+        Err(e) => tracing::warn!(error = %e, "failed to notify systemd"),
+    }
 }
 
 fn net_core(

@@ -5,6 +5,8 @@ use etcd_client::{
     TxnOp, TxnOpResponse,
 };
 
+use keel_proto::pb;
+
 use crate::harness::Keel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,4 +141,61 @@ async fn grpc_health_service_reports_serving() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
+}
+
+/// Calls keel doesn't serve answer Unimplemented naming the call (etcd's not-yet-served
+/// RPCs, etcd 3.7's RangeStream) or with grpc-go's text for anything else, as etcd does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unserved_calls_name_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
+    let ch = tonic::transport::Endpoint::from_shared(k.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for (path, want) in [
+        (
+            "/etcdserverpb.KV/RangeStream",
+            "keel: etcdserverpb.KV/RangeStream is not implemented yet",
+        ),
+        (
+            "/etcdserverpb.Lease/LeaseTimeToLive",
+            "keel: etcdserverpb.Lease/LeaseTimeToLive is not implemented yet",
+        ),
+        (
+            "/v3electionpb.Election/Campaign",
+            "keel: v3electionpb.Election/Campaign is not implemented yet",
+        ),
+        (
+            "/etcdserverpb.Watch/Nope",
+            "unknown method Nope for service etcdserverpb.Watch",
+        ),
+        ("/no.Such/Call", "unknown service no.Such"),
+    ] {
+        let mut g = tonic::client::Grpc::new(ch.clone());
+        g.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<pb::RangeRequest, pb::RangeResponse>::default();
+        let st = g
+            .unary(
+                tonic::Request::new(pb::RangeRequest::default()),
+                http::uri::PathAndQuery::from_static(path),
+                codec,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (st.code(), st.message()),
+            (tonic::Code::Unimplemented, want),
+            "{path}"
+        );
+    }
+    // A served call still works on the same connection.
+    let mut kv = pb::kv_client::KvClient::new(ch);
+    kv.range(pb::RangeRequest {
+        key: b"a".to_vec().into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 }

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::harness::{etcdctl, free_port};
+use crate::harness::{etcdctl, free_port, Keel};
 
 /// Runs `keel` as configured, and returns `etcdctl member list` once it answers on port `port`
 /// (up to 10 s; empty if it never does). The process is killed before returning.
@@ -100,4 +100,22 @@ fn etcd_environment_variables_configure_the_node() {
         port,
     );
     assert!(listed.contains(", envnode, "), "{listed}");
+}
+
+/// A systemd `Type=notify` unit (the deployment guide's) waits for READY=1 on
+/// NOTIFY_SOCKET, sent once keel serves.
+#[test]
+fn tells_systemd_it_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let sock_env = sock_path.to_str().unwrap();
+    let k = Keel::start_env(dir.path(), &[], &[("NOTIFY_SOCKET", sock_env)]);
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    let (ok, _, err) = etcdctl(&k.endpoint(), &["put", "a", "1"], None);
+    assert!(ok, "{err}");
 }
