@@ -48,6 +48,8 @@ const FLAG_PRIORITY: u8 = 0x20;
 const FRAME_PAYLOAD_BYTES_MAX: usize = 16 * 1024;
 /// The largest header block this layer holds back; a larger one switches to pass-through.
 const BLOCK_BYTES_MAX: usize = 256 * 1024;
+/// The most frames one held block may span (h2 allows a handful of CONTINUATIONs).
+const BLOCK_FRAMES_MAX: usize = 16;
 /// How much is read from the socket at a time when frames must be examined.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 /// SETTINGS_HEADER_TABLE_SIZE's initial value, which `h2`'s server keeps.
@@ -59,7 +61,7 @@ fn usable(value: &[u8]) -> bool {
 }
 
 /// The authority to put in place of an unusable one: the authority part of a URL, else a
-/// stand-in. Never longer than `value` (but for the empty value), see the module note.
+/// stand-in. Never longer than `value`, but for the empty value (which is not repaired).
 pub fn repair(value: &[u8]) -> Vec<u8> {
     let rest = match value.windows(3).position(|w| w == b"://") {
         Some(i) => &value[i + 3..],
@@ -116,6 +118,7 @@ struct Block {
     frames: BytesMut,
     /// The HPACK fragment (frames' payloads without padding and priority).
     fragment: Vec<u8>,
+    frame_count: usize,
 }
 
 impl<S> AuthorityFix<S> {
@@ -190,7 +193,13 @@ impl<S> AuthorityFix<S> {
                         self.state = State::Pass(len);
                         continue;
                     }
-                    if self.block.fragment.len() + len > BLOCK_BYTES_MAX {
+                    // h2 refuses frames over its maximum and floods of CONTINUATIONs:
+                    // leave those to it, untouched.
+                    let held = self.block.frames.len() + FRAME_HEAD_BYTES + len;
+                    if len > FRAME_PAYLOAD_BYTES_MAX
+                        || held > BLOCK_BYTES_MAX
+                        || self.block.frame_count >= BLOCK_FRAMES_MAX
+                    {
                         self.give_up();
                         continue;
                     }
@@ -211,31 +220,26 @@ impl<S> AuthorityFix<S> {
     fn add_frame(&mut self, frame: BytesMut) -> bool {
         let kind = frame[3];
         let flags = frame[4];
-        let mut payload = &frame[FRAME_HEAD_BYTES..];
-        if kind == TYPE_HEADERS {
+        let fragment = if kind == TYPE_HEADERS {
             self.block.active = true;
             self.block.stream_id =
                 u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
             self.block.end_stream = flags & FLAG_END_STREAM != 0;
-            if flags & FLAG_PADDED != 0 {
-                let Some((&pad, rest)) = payload.split_first() else {
-                    return false;
-                };
-                if pad as usize > rest.len() {
-                    return false;
-                }
-                payload = &rest[..rest.len() - pad as usize];
-            }
-            if flags & FLAG_PRIORITY != 0 {
-                if payload.len() < 5 {
-                    return false;
-                }
-                self.block.priority = Some(payload[..5].try_into().expect("5 bytes"));
-                payload = &payload[5..];
-            }
-        }
-        self.block.fragment.extend_from_slice(payload);
+            headers_fragment(&frame, flags).map(|(range, priority)| {
+                self.block.priority = priority;
+                range
+            })
+        } else {
+            Some(FRAME_HEAD_BYTES..frame.len())
+        };
+        let Some(range) = fragment else {
+            // Malformed: it goes on as received (with what is held) for h2 to refuse.
+            self.block.frames.unsplit(frame);
+            return false;
+        };
+        self.block.fragment.extend_from_slice(&frame[range]);
         self.block.frames.unsplit(frame);
+        self.block.frame_count += 1;
         if flags & FLAG_END_HEADERS != 0 {
             return self.finish_block();
         }
@@ -266,6 +270,29 @@ impl<S> AuthorityFix<S> {
         self.out.unsplit(block.frames);
         self.state = State::Raw;
     }
+}
+
+/// Where a HEADERS frame's HPACK fragment lies (past padding and priority), and its priority
+/// fields; None when the padding or priority does not fit the frame.
+fn headers_fragment(frame: &[u8], flags: u8) -> Option<(std::ops::Range<usize>, Option<[u8; 5]>)> {
+    let (mut start, mut end) = (FRAME_HEAD_BYTES, frame.len());
+    if flags & FLAG_PADDED != 0 {
+        let pad = *frame.get(start)? as usize;
+        start += 1;
+        end = end.checked_sub(pad).filter(|e| *e >= start)?;
+    }
+    let mut priority = None;
+    if flags & FLAG_PRIORITY != 0 {
+        priority = Some(
+            frame
+                .get(start..start + 5)
+                .filter(|_| start + 5 <= end)?
+                .try_into()
+                .ok()?,
+        );
+        start += 5;
+    }
+    Some((start..end, priority))
 }
 
 /// A replacement of `block[start..end]` (an encoded string) by `value` as a plain string.
@@ -601,8 +628,16 @@ impl HpackMirror {
             pos = end;
             let value_len = value.len();
             if authority && !usable(value) {
-                let value = repair(value);
-                splices.push(Splice { start, end, value });
+                // A repair never grows an entry (see the module note); the empty authority,
+                // the one value that has no shorter usable form, is left for h2 to refuse.
+                let repaired = repair(value);
+                if repaired.len() <= value_len {
+                    splices.push(Splice {
+                        start,
+                        end,
+                        value: repaired,
+                    });
+                }
             }
             if indexing {
                 self.insert(Entry {
@@ -658,7 +693,10 @@ fn decode_int(block: &[u8], pos: usize, prefix_bits: u8) -> Result<(usize, usize
         if shift > 28 {
             return Err(HpackError("integer too large"));
         }
-        value += ((b & 0x7f) as usize) << shift;
+        value = ((b & 0x7f) as usize)
+            .checked_shl(shift)
+            .and_then(|v| v.checked_add(value))
+            .ok_or(HpackError("integer too large"))?;
         shift += 7;
         if b & 0x80 == 0 {
             return Ok((value, at));

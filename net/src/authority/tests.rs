@@ -1,5 +1,9 @@
 use super::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
 const END: u8 = FLAG_END_HEADERS | FLAG_END_STREAM;
 
@@ -287,4 +291,58 @@ fn integers_round_trip_and_overflow_is_an_error() {
     }
     assert!(decode_int(&[0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01], 0, 7).is_err());
     assert!(decode_int(&[0x7f, 0x80], 0, 7).is_err(), "cut short");
+}
+
+/// Yields one byte per read, to cut every frame and the preface at every point.
+struct Trickle<'a>(&'a [u8]);
+
+impl AsyncRead for Trickle<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some((first, rest)) = self.0.split_first() {
+            buf.put_slice(&[*first]);
+            self.0 = rest;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+async fn through(input: impl AsyncRead + Unpin) -> Vec<u8> {
+    let mut out = Vec::new();
+    AuthorityFix::new(input)
+        .read_to_end(&mut out)
+        .await
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn byte_by_byte_reads_give_the_same_stream() {
+    let c = client_bytes();
+    let whole = through(&c[..]).await;
+    assert_ne!(whole, c, "the sample has authorities to repair");
+    assert_eq!(through(Trickle(&c)).await, whole);
+}
+
+#[tokio::test]
+async fn malformed_frames_floods_and_empty_authorities_reach_h2_as_sent() {
+    let mut bad_pad = PREFACE.to_vec();
+    bad_pad.extend(frame(TYPE_HEADERS, END | FLAG_PADDED, 1, &[9, 0x83]));
+    bad_pad.extend(frame(TYPE_HEADERS, END, 3, &request(|_| {})));
+    let mut flood = PREFACE.to_vec();
+    flood.extend(frame(TYPE_HEADERS, 0, 1, &[0x83]));
+    for _ in 0..40 {
+        flood.extend(frame(TYPE_CONTINUATION, 0, 1, &[]));
+    }
+    let b = request(|b| lit_indexed(b, 1, "http://x:1", false));
+    flood.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, &b));
+    let mut empty = PREFACE.to_vec();
+    let b = request(|b| lit_indexed(b, 1, "", false));
+    empty.extend(frame(TYPE_HEADERS, END, 1, &b));
+    for c in [bad_pad, flood, empty] {
+        assert_eq!(through(&c[..]).await, c);
+    }
 }
