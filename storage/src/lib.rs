@@ -4,6 +4,7 @@
 //! No tonic, no tokio: this crate is driven by the node's raft core thread and read by the
 //! net cores through `Mvcc`'s concurrent read API.
 
+pub mod backend;
 pub mod error;
 pub mod mvcc;
 pub mod raftlog;
