@@ -157,6 +157,7 @@ impl Keel {
     }
 
     /// Waits up to `limit` for keel to exit by itself; its status, or None if still running.
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
