@@ -12,6 +12,7 @@ use keel_proto::pb::range_request::{SortOrder, SortTarget};
 use keel_proto::pb::request_op::Request;
 use keel_proto::pb::response_op::Response;
 use keel_storage::mvcc::{KeyRange, Mvcc, RangeOptions, RangeResult, WriteTxn};
+use keel_storage::store::Store;
 
 /// Anything a range can read from: the published store, or a write txn seeing its own writes.
 pub trait ReadView {
@@ -62,29 +63,29 @@ fn header(revision: i64) -> Option<pb::ResponseHeader> {
 
 /// Applies one committed request. Leases do not exist yet (Lease service: later issue), so any
 /// non-zero lease is "not found", as etcd answers for an unknown lease.
-pub fn apply(mvcc: &Mvcc, req: InternalRequest) -> Result<WriteResponse, ApiError> {
+pub fn apply(store: &mut Store, req: InternalRequest) -> Result<WriteResponse, ApiError> {
     if let Some(p) = req.put {
         if p.lease != 0 {
             return Err(ApiError::LeaseNotFound);
         }
-        let mut t = mvcc.write();
+        let mut t = store.write();
         let resp = put(&mut t, &p)?;
         t.commit();
         return Ok(WriteResponse::Put(resp));
     }
     if let Some(d) = req.delete_range {
-        let mut t = mvcc.write();
+        let mut t = store.write();
         let resp = delete_range(&mut t, &d)?;
         t.commit();
         return Ok(WriteResponse::DeleteRange(resp));
     }
     if let Some(r) = req.txn {
-        return txn(mvcc, &r).map(WriteResponse::Txn);
+        return txn(store, &r).map(WriteResponse::Txn);
     }
     if let Some(c) = req.compaction {
-        mvcc.compact(c.revision).map_err(storage_err)?;
+        store.compact(c.revision).map_err(storage_err)?;
         return Ok(WriteResponse::Compact(pb::CompactionResponse {
-            header: header(mvcc.current_rev()),
+            header: header(store.mvcc().current_rev()),
         }));
     }
     Err(ApiError::Internal("empty internal request".into()))
@@ -93,7 +94,7 @@ pub fn apply(mvcc: &Mvcc, req: InternalRequest) -> Result<WriteResponse, ApiErro
 fn put(t: &mut WriteTxn<'_>, p: &pb::PutRequest) -> Result<pb::PutResponse, ApiError> {
     let needs_prev = p.ignore_value || p.ignore_lease;
     let prev = if needs_prev || p.prev_kv {
-        t.get(&p.key)
+        t.get(&p.key).map_err(storage_err)?
     } else {
         None
     };
@@ -368,11 +369,11 @@ fn apply_path(
     })
 }
 
-fn txn(mvcc: &Mvcc, r: &pb::TxnRequest) -> Result<pb::TxnResponse, ApiError> {
-    let mut t = mvcc.write();
+fn txn(store: &mut Store, r: &pb::TxnRequest) -> Result<pb::TxnResponse, ApiError> {
+    let mut t = store.write();
     let mut path = Vec::new();
-    compare_to_path(&t, r, &mut path);
-    check_path(&t, r, &path, &mut 0)?;
+    compare_to_path(&*t, r, &mut path);
+    check_path(&*t, r, &path, &mut 0)?;
     let mut resp = apply_path(&mut t, r, &path, &mut 0)?;
     let (_, rev) = t.commit();
     resp.header = header(rev);
@@ -414,45 +415,48 @@ mod tests {
             .collect()
     }
 
-    /// a@2 b@3 a@4 (version 2) c@5
-    fn store() -> Mvcc {
-        let m = Mvcc::new();
+    /// a@2 b@3 a@4 (version 2) c@5, in a store on a temporary backend.
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = keel_storage::store::StoreOptions::default();
+        let mut s = Store::open(&dir.path().join("db"), opts).unwrap();
         for (k, v) in [("a", "3"), ("b", "1"), ("a", "9"), ("c", "5")] {
-            apply(&m, put_req(k, v)).unwrap();
+            apply(&mut s, put_req(k, v)).unwrap();
         }
-        m
+        (dir, s)
     }
 
     #[test]
     fn range_filters_sorts_and_limits_like_etcd() {
-        let m = store();
+        let (_dir, s) = store();
+        let m = s.mvcc().clone();
         let mut r = rr("a", "z");
         r.min_mod_revision = 3;
         r.max_create_revision = 3;
-        assert_eq!(keys(&range(&m, &r).unwrap()), ["a", "b"]);
+        assert_eq!(keys(&range(&*m, &r).unwrap()), ["a", "b"]);
         let mut r = rr("a", "z");
         r.sort_target = SortTarget::Version as i32; // NONE order + non-key target = ascend
-        assert_eq!(keys(&range(&m, &r).unwrap())[2], "a");
+        assert_eq!(keys(&range(&*m, &r).unwrap())[2], "a");
         let mut r = rr("a", "z");
         r.sort_target = SortTarget::Value as i32;
         r.sort_order = SortOrder::Descend as i32;
-        assert_eq!(keys(&range(&m, &r).unwrap()), ["a", "c", "b"]);
+        assert_eq!(keys(&range(&*m, &r).unwrap()), ["a", "c", "b"]);
         let mut r = rr("a", "z");
         r.sort_target = SortTarget::Create as i32;
         r.sort_order = SortOrder::Descend as i32;
         r.limit = 2;
-        let resp = range(&m, &r).unwrap();
+        let resp = range(&*m, &r).unwrap();
         assert_eq!(keys(&resp), ["c", "b"]);
         assert!(resp.more);
         assert_eq!(resp.count, 3);
         let mut r = rr("a", "z");
         r.count_only = true;
         r.limit = 1;
-        let resp = range(&m, &r).unwrap();
+        let resp = range(&*m, &r).unwrap();
         assert!(resp.kvs.is_empty() && !resp.more && resp.count == 3);
         let mut r = rr("\0", "\0");
         r.keys_only = true;
-        let resp = range(&m, &r).unwrap();
+        let resp = range(&*m, &r).unwrap();
         assert!(resp.kvs.iter().all(|kv| kv.value.is_empty()));
         assert_eq!(resp.header.unwrap().revision, 5);
     }
@@ -491,8 +495,9 @@ mod tests {
 
     #[test]
     fn compares_on_every_target() {
-        let m = store();
-        let t = |c: pb::Compare| compare(&m, &c);
+        let (_dir, s) = store();
+        let m = s.mvcc().clone();
+        let t = |c: pb::Compare| compare(&*m, &c);
         use CompareResult::*;
         use CompareTarget::*;
         assert!(t(cmp("a", Version, Equal, TargetUnion::Version(2))));
@@ -518,7 +523,8 @@ mod tests {
 
     #[test]
     fn nested_txn_paths_are_decided_before_any_write() {
-        let m = store();
+        let (_dir, mut s) = store();
+        let m = s.mvcc().clone();
         use CompareResult::*;
         use CompareTarget::*;
         // Inner compare sees a=9 (pre-txn), even though the outer branch writes a=0 first.
@@ -537,7 +543,7 @@ mod tests {
             ],
             vec![],
         );
-        let resp = txn(&m, &outer).unwrap();
+        let resp = txn(&mut s, &outer).unwrap();
         assert!(resp.succeeded);
         assert_eq!(
             resp.header.as_ref().unwrap().revision,
@@ -553,27 +559,29 @@ mod tests {
             0,
             "etcd leaves it empty"
         );
-        let got = range(&m, &rr("inner", "")).unwrap();
+        let got = range(&*m, &rr("inner", "")).unwrap();
         assert_eq!(got.kvs[0].value, b("then"));
         assert_eq!(got.kvs[0].mod_revision, 6);
     }
 
     #[test]
     fn failed_txn_check_writes_nothing() {
-        let m = store();
+        let (_dir, mut s) = store();
+        let m = s.mvcc().clone();
         let mut leased = op_put("x", "1");
         if let Some(Request::RequestPut(p)) = &mut leased.request {
             p.lease = 42;
         }
         let r = txn_req(vec![], vec![op_put("y", "1"), leased], vec![]);
-        assert_eq!(txn(&m, &r).unwrap_err(), ApiError::LeaseNotFound);
+        assert_eq!(txn(&mut s, &r).unwrap_err(), ApiError::LeaseNotFound);
         assert_eq!(m.current_rev(), 5);
-        assert_eq!(range(&m, &rr("y", "")).unwrap().count, 0);
+        assert_eq!(range(&*m, &rr("y", "")).unwrap().count, 0);
     }
 
     #[test]
     fn ignore_value_and_lease_keep_the_previous_ones() {
-        let m = store();
+        let (_dir, mut s) = store();
+        let m = s.mvcc().clone();
         let req = InternalRequest {
             put: Some(pb::PutRequest {
                 key: b("a"),
@@ -583,11 +591,11 @@ mod tests {
             }),
             ..Default::default()
         };
-        let WriteResponse::Put(p) = apply(&m, req).unwrap() else {
+        let WriteResponse::Put(p) = apply(&mut s, req).unwrap() else {
             panic!("put response");
         };
         assert_eq!(p.prev_kv.unwrap().value, b("9"));
-        let kv = &range(&m, &rr("a", "")).unwrap().kvs[0];
+        let kv = &range(&*m, &rr("a", "")).unwrap().kvs[0];
         assert_eq!((kv.value.clone(), kv.version), (b("9"), 3));
     }
 }

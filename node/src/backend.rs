@@ -104,9 +104,9 @@ impl Backend for NodeBackend {
     }
 
     fn status(&self) -> pb::StatusResponse {
-        // etcd reports its backend file; Keel's state on disk is its WAL until the B+tree
-        // backend lands (storage-engine issue), so that is the size reported.
-        let db_bytes = self.status.state_bytes.load(Ordering::Acquire) as i64;
+        // The backend file's size, as etcd reports its bbolt file, and the part in use.
+        let db_bytes = self.status.db_bytes.load(Ordering::Acquire) as i64;
+        let db_bytes_in_use = self.status.db_bytes_in_use.load(Ordering::Acquire) as i64;
         pb::StatusResponse {
             header: Some(self.header(0)),
             version: ETCD_API_VERSION.to_string(),
@@ -116,7 +116,7 @@ impl Backend for NodeBackend {
             raft_term: self.status.term.load(Ordering::Acquire),
             raft_applied_index: self.status.applied_index.load(Ordering::Acquire),
             errors: Vec::new(),
-            db_size_in_use: db_bytes,
+            db_size_in_use: db_bytes_in_use,
             is_learner: false,
             storage_version: String::new(),
             db_size_quota: self.cfg.quota_backend_bytes as i64,

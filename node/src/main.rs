@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use keel_storage::mvcc::Mvcc;
 use keel_storage::raftlog::{MemberMeta, RaftLog};
+use keel_storage::store::{Store, StoreOptions};
 use keel_storage::wal::WalOptions;
 use raft::Storage;
 
@@ -233,12 +233,21 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         "opened wal"
     );
 
-    let mvcc = Arc::new(Mvcc::new());
+    let db_path = cfg.data_dir.join("member").join("snap").join("keel.db");
+    let store = Store::open(&db_path, StoreOptions::default())
+        .with_context(|| format!("open backend {}", db_path.display()))?;
+    let mvcc = store.mvcc().clone();
+    tracing::info!(
+        backend = %db_path.display(),
+        consistent_index = store.applied().0,
+        revision = mvcc.current_rev(),
+        "opened backend"
+    );
     let status = Arc::new(RaftStatus::default());
     let (tx, rx) = crossbeam_channel::bounded(PROPOSAL_QUEUE_MAX);
     let core = RaftCore::new(
         log,
-        mvcc.clone(),
+        store,
         status.clone(),
         rx,
         cfg.heartbeat_ms,

@@ -23,8 +23,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use keel_net::{ApiError, WriteResponse};
 use keel_proto::keelpb::InternalRequest;
 use keel_proto::prost::Message;
-use keel_storage::mvcc::Mvcc;
 use keel_storage::raftlog::RaftLog;
+use keel_storage::store::Store;
 use raft::eraftpb::{Entry, EntryType};
 use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
@@ -66,13 +66,14 @@ pub struct RaftStatus {
     pub commit_index: AtomicU64,
     pub applied_index: AtomicU64,
     pub leader_id: AtomicU64,
-    /// On-disk bytes of the state (the WAL's records), for Status' db size.
-    pub state_bytes: AtomicU64,
+    /// The backend file's size and the part of it in use, for Status.
+    pub db_bytes: AtomicU64,
+    pub db_bytes_in_use: AtomicU64,
 }
 
 pub struct RaftCore {
     node: RawNode<RaftLog>,
-    mvcc: Arc<Mvcc>,
+    store: Store,
     status: Arc<RaftStatus>,
     rx: Receiver<Proposal>,
     pending: HashMap<u64, Responder>,
@@ -83,8 +84,8 @@ pub struct RaftCore {
 
 impl RaftCore {
     pub fn new(
-        log: RaftLog,
-        mvcc: Arc<Mvcc>,
+        mut log: RaftLog,
+        store: Store,
         status: Arc<RaftStatus>,
         rx: Receiver<Proposal>,
         heartbeat_ms: u64,
@@ -95,8 +96,9 @@ impl RaftCore {
             id: meta.member_id,
             election_tick: (election_ms / heartbeat_ms) as usize,
             heartbeat_tick: 1,
-            // The state machine is rebuilt from the WAL: raft re-delivers every committed entry.
-            applied: 0,
+            // The backend holds every entry up to its consistent index: raft re-delivers only
+            // the committed entries after it.
+            applied: store.applied().0,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             check_quorum: true,
@@ -104,6 +106,8 @@ impl RaftCore {
             ..Default::default()
         };
         cfg.validate()?;
+        log.ensure_commit(cfg.applied)?;
+        status.applied_index.store(cfg.applied, Ordering::Release);
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut node = RawNode::new(&cfg, log, &logger)?;
         if meta.voters == [meta.member_id] {
@@ -116,7 +120,7 @@ impl RaftCore {
             .unwrap_or(0);
         Ok(RaftCore {
             node,
-            mvcc,
+            store,
             status,
             rx,
             pending: HashMap::new(),
@@ -131,6 +135,7 @@ impl RaftCore {
         let mut next_tick = Instant::now() + self.tick;
         loop {
             self.on_ready();
+            self.commit_backend_if_due();
             let mut batch_bytes = 0;
             match self.wait(next_tick) {
                 Ok(Some(p)) => {
@@ -238,7 +243,7 @@ impl RaftCore {
                     .map(u64::from_le_bytes)
                     .ok();
                 let result = match InternalRequest::decode(e.data.clone()) {
-                    Ok(req) => apply::apply(&self.mvcc, req),
+                    Ok(req) => apply::apply(&mut self.store, req),
                     Err(err) => Err(ApiError::Internal(format!(
                         "raft entry {} does not decode: {err}",
                         e.index
@@ -248,7 +253,21 @@ impl RaftCore {
                     let _ = tx.send(result);
                 }
             }
+            self.store.set_applied(e.index, e.term);
             self.status.applied_index.store(e.index, Ordering::Release);
+        }
+    }
+
+    /// A backend batch old or large enough goes to disk (between two applied entries).
+    fn commit_backend_if_due(&mut self) {
+        match self.store.commit_if_due(Instant::now()) {
+            Ok(true) => self.publish(),
+            Ok(false) => {}
+            // Like a WAL write, a backend that cannot be written is fatal.
+            Err(e) => crate::fatal(
+                crate::FATAL_EXIT_CODE,
+                &format!("backend commit failed: {e}"),
+            ),
         }
     }
 
@@ -264,8 +283,14 @@ impl RaftCore {
             raft.leader_id
         };
         self.status.leader_id.store(leader, Ordering::Release);
-        let bytes = self.node.store().wal_bytes();
-        self.status.state_bytes.store(bytes, Ordering::Release);
+        let space = self.store.space();
+        let page = keel_storage::backend::page::PAGE_BYTES as u64;
+        self.status
+            .db_bytes
+            .store(space.pages * page, Ordering::Release);
+        self.status
+            .db_bytes_in_use
+            .store((space.pages - space.free_pages) * page, Ordering::Release);
         let applied = self.status.applied_index.load(Ordering::Acquire);
         self.node.mut_store().compact_applied(applied);
     }

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod error;
 pub mod mvcc;
 pub mod raftlog;
+pub mod store;
 pub mod wal;
 
 pub use error::{Error, Result};

@@ -15,23 +15,29 @@
 //! next main revision, and each change inside it the next sub revision. `create_revision`,
 //! `version` (1 on create, +1 per put, tombstone resets) and `lease` are stored per version.
 //!
-//! This in-memory state is rebuilt from the WAL at start; the memory-mapped B+tree backend
-//! will implement the same interface.
+//! Values: a version's value stays in memory until the backend commit that holds it is
+//! published (`forget_value`); after that it is read from the backend by revision (`store`
+//! owns the backend and the batching). A store without a backend (tests) keeps every value.
 
 use std::ops::Bound::{Excluded, Included};
 use std::sync::atomic::{AtomicI64, Ordering};
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use crossbeam_skiplist::SkipMap;
 use keel_proto::mvccpb::KeyValue;
 
+use crate::backend::file::MmapFile;
+use crate::backend::{Reader, Snapshot};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct KeyRev {
-    key: Bytes,
-    main: i64,
-    sub: i64,
+pub struct KeyRev {
+    pub key: Bytes,
+    pub main: i64,
+    pub sub: i64,
 }
 
 impl KeyRev {
@@ -44,13 +50,71 @@ impl KeyRev {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Version {
-    value: Bytes,
+    /// None once the value is in the published backend snapshot.
+    value: ArcSwapOption<Bytes>,
     create_rev: i64,
     /// 0 marks a tombstone.
     version: i64,
     lease: i64,
+}
+
+impl Version {
+    fn new(value: Bytes, create_rev: i64, version: i64, lease: i64) -> Version {
+        Version {
+            value: ArcSwapOption::from_pointee(value),
+            create_rev,
+            version,
+            lease,
+        }
+    }
+}
+
+type BackendSnapshot = Arc<Snapshot<MmapFile>>;
+
+/// The backend key of the record of revision (main, sub): `r` + both big-endian, so records
+/// sort by revision.
+pub fn record_key(main: i64, sub: i64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = b'r';
+    k[1..9].copy_from_slice(&(main as u64).to_be_bytes());
+    k[9..17].copy_from_slice(&(sub as u64).to_be_bytes());
+    k
+}
+
+/// A record's value: `create_rev i64 | version i64 (0: tombstone) | lease i64 | key_len u32
+/// | key | value`, little-endian.
+pub fn encode_record(kv: &KeyValue) -> Vec<u8> {
+    let mut r = Vec::with_capacity(28 + kv.key.len() + kv.value.len());
+    r.extend_from_slice(&kv.create_revision.to_le_bytes());
+    r.extend_from_slice(&kv.version.to_le_bytes());
+    r.extend_from_slice(&kv.lease.to_le_bytes());
+    r.extend_from_slice(&(kv.key.len() as u32).to_le_bytes());
+    r.extend_from_slice(&kv.key);
+    r.extend_from_slice(&kv.value);
+    r
+}
+
+/// A decoded record: (key, value, create_rev, version, lease).
+pub struct Record<'a> {
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+    pub create_rev: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+pub fn decode_record(r: &[u8]) -> Option<Record<'_>> {
+    let i64_at = |at: usize| Some(i64::from_le_bytes(r.get(at..at + 8)?.try_into().ok()?));
+    let klen = u32::from_le_bytes(r.get(24..28)?.try_into().ok()?) as usize;
+    Some(Record {
+        create_rev: i64_at(0)?,
+        version: i64_at(8)?,
+        lease: i64_at(16)?,
+        key: r.get(28..28 + klen)?,
+        value: r.get(28 + klen..)?,
+    })
 }
 
 /// Which keys a range covers, in etcd's terms.
@@ -108,7 +172,8 @@ pub struct Mvcc {
     map: SkipMap<KeyRev, Version>,
     current_rev: AtomicI64,
     compact_rev: AtomicI64,
-    approx_bytes: AtomicI64,
+    /// Where values live once forgotten in memory.
+    db: Option<Reader<MmapFile>>,
 }
 
 impl Default for Mvcc {
@@ -118,13 +183,90 @@ impl Default for Mvcc {
 }
 
 impl Mvcc {
+    /// An in-memory store (every value stays in memory).
     pub fn new() -> Mvcc {
         Mvcc {
             map: SkipMap::new(),
             current_rev: AtomicI64::new(1),
             compact_rev: AtomicI64::new(-1),
-            approx_bytes: AtomicI64::new(0),
+            db: None,
         }
+    }
+
+    /// A store whose forgotten values are read from `db`, at these revisions.
+    pub fn with_backend(db: Reader<MmapFile>, current_rev: i64, compact_rev: i64) -> Mvcc {
+        Mvcc {
+            map: SkipMap::new(),
+            current_rev: AtomicI64::new(current_rev),
+            compact_rev: AtomicI64::new(compact_rev),
+            db: Some(db),
+        }
+    }
+
+    /// Adds a version read back from the backend (its value stays there). Versions of one
+    /// key share the key's bytes.
+    pub fn insert_recovered(&self, key: &[u8], main: i64, sub: i64, r: &Record<'_>) {
+        let probe = KeyRev::new(key, 0, 0);
+        let shared = match self.map.lower_bound(Included(&probe)) {
+            Some(e) if e.key().key == key => e.key().key.clone(),
+            _ => probe.key,
+        };
+        let v = Version {
+            value: ArcSwapOption::empty(),
+            create_rev: r.create_rev,
+            version: r.version,
+            lease: r.lease,
+        };
+        self.map.insert(
+            KeyRev {
+                key: shared,
+                main,
+                sub,
+            },
+            v,
+        );
+    }
+
+    /// Drops the in-memory copy of a version's value (it is in the published backend).
+    pub fn forget_value(&self, kr: &KeyRev) {
+        if let Some(e) = self.map.get(kr) {
+            e.value().value.store(None);
+        }
+    }
+
+    /// A version's value: from memory, else from the backend (reloading the snapshot when
+    /// the value was published after `snap` was taken).
+    fn value_of(
+        &self,
+        kr: &KeyRev,
+        v: &Version,
+        snap: &mut Option<BackendSnapshot>,
+    ) -> Result<Bytes> {
+        if let Some(b) = v.value.load_full() {
+            return Ok((*b).clone());
+        }
+        let db = self
+            .db
+            .as_ref()
+            .expect("values are forgotten only with a backend");
+        let key = record_key(kr.main, kr.sub);
+        for fresh in [false, true] {
+            if fresh || snap.is_none() {
+                *snap = Some(db.snapshot());
+            }
+            let s = snap.as_ref().expect("set above");
+            if let Some(rec) = s.get(&key)? {
+                let r = decode_record(rec).ok_or_else(|| Error::Corrupted {
+                    path: "backend".into(),
+                    offset: 0,
+                    reason: format!("record of revision {}/{} does not decode", kr.main, kr.sub),
+                })?;
+                return Ok(Bytes::copy_from_slice(r.value));
+            }
+        }
+        // Gone from the newest snapshot too: compacted away while this read ran (the
+        // caller's re-check of the compaction revision reports it).
+        Err(Error::Compacted)
     }
 
     pub fn current_rev(&self) -> i64 {
@@ -134,11 +276,6 @@ impl Mvcc {
     /// The last compaction revision, -1 if never compacted.
     pub fn compact_rev(&self) -> i64 {
         self.compact_rev.load(Ordering::Acquire)
-    }
-
-    /// A rough count of the bytes held (keys, values, per-version overhead).
-    pub fn approx_bytes(&self) -> i64 {
-        self.approx_bytes.load(Ordering::Relaxed)
     }
 
     /// A read at the published revision (or at `opts.rev`).
@@ -158,20 +295,31 @@ impl Mvcc {
             rev: cur,
             ..Default::default()
         };
-        self.walk(range, rev, |k, main, v| {
+        let mut snap = None;
+        let mut failed = None;
+        self.walk(range, rev, |kr, v| {
             out.count += 1;
-            if !opts.count_only && (opts.limit == 0 || out.kvs.len() < opts.limit) {
-                out.kvs.push(to_kv(k, main, v));
+            if failed.is_none()
+                && !opts.count_only
+                && (opts.limit == 0 || out.kvs.len() < opts.limit)
+            {
+                match self.to_kv(kr, v, &mut snap) {
+                    Ok(kv) => out.kvs.push(kv),
+                    Err(e) => failed = Some(e),
+                }
             }
         });
         if rev < self.compact_rev() {
             return Err(Error::Compacted);
         }
+        if let Some(e) = failed {
+            return Err(e);
+        }
         Ok(out)
     }
 
-    /// Calls `f(key, mod_revision, version)` for each key live at `rev` in `range`, in order.
-    fn walk(&self, range: KeyRange<'_>, rev: i64, mut f: impl FnMut(&Bytes, i64, &Version)) {
+    /// Calls `f(key and revision, version)` for each key live at `rev` in `range`, in order.
+    fn walk(&self, range: KeyRange<'_>, rev: i64, mut f: impl FnMut(&KeyRev, &Version)) {
         let start = KeyRev::new(range.start(), 0, 0);
         let mut cursor = self.map.lower_bound(Included(&start));
         while let Some(entry) = cursor {
@@ -187,7 +335,7 @@ impl Mvcc {
             if let Some(latest) = self.map.upper_bound(Included(&at)) {
                 let (kr, v) = (latest.key(), latest.value());
                 if kr.key == key && v.version != 0 {
-                    f(&key, kr.main, v);
+                    f(kr, v);
                 }
             }
             if let KeyRange::Single(_) = range {
@@ -216,7 +364,8 @@ impl Mvcc {
 
     /// Compacts to `rev`: drops every version below `rev` that is not the latest of its key at
     /// `rev`, and keys whose latest version at `rev` is a tombstone. Checks as etcd does.
-    pub fn compact(&self, rev: i64) -> Result<()> {
+    /// Returns the revisions dropped (for the backend to delete).
+    pub fn compact(&self, rev: i64) -> Result<Vec<(i64, i64)>> {
         if rev <= self.compact_rev() {
             return Err(Error::Compacted);
         }
@@ -224,6 +373,7 @@ impl Mvcc {
             return Err(Error::FutureRev);
         }
         self.compact_rev.store(rev, Ordering::Release);
+        let mut dropped = Vec::new();
         let mut cursor = self.map.front();
         while let Some(entry) = cursor {
             let key = entry.key().key.clone();
@@ -243,10 +393,7 @@ impl Mvcc {
                         Excluded(&keep)
                     };
                     for old in self.map.range((Included(&low), upto)) {
-                        self.approx_bytes.fetch_sub(
-                            version_bytes(&old.key().key, &old.value().value),
-                            Ordering::Relaxed,
-                        );
+                        dropped.push((old.key().main, old.key().sub));
                         old.remove();
                     }
                 }
@@ -258,7 +405,7 @@ impl Mvcc {
             };
             cursor = self.map.lower_bound(Excluded(&past));
         }
-        Ok(())
+        Ok(dropped)
     }
 
     /// How many versions (including tombstones) are stored.
@@ -267,18 +414,21 @@ impl Mvcc {
     }
 }
 
-fn version_bytes(key: &[u8], value: &[u8]) -> i64 {
-    (key.len() + value.len() + 64) as i64
-}
-
-fn to_kv(key: &Bytes, main: i64, v: &Version) -> KeyValue {
-    KeyValue {
-        key: key.clone(),
-        create_revision: v.create_rev,
-        mod_revision: main,
-        version: v.version,
-        value: v.value.clone(),
-        lease: v.lease,
+impl Mvcc {
+    fn to_kv(
+        &self,
+        kr: &KeyRev,
+        v: &Version,
+        snap: &mut Option<BackendSnapshot>,
+    ) -> Result<KeyValue> {
+        Ok(KeyValue {
+            key: kr.key.clone(),
+            create_revision: v.create_rev,
+            mod_revision: kr.main,
+            version: v.version,
+            value: self.value_of(kr, v, snap)?,
+            lease: v.lease,
+        })
     }
 }
 
@@ -330,36 +480,49 @@ impl WriteTxn<'_> {
     }
 
     /// The live version of `key` as this transaction sees it.
-    pub fn get(&self, key: &[u8]) -> Option<KeyValue> {
+    pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>> {
         let mut found = None;
-        self.mvcc
-            .walk(KeyRange::Single(key), self.rev(), |k, main, v| {
-                found = Some(to_kv(k, main, v))
-            });
+        let mut snap = None;
+        self.mvcc.walk(KeyRange::Single(key), self.rev(), |kr, v| {
+            found = Some(self.mvcc.to_kv(kr, v, &mut snap))
+        });
+        found.transpose()
+    }
+
+    /// The live version's shared key bytes, create revision and version, without its value.
+    fn latest(&self, key: &[u8]) -> Option<(Bytes, i64, i64)> {
+        let mut found = None;
+        self.mvcc.walk(KeyRange::Single(key), self.rev(), |kr, v| {
+            found = Some((kr.key.clone(), v.create_rev, v.version))
+        });
         found
     }
 
     /// Puts `key`; returns the revision it was written at.
     pub fn put(&mut self, key: &[u8], value: Bytes, lease: i64) -> i64 {
         let main = self.main();
-        let (create_rev, version) = match self.get(key) {
-            Some(prev) => (prev.create_revision, prev.version + 1),
-            None => (main, 1),
+        let (key, create_rev, version) = match self.latest(key) {
+            Some((shared, create, version)) => (shared, create, version + 1),
+            None => (Bytes::copy_from_slice(key), main, 1),
         };
-        let kr = KeyRev::new(key, main, self.sub);
+        let kr = KeyRev {
+            key,
+            main,
+            sub: self.sub,
+        };
         self.sub += 1;
-        self.mvcc
-            .approx_bytes
-            .fetch_add(version_bytes(key, &value), Ordering::Relaxed);
-        let v = Version {
-            value,
-            create_rev,
-            version,
-            lease,
-        };
         debug_assert_eq!(self.changes.len() as i64, kr.sub);
-        self.changes.push(to_kv(&kr.key, main, &v));
-        self.mvcc.map.insert(kr, v);
+        self.changes.push(KeyValue {
+            key: kr.key.clone(),
+            create_revision: create_rev,
+            mod_revision: main,
+            version,
+            value: value.clone(),
+            lease,
+        });
+        self.mvcc
+            .map
+            .insert(kr, Version::new(value, create_rev, version, lease));
         main
     }
 
@@ -367,7 +530,7 @@ impl WriteTxn<'_> {
     pub fn delete_range(&mut self, range: KeyRange<'_>) -> i64 {
         let mut keys = Vec::new();
         self.mvcc
-            .walk(range, self.rev(), |k, _, _| keys.push(k.clone()));
+            .walk(range, self.rev(), |kr, _| keys.push(kr.key.clone()));
         let main = self.main();
         for key in &keys {
             let kr = KeyRev {
@@ -376,23 +539,14 @@ impl WriteTxn<'_> {
                 sub: self.sub,
             };
             self.sub += 1;
-            self.mvcc
-                .approx_bytes
-                .fetch_add(version_bytes(key, &[]), Ordering::Relaxed);
             self.changes.push(KeyValue {
                 key: key.clone(),
                 mod_revision: main,
                 ..Default::default()
             });
-            self.mvcc.map.insert(
-                kr,
-                Version {
-                    value: Bytes::new(),
-                    create_rev: 0,
-                    version: 0,
-                    lease: 0,
-                },
-            );
+            self.mvcc
+                .map
+                .insert(kr, Version::new(Bytes::new(), 0, 0, 0));
         }
         keys.len() as i64
     }
@@ -553,7 +707,7 @@ mod tests {
         put(&m, "b", "1"); // 4
         del(&m, "b", ""); // 5
         put(&m, "c", "1"); // 6
-        m.compact(5).unwrap();
+        assert_eq!(m.compact(5).unwrap(), [(2, 0), (4, 0), (5, 0)]);
         let at = |rev| all_at(&m, rev);
         assert!(matches!(at(4), Err(Error::Compacted)));
         assert_eq!(keys(&at(5).unwrap()), ["a"]);
@@ -569,7 +723,7 @@ mod tests {
         let m = Mvcc::new();
         let mut t = m.write();
         t.put(b"x", Bytes::from_static(b"1"), 0);
-        assert!(t.get(b"x").is_some());
+        assert!(t.get(b"x").unwrap().is_some());
         assert!(m
             .range(KeyRange::Single(b"x"), RangeOptions::default())
             .unwrap()
