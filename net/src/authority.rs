@@ -624,6 +624,11 @@ impl HpackMirror {
                 self.name_at(idx)?
             };
             let start = pos;
+            if !indexing && !authority {
+                // Nothing to learn from this value: skip it undecoded.
+                pos = skip_string(block, pos)?;
+                continue;
+            }
             let (end, value) = self.decode_string(block, pos)?;
             pos = end;
             let value_len = value.len();
@@ -675,6 +680,15 @@ impl HpackMirror {
         .map_err(|_| HpackError("bad huffman string"))?;
         Ok((end, &self.scratch))
     }
+}
+
+/// Where the string at `pos` ends, without decoding it.
+fn skip_string(block: &[u8], pos: usize) -> Result<usize, HpackError> {
+    let (len, start) = decode_int(block, pos, 7)?;
+    start
+        .checked_add(len)
+        .filter(|e| *e <= block.len())
+        .ok_or(HpackError("string past the block"))
 }
 
 /// RFC 7541 §5.1 integer with an N-bit prefix at `pos`; returns it and the next position.

@@ -375,7 +375,7 @@ fn txn(store: &mut Store, r: &pb::TxnRequest) -> Result<pb::TxnResponse, ApiErro
     compare_to_path(&*t, r, &mut path);
     check_path(&*t, r, &path, &mut 0)?;
     let mut resp = apply_path(&mut t, r, &path, &mut 0)?;
-    let (_, rev) = t.commit();
+    let rev = t.commit();
     resp.header = header(rev);
     Ok(resp)
 }

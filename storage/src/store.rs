@@ -8,6 +8,12 @@
 //! node reopens the backend and has raft re-deliver only the entries after it, so replay is
 //! idempotent: the backend holds exactly the state after entry `consistent_index`.
 //!
+//! Batches are written by a committer thread of their own, so the raft core never waits for
+//! the backend's page writes and syncs: it hands a batch over a one-slot channel and goes on
+//! applying (a batch that finds the slot taken keeps growing until it is free). The committer
+//! publishes the new snapshot, then drops the batch's values from memory. A backend that
+//! cannot be written is fatal: the committer panics, which stops the process.
+//!
 //! ```text
 //! backend keys:
 //!   'r' | main u64 BE | sub u64 BE    -> record (see mvcc::encode_record)
@@ -19,8 +25,11 @@
 
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use keel_proto::mvccpb::KeyValue;
 
@@ -52,25 +61,60 @@ impl Default for StoreOptions {
     }
 }
 
-/// Changes applied but not yet in the backend.
+/// One change to the backend's records, in the order applied.
+enum Change {
+    /// The version at (its mod revision, sub): its record is written, then its in-memory
+    /// value dropped.
+    Put(i64, KeyValue),
+    Delete(i64, i64),
+}
+
+/// Changes applied but not yet in the backend. Records are encoded by the committer, off
+/// the raft core.
 #[derive(Default)]
 struct Pending {
-    /// Record puts (Some) and deletes (None), in the order applied.
-    records: Vec<([u8; 17], Option<Vec<u8>>)>,
-    /// Versions whose in-memory values can go once the records are published.
-    versions: Vec<KeyRev>,
+    changes: Vec<Change>,
     since: Option<Instant>,
+}
+
+/// One backend commit's worth of changes, handed to the committer.
+struct Batch {
+    pending: Pending,
+    applied: (u64, u64),
+    current_rev: i64,
+    compact_rev: i64,
+    /// Told once the batch is durable and published (for `commit`).
+    done: Option<Sender<()>>,
+}
+
+/// What the committer publishes for everyone else.
+#[derive(Default)]
+struct Published {
+    pages: AtomicU64,
+    free_pages: AtomicU64,
 }
 
 pub struct Store {
     mvcc: Arc<Mvcc>,
-    db: Backend<MmapFile>,
+    batches: Option<Sender<Batch>>,
+    committer: Option<std::thread::JoinHandle<()>>,
+    published: Arc<Published>,
     pending: Pending,
     opts: StoreOptions,
     /// The last entry applied: (index, term).
     applied: (u64, u64),
-    /// The consistent index in the backend.
-    persisted: u64,
+    /// The consistent index of the last batch handed over.
+    handed: u64,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The committer finishes what it holds, then ends.
+        self.batches.take();
+        if let Some(t) = self.committer.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Store {
@@ -125,13 +169,30 @@ impl Store {
             return Err(e);
         }
         drop(snap);
+        let mvcc = Arc::new(mvcc);
+        let published = Arc::new(Published::default());
+        publish_space(&db, &published);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let committer = {
+            let (mvcc, published) = (mvcc.clone(), published.clone());
+            std::thread::Builder::new()
+                .name("keel-backend".into())
+                .spawn(move || run_committer(db, rx, mvcc, published))
+                .map_err(|source| Error::Io {
+                    op: "spawn backend committer",
+                    path: path.to_path_buf(),
+                    source,
+                })?
+        };
         Ok(Store {
-            mvcc: Arc::new(mvcc),
-            db,
+            mvcc,
+            batches: Some(tx),
+            committer: Some(committer),
+            published,
             pending: Pending::default(),
             opts,
             applied,
-            persisted: applied.0,
+            handed: applied.0,
         })
     }
 
@@ -157,10 +218,10 @@ impl Store {
     pub fn compact(&mut self, rev: i64) -> Result<()> {
         let dropped = self.mvcc.compact(rev)?;
         self.pending.since.get_or_insert_with(Instant::now);
-        self.pending.records.extend(
+        self.pending.changes.extend(
             dropped
                 .into_iter()
-                .map(|(main, sub)| (record_key(main, sub), None)),
+                .map(|(main, sub)| Change::Delete(main, sub)),
         );
         Ok(())
     }
@@ -170,50 +231,122 @@ impl Store {
         self.applied = (index, term);
     }
 
-    /// Commits to the backend if a batch is due (old or large enough). Whether it did.
+    /// Hands a batch to the committer if one is due (old or large enough) and the committer
+    /// is free. Whether it did.
     pub fn commit_if_due(&mut self, now: Instant) -> Result<bool> {
         let due = match self.pending.since {
             Some(t) => {
                 now.duration_since(t) >= self.opts.commit_interval
-                    || self.pending.records.len() >= self.opts.commit_ops_max
+                    || self.pending.changes.len() >= self.opts.commit_ops_max
             }
-            None => self.applied.0 != self.persisted,
+            None => self.applied.0 != self.handed,
         };
-        if due {
-            self.commit()?;
+        if !due {
+            return Ok(false);
         }
-        Ok(due)
+        let handed = self.handed;
+        let batch = self.batch(None);
+        match self.sender().try_send(batch) {
+            Ok(()) => Ok(true),
+            Err(TrySendError::Full(b)) => {
+                // The committer is busy: the batch keeps growing until it is free.
+                self.pending = b.pending;
+                self.handed = handed;
+                Ok(false)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(committer_gone()),
+        }
     }
 
-    /// Writes what is pending and the consistent index to the backend, durably.
+    /// Commits everything applied so far and waits until it is durable and published.
     pub fn commit(&mut self) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending);
-        let mut txn = self.db.write()?;
-        for (key, record) in &pending.records {
-            match record {
-                Some(r) => txn.put(key, r)?,
-                None => {
-                    txn.delete(key)?;
-                }
+        let (done, wait) = crossbeam_channel::bounded(1);
+        let batch = self.batch(Some(done));
+        self.sender().send(batch).map_err(|_| committer_gone())?;
+        wait.recv().map_err(|_| committer_gone())
+    }
+
+    fn sender(&self) -> &Sender<Batch> {
+        self.batches.as_ref().expect("open until dropped")
+    }
+
+    fn batch(&mut self, done: Option<Sender<()>>) -> Batch {
+        self.handed = self.applied.0;
+        Batch {
+            pending: std::mem::take(&mut self.pending),
+            applied: self.applied,
+            current_rev: self.mvcc.current_rev(),
+            compact_rev: self.mvcc.compact_rev(),
+            done,
+        }
+    }
+
+    /// The backend's size, for Status' db size and quota (as of the last commit).
+    pub fn space(&self) -> SpaceStats {
+        SpaceStats {
+            pages: self.published.pages.load(Ordering::Acquire),
+            free_pages: self.published.free_pages.load(Ordering::Acquire),
+        }
+    }
+}
+
+fn committer_gone() -> Error {
+    Error::Invalid("the backend committer has stopped".into())
+}
+
+fn publish_space(db: &Backend<MmapFile>, to: &Published) {
+    let space = db.space();
+    to.pages.store(space.pages, Ordering::Release);
+    to.free_pages.store(space.free_pages, Ordering::Release);
+}
+
+/// The committer thread: writes each batch, publishes it, forgets its values in memory.
+fn run_committer(
+    mut db: Backend<MmapFile>,
+    batches: Receiver<Batch>,
+    mvcc: Arc<Mvcc>,
+    published: Arc<Published>,
+) {
+    for batch in batches {
+        if let Err(e) = write_batch(&mut db, &batch) {
+            // Fatal by design: the process must not go on with a backend it cannot write.
+            panic!("backend commit failed: {e}");
+        }
+        publish_space(&db, &published);
+        for change in batch.pending.changes {
+            if let Change::Put(sub, kv) = change {
+                mvcc.forget_value(&KeyRev {
+                    key: kv.key,
+                    main: kv.mod_revision,
+                    sub,
+                });
             }
         }
-        let (index, term) = self.applied;
-        txn.put(META_CONSISTENT_INDEX, &index.to_le_bytes())?;
-        txn.put(META_TERM, &term.to_le_bytes())?;
-        txn.put(META_CURRENT_REV, &self.mvcc.current_rev().to_le_bytes())?;
-        txn.put(META_COMPACT_REV, &self.mvcc.compact_rev().to_le_bytes())?;
-        txn.commit()?;
-        self.persisted = index;
-        for kr in &pending.versions {
-            self.mvcc.forget_value(kr);
+        if let Some(done) = batch.done {
+            let _ = done.send(());
         }
-        Ok(())
     }
+}
 
-    /// The backend's size, for Status' db size and quota.
-    pub fn space(&self) -> SpaceStats {
-        self.db.space()
+fn write_batch(db: &mut Backend<MmapFile>, batch: &Batch) -> Result<()> {
+    let mut txn = db.write()?;
+    for change in &batch.pending.changes {
+        match change {
+            Change::Put(sub, kv) => {
+                let key = record_key(kv.mod_revision, *sub);
+                txn.put_owned(key.to_vec(), encode_record(kv))?;
+            }
+            Change::Delete(main, sub) => {
+                txn.delete(&record_key(*main, *sub))?;
+            }
+        }
     }
+    let (index, term) = batch.applied;
+    txn.put(META_CONSISTENT_INDEX, &index.to_le_bytes())?;
+    txn.put(META_TERM, &term.to_le_bytes())?;
+    txn.put(META_CURRENT_REV, &batch.current_rev.to_le_bytes())?;
+    txn.put(META_COMPACT_REV, &batch.compact_rev.to_le_bytes())?;
+    txn.commit()
 }
 
 fn bad_meta(key: &[u8]) -> Error {
@@ -244,25 +377,20 @@ impl<'a> DerefMut for StoreTxn<'a> {
 }
 
 impl StoreTxn<'_> {
-    /// Publishes the transaction to readers and queues its records; returns its changes and
+    /// Publishes the transaction to readers and queues its changes for the backend; returns
     /// the revision after it.
-    pub fn commit(mut self) -> (Vec<KeyValue>, i64) {
+    pub fn commit(mut self) -> i64 {
         let (changes, rev) = self.txn.take().expect("live until commit").commit();
         if !changes.is_empty() {
             self.pending.since.get_or_insert_with(Instant::now);
         }
-        for (sub, kv) in changes.iter().enumerate() {
-            let sub = sub as i64;
-            self.pending
-                .records
-                .push((record_key(rev, sub), Some(encode_record(kv))));
-            self.pending.versions.push(KeyRev {
-                key: kv.key.clone(),
-                main: rev,
-                sub,
-            });
-        }
-        (changes, rev)
+        self.pending.changes.extend(
+            changes
+                .into_iter()
+                .enumerate()
+                .map(|(sub, kv)| Change::Put(sub as i64, kv)),
+        );
+        rev
     }
 }
 
@@ -358,23 +486,31 @@ mod tests {
             commit_ops_max: 10,
         };
         let mut s = Store::open(&dir.path().join("db"), opts).unwrap();
+        // Hands over when due, waiting for the committer's slot to be free.
+        let hand = |s: &mut Store, now: Instant| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !s.commit_if_due(now).unwrap() {
+                assert!(Instant::now() < deadline, "never handed over");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
         let t0 = Instant::now();
         for i in 0..9 {
             put(&mut s, &format!("k{i}"), "v");
         }
         assert!(!s.commit_if_due(t0).unwrap());
         put(&mut s, "k9", "v");
-        assert!(s.commit_if_due(t0).unwrap());
+        hand(&mut s, t0);
         put(&mut s, "late", "v");
         assert!(!s.commit_if_due(Instant::now()).unwrap());
-        assert!(s
-            .commit_if_due(Instant::now() + Duration::from_secs(3601))
-            .unwrap());
+        hand(&mut s, Instant::now() + Duration::from_secs(3601));
         s.set_applied(40, 2);
-        assert!(
-            s.commit_if_due(Instant::now()).unwrap(),
-            "a new index alone"
-        );
-        assert!(!s.commit_if_due(Instant::now()).unwrap());
+        hand(&mut s, Instant::now());
+        assert!(!s.commit_if_due(Instant::now()).unwrap(), "nothing new");
+        s.commit().unwrap();
+        drop(s);
+        let s = Store::open(&dir.path().join("db"), opts).unwrap();
+        assert_eq!(s.applied(), (40, 2));
+        assert_eq!(s.mvcc().current_rev(), 12);
     }
 }

@@ -77,7 +77,25 @@ impl PageFile for MmapFile {
             .len())
     }
 
+    /// Grows the file with allocated blocks (fallocate), so page writes and syncs change no
+    /// block map (measured: pwrite into a sparse ext4 file spent most of its time allocating).
+    /// Falls back to a sparse extension where fallocate is not supported.
     fn set_len(&self, len: u64) -> Result<()> {
+        let cur = self.len_bytes()?;
+        if len > cur {
+            // SAFETY: fallocate on an fd we own; mode 0 allocates and extends the size.
+            let rc = unsafe {
+                libc::fallocate(
+                    std::os::unix::io::AsRawFd::as_raw_fd(&self.file),
+                    0,
+                    cur as libc::off_t,
+                    (len - cur) as libc::off_t,
+                )
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+        }
         self.file
             .set_len(len)
             .io_ctx("grow backend file", &self.path)

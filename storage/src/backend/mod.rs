@@ -410,19 +410,24 @@ impl<F: PageFile> WriteTxn<'_, F> {
     }
 
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.put_owned(key.to_vec(), value.to_vec())
+    }
+
+    /// `put` with buffers the transaction can keep.
+    pub fn put_owned(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
         assert!(
             key.len() <= page::KEY_BYTES_MAX,
             "backend keys are at most {} bytes",
             page::KEY_BYTES_MAX
         );
-        let leaf = self.leaf_for(key)?;
-        let val = Val::New(value.to_vec());
-        match leaf.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
+        let leaf = self.leaf_for(&key)?;
+        let val = Val::New(value);
+        match leaf.binary_search_by(|(k, _)| k.as_slice().cmp(&key)) {
             Ok(i) => {
                 let old = std::mem::replace(&mut leaf[i].1, val);
                 free_value(&old, &mut self.freed);
             }
-            Err(i) => leaf.insert(i, (key.to_vec(), val)),
+            Err(i) => leaf.insert(i, (key, val)),
         }
         Ok(())
     }
