@@ -10,6 +10,8 @@ use clap::Parser;
 
 pub const ETCD_API_VERSION: &str = "3.5.0";
 const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+/// etcd's DefaultSnapshotCatchUpEntries.
+const DEFAULT_SNAPSHOT_CATCHUP_ENTRIES: u64 = 5000;
 /// Above this etcd warns "exceeded recommended request limit" (etcdserver's
 /// recommendedMaxRequestBytes), and so does Keel.
 pub const RECOMMENDED_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
@@ -37,9 +39,16 @@ pub struct Flags {
     /// Path to the dedicated wal directory (default: ${data-dir}/member/wal).
     #[arg(long, env = "ETCD_WAL_DIR")]
     pub wal_dir: Option<PathBuf>,
-    /// Number of committed transactions to trigger a snapshot to disk.
-    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    /// Number of committed transactions to trigger a snapshot to disk (etcd 3.6's default;
+    /// 3.5 used 100000). Keel then releases the WAL segments the snapshot covers.
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 10_000)]
     pub snapshot_count: u64,
+    /// Number of entries kept after a snapshot for slow followers to catch up (default 5000).
+    #[arg(long, env = "ETCD_SNAPSHOT_CATCHUP_ENTRIES")]
+    pub snapshot_catchup_entries: Option<u64>,
+    /// The same, under etcd 3.5's name (deprecated in 3.6).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES")]
+    pub experimental_snapshot_catchup_entries: Option<u64>,
     /// Time (in milliseconds) of a heartbeat interval.
     #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
     pub heartbeat_interval: u64,
@@ -103,6 +112,9 @@ pub struct Flags {
     /// Default: all cores of the machine.
     #[arg(long, env = "KEEL_CORES")]
     pub cores: Option<usize>,
+    /// Keel only: size of a WAL segment file (default 64 MiB, as etcd's; at least 64 KiB).
+    #[arg(long, env = "KEEL_WAL_SEGMENT_BYTES", default_value_t = 64 << 20)]
+    pub wal_segment_bytes: u64,
 }
 
 /// The resolved configuration the node runs with.
@@ -121,11 +133,13 @@ pub struct Config {
     pub heartbeat_ms: u64,
     pub election_ms: u64,
     pub snapshot_count: u64,
+    pub snapshot_catchup_entries: u64,
     pub quota_backend_bytes: u64,
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
     pub log_level: String,
     pub cores: usize,
+    pub wal_segment_bytes: u64,
 }
 
 /// Turns Go-style single-dash long flags (`-name x`) into `--name x`.
@@ -149,6 +163,8 @@ const YAML_KEYS: &[&str] = &[
     "data-dir",
     "wal-dir",
     "snapshot-count",
+    "snapshot-catchup-entries",
+    "experimental-snapshot-catchup-entries",
     "heartbeat-interval",
     "election-timeout",
     "quota-backend-bytes",
@@ -228,6 +244,8 @@ impl Flags {
                 "initial-cluster-token" => f.initial_cluster_token = text.unwrap_or_default(),
                 "log-level" => f.log_level = text.unwrap_or_default(),
                 "snapshot-count"
+                | "snapshot-catchup-entries"
+                | "experimental-snapshot-catchup-entries"
                 | "heartbeat-interval"
                 | "election-timeout"
                 | "quota-backend-bytes"
@@ -240,6 +258,10 @@ impl Flags {
                         .map_err(|_| bad("expected a non-negative integer"))?;
                     match key.as_str() {
                         "snapshot-count" => f.snapshot_count = n,
+                        "snapshot-catchup-entries" => f.snapshot_catchup_entries = Some(n),
+                        "experimental-snapshot-catchup-entries" => {
+                            f.experimental_snapshot_catchup_entries = Some(n)
+                        }
                         "heartbeat-interval" => f.heartbeat_interval = n,
                         "election-timeout" => f.election_timeout = n,
                         "quota-backend-bytes" => f.quota_backend_bytes = n,
@@ -377,6 +399,12 @@ impl Config {
                 RECOMMENDED_MAX_REQUEST_BYTES
             );
         }
+        if f.wal_segment_bytes < 64 << 10 || !f.wal_segment_bytes.is_multiple_of(4096) {
+            anyhow::bail!(
+                "--wal-segment-bytes {} must be a multiple of 4096 of at least 65536",
+                f.wal_segment_bytes
+            );
+        }
         let cores = f.cores.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -395,6 +423,10 @@ impl Config {
             heartbeat_ms: f.heartbeat_interval,
             election_ms: f.election_timeout,
             snapshot_count: f.snapshot_count,
+            snapshot_catchup_entries: f
+                .snapshot_catchup_entries
+                .or(f.experimental_snapshot_catchup_entries)
+                .unwrap_or(DEFAULT_SNAPSHOT_CATCHUP_ENTRIES),
             quota_backend_bytes: if f.quota_backend_bytes == 0 {
                 DEFAULT_QUOTA_BYTES
             } else {
@@ -404,6 +436,7 @@ impl Config {
             max_txn_ops: f.max_txn_ops as usize,
             log_level: f.log_level,
             cores: cores.max(1),
+            wal_segment_bytes: f.wal_segment_bytes,
         })
     }
 }

@@ -211,7 +211,23 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let started = Instant::now();
-    let (log, fresh) = RaftLog::open(&cfg.wal_dir, WalOptions::default(), member_meta(&cfg))
+    // The backend first: the WAL is read from the entry after its consistent index.
+    let db_path = cfg.data_dir.join("member").join("snap").join("keel.db");
+    let store = Store::open(&db_path, StoreOptions::default())
+        .with_context(|| format!("open backend {}", db_path.display()))?;
+    let mvcc = store.mvcc().clone();
+    tracing::info!(
+        backend = %db_path.display(),
+        consistent_index = store.applied().0,
+        revision = mvcc.current_rev(),
+        open_ms = started.elapsed().as_millis() as u64,
+        "opened backend"
+    );
+    let wal_opts = WalOptions {
+        segment_bytes: cfg.wal_segment_bytes,
+        ..WalOptions::default()
+    };
+    let (log, fresh) = RaftLog::open(&cfg.wal_dir, wal_opts, member_meta(&cfg), store.applied())
         .context("open wal")?;
     if fresh && cfg.initial_cluster_state == "existing" {
         anyhow::bail!(
@@ -227,32 +243,17 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         member_id = format!("{:x}", meta.member_id),
         cluster_id = format!("{:x}", meta.cluster_id),
         wal = %cfg.wal_dir.display(),
+        first_index = log.first_index()?,
         last_index,
+        segments = log.segments().len(),
         fresh,
         snapshot_count = cfg.snapshot_count,
         "opened wal"
     );
 
-    let db_path = cfg.data_dir.join("member").join("snap").join("keel.db");
-    let store = Store::open(&db_path, StoreOptions::default())
-        .with_context(|| format!("open backend {}", db_path.display()))?;
-    let mvcc = store.mvcc().clone();
-    tracing::info!(
-        backend = %db_path.display(),
-        consistent_index = store.applied().0,
-        revision = mvcc.current_rev(),
-        "opened backend"
-    );
     let status = Arc::new(RaftStatus::default());
     let (tx, rx) = crossbeam_channel::bounded(PROPOSAL_QUEUE_MAX);
-    let core = RaftCore::new(
-        log,
-        store,
-        status.clone(),
-        rx,
-        cfg.heartbeat_ms,
-        cfg.election_ms,
-    )?;
+    let core = RaftCore::new(log, store, status.clone(), rx, &cfg)?;
     let raft_thread = std::thread::Builder::new()
         .name("keel-raft".into())
         .spawn(move || {

@@ -80,6 +80,12 @@ pub struct RaftCore {
     next_id: u64,
     tick: Duration,
     last_proposal: Instant,
+    /// Entries between two snapshots (`--snapshot-count`).
+    snapshot_count: u64,
+    /// Entries kept in the WAL after a snapshot for followers catching up.
+    catchup_entries: u64,
+    /// The index of the last snapshot (the WAL before it, less a margin, is released).
+    last_snapshot: u64,
 }
 
 impl RaftCore {
@@ -88,11 +94,12 @@ impl RaftCore {
         store: Store,
         status: Arc<RaftStatus>,
         rx: Receiver<Proposal>,
-        heartbeat_ms: u64,
-        election_ms: u64,
+        cfg: &crate::config::Config,
     ) -> anyhow::Result<RaftCore> {
+        let (heartbeat_ms, election_ms) = (cfg.heartbeat_ms, cfg.election_ms);
+        let (snapshot_count, catchup_entries) = (cfg.snapshot_count, cfg.snapshot_catchup_entries);
         let meta = log.meta().clone();
-        let cfg = raft::Config {
+        let raft_cfg = raft::Config {
             id: meta.member_id,
             election_tick: (election_ms / heartbeat_ms) as usize,
             heartbeat_tick: 1,
@@ -105,11 +112,13 @@ impl RaftCore {
             pre_vote: true,
             ..Default::default()
         };
-        cfg.validate()?;
-        log.ensure_commit(cfg.applied)?;
-        status.applied_index.store(cfg.applied, Ordering::Release);
+        raft_cfg.validate()?;
+        log.ensure_commit(raft_cfg.applied)?;
+        status
+            .applied_index
+            .store(raft_cfg.applied, Ordering::Release);
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let mut node = RawNode::new(&cfg, log, &logger)?;
+        let mut node = RawNode::new(&raft_cfg, log, &logger)?;
         if meta.voters == [meta.member_id] {
             // A lone voter need not wait an election timeout to lead.
             node.campaign()?;
@@ -127,6 +136,9 @@ impl RaftCore {
             next_id: ((meta.member_id & 0xffff) << 48) | ((now_ms << 8) & ((1 << 48) - 1)),
             tick: Duration::from_millis(heartbeat_ms),
             last_proposal: Instant::now(),
+            snapshot_count: snapshot_count.max(1),
+            catchup_entries,
+            last_snapshot: raft_cfg.applied,
         })
     }
 
@@ -258,7 +270,8 @@ impl RaftCore {
         }
     }
 
-    /// A backend batch old or large enough goes to disk (between two applied entries).
+    /// A backend batch old or large enough goes to disk (between two applied entries); every
+    /// `snapshot_count` entries made durable there, a snapshot releases the WAL before it.
     fn commit_backend_if_due(&mut self) {
         match self.store.commit_if_due(Instant::now()) {
             Ok(true) => self.publish(),
@@ -268,6 +281,19 @@ impl RaftCore {
                 crate::FATAL_EXIT_CODE,
                 &format!("backend commit failed: {e}"),
             ),
+        }
+        let durable = self.store.persisted();
+        if durable >= self.last_snapshot + self.snapshot_count {
+            self.last_snapshot = durable;
+            let upto = durable.saturating_sub(self.catchup_entries);
+            match self.node.mut_store().release(upto) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(snapshot_index = durable, segments = n, "released wal"),
+                Err(e) => crate::fatal(
+                    crate::FATAL_EXIT_CODE,
+                    &format!("releasing wal segments failed: {e}"),
+                ),
+            }
         }
     }
 

@@ -15,12 +15,17 @@
 //! one held replaces the entries from that index on (raft's log truncation on conflict);
 //! replay applies the same rule, so the recovered log is exactly the one that was acked.
 //!
+//! Every segment starts with a META record (written when the WAL rolls), so the segments
+//! after a snapshot read back on their own: `release` deletes the segments wholly at or
+//! before a snapshot's index (less a catch-up margin), and a restart replays only the rest.
+//! The snapshot point (index and term of the last entry the state machine holds durably, the
+//! backend's consistent index) is passed to `open`; entries at or before it are skipped, and
+//! the first entry after it must follow it, or the log is corrupt.
+//!
 //! In memory we keep the entries raft may still ask for: everything not yet applied plus a
-//! margin (`KEEP_APPLIED_ENTRIES`, as etcd keeps 5000 after a snapshot). The WAL keeps all of
-//! them until snapshots exist (the storage-engine issue), and the node rebuilds its state
-//! from it at start.
+//! margin (`KEEP_APPLIED_ENTRIES`, as etcd keeps 5000 after a snapshot).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 use bytes::Bytes;
@@ -46,8 +51,18 @@ pub struct MemberMeta {
     pub name: String,
 }
 
+/// What replay and appends learned about one WAL segment.
+#[derive(Clone, Copy, Debug, Default)]
+struct SegmentInfo {
+    /// Its first record is a META record (so the WAL may start at this segment).
+    starts_with_meta: bool,
+    /// The highest entry index it holds (0: none).
+    last_index: u64,
+}
+
 pub struct RaftLog {
     wal: Wal,
+    segments: BTreeMap<u64, SegmentInfo>,
     meta: MemberMeta,
     hard_state: HardState,
     conf_state: ConfState,
@@ -59,28 +74,51 @@ pub struct RaftLog {
 
 impl RaftLog {
     /// Opens the raft log in `wal_dir`. A new WAL records `bootstrap` as its member meta; an
-    /// existing one keeps the meta it was created with. Returns the log and whether it was new.
-    pub fn open(wal_dir: &Path, opts: WalOptions, bootstrap: MemberMeta) -> Result<(Self, bool)> {
+    /// existing one keeps the meta it was created with. `snapshot` is the (index, term) of the
+    /// last entry the state machine holds durably ((0, 0): none). Returns the log and whether
+    /// it was new.
+    pub fn open(
+        wal_dir: &Path,
+        opts: WalOptions,
+        bootstrap: MemberMeta,
+        snapshot: (u64, u64),
+    ) -> Result<(Self, bool)> {
         let (mut wal, recovery) = Wal::open(wal_dir, opts)?;
         let fresh = recovery.records.is_empty();
         if fresh {
             wal.append(&[(RECORD_META, &encode_meta(&bootstrap))])?;
         }
+        // A new member starts as raft-rs's bootstrap does: term 1, index 1 committed.
+        let (offset_index, offset_term) = if snapshot.0 > 1 { snapshot } else { (1, 1) };
         let mut log = RaftLog {
             wal,
+            segments: BTreeMap::new(),
             meta: bootstrap,
-            hard_state: HardState::default(),
+            hard_state: HardState {
+                term: 1,
+                commit: 1,
+                ..Default::default()
+            },
             conf_state: ConfState::default(),
-            offset_index: 1,
-            offset_term: 1,
+            offset_index,
+            offset_term,
             entries: VecDeque::new(),
         };
-        // A new member starts as raft-rs's bootstrap does: term 1, index 1 committed.
-        log.hard_state.term = 1;
-        log.hard_state.commit = 1;
-        if !fresh {
+        if fresh {
+            log.hard_state.term = offset_term;
+            log.hard_state.commit = offset_index;
+            log.segments.insert(
+                log.wal.segment_seq(),
+                SegmentInfo {
+                    starts_with_meta: true,
+                    last_index: 0,
+                },
+            );
+        } else {
             log.replay(recovery)?;
         }
+        log.wal
+            .set_segment_header(RECORD_META, encode_meta(&log.meta));
         log.conf_state.voters = log.meta.voters.clone();
         Ok((log, fresh))
     }
@@ -113,22 +151,39 @@ impl RaftLog {
         }
         let meta = decode_meta(&first.payload)
             .ok_or_else(|| at(0, "member meta record does not decode".into()))?;
-        let mut batches = Vec::with_capacity(records.len() - 1);
-        for (i, rec) in records.iter().enumerate().skip(1) {
-            if rec.record_type != RECORD_BATCH {
-                return Err(at(i, format!("unknown record type {}", rec.record_type)));
+        let mut last_batch = None;
+        for (i, rec) in records.iter().enumerate() {
+            let seq = positions[i].segment_seq;
+            let info = self.segments.entry(seq).or_insert(SegmentInfo {
+                starts_with_meta: rec.record_type == RECORD_META,
+                last_index: 0,
+            });
+            match rec.record_type {
+                RECORD_META => {
+                    if decode_meta(&rec.payload).as_ref() != Some(&meta) {
+                        return Err(at(i, "member meta differs from the first one".into()));
+                    }
+                }
+                RECORD_BATCH => {
+                    let (hs, entries) = decode_batch(&rec.payload)
+                        .ok_or_else(|| at(i, "batch record does not decode".into()))?;
+                    if let Some(e) = entries.last() {
+                        info.last_index = info.last_index.max(e.index);
+                    }
+                    let entries = self.check_batch(&hs, entries).map_err(|r| at(i, r))?;
+                    self.hard_state = hs;
+                    self.splice(entries);
+                    last_batch = Some(i);
+                }
+                t => return Err(at(i, format!("unknown record type {t}"))),
             }
-            let (hs, entries) = decode_batch(&rec.payload)
-                .ok_or_else(|| at(i, "batch record does not decode".into()))?;
-            self.check_batch(&hs, &entries).map_err(|r| at(i, r))?;
-            self.hard_state = hs;
-            self.splice(entries);
-            batches.push(i);
         }
+        // Commit is recorded lazily; the snapshot's entries were committed, in its term.
+        self.hard_state.commit = self.hard_state.commit.max(self.offset_index);
+        self.hard_state.term = self.hard_state.term.max(self.offset_term);
         if self.hard_state.commit > self.last() {
-            let i = batches.last().copied().unwrap_or(0);
             return Err(at(
-                i,
+                last_batch.unwrap_or(0),
                 format!(
                     "commit index {} past the last entry {}",
                     self.hard_state.commit,
@@ -140,19 +195,51 @@ impl RaftLog {
         Ok(())
     }
 
-    /// Whether a batch read back can follow the log as it stands (what `splice` asserts for
+    /// The part of a batch read back that follows the log as it stands (entries the
+    /// snapshot covers are dropped), or why it cannot follow (what `splice` asserts for
     /// batches raft hands us).
-    fn check_batch(&self, hs: &HardState, entries: &[Entry]) -> Result<(), String> {
+    fn check_batch(&self, hs: &HardState, entries: Vec<Entry>) -> Result<Vec<Entry>, String> {
         if hs.term < self.hard_state.term {
             return Err(format!(
                 "hard state term {} after term {}",
                 hs.term, self.hard_state.term
             ));
         }
-        let Some(first) = entries.first() else {
-            return Ok(());
+        let mut prev: Option<(u64, u64)> = None;
+        let mut kept = Vec::with_capacity(entries.len());
+        for e in entries {
+            if let Some((index, term)) = prev {
+                if e.index != index + 1 {
+                    return Err(format!("entry {} after entry {index}", e.index));
+                }
+                if e.term < term {
+                    return Err(format!(
+                        "entry {} has term {} (previous {term})",
+                        e.index, e.term
+                    ));
+                }
+            }
+            if e.term > hs.term {
+                return Err(format!(
+                    "entry {} has term {} (hard state {})",
+                    e.index, e.term, hs.term
+                ));
+            }
+            prev = Some((e.index, e.term));
+            if e.index == self.offset_index && e.term != self.offset_term {
+                return Err(format!(
+                    "entry {} has term {}, the snapshot says {}",
+                    e.index, e.term, self.offset_term
+                ));
+            }
+            if e.index > self.offset_index {
+                kept.push(e);
+            }
+        }
+        let Some(first) = kept.first() else {
+            return Ok(kept);
         };
-        if first.index <= self.offset_index || first.index > self.last() + 1 {
+        if first.index > self.last() + 1 {
             return Err(format!(
                 "entry {} does not follow the log (entries {}..={})",
                 first.index,
@@ -165,25 +252,40 @@ impl RaftLog {
         } else {
             self.entries[(first.index - self.offset_index - 2) as usize].term
         };
-        let mut prev = (first.index - 1, prev_term);
-        for e in entries {
-            if e.index != prev.0 + 1 {
-                return Err(format!("entry {} after entry {}", e.index, prev.0));
-            }
-            if e.term < prev.1 || e.term > hs.term {
-                return Err(format!(
-                    "entry {} has term {} (previous {}, hard state {})",
-                    e.index, e.term, prev.1, hs.term
-                ));
-            }
-            prev = (e.index, e.term);
+        if first.term < prev_term {
+            return Err(format!(
+                "entry {} has term {} (previous {prev_term})",
+                first.index, first.term
+            ));
         }
-        Ok(())
+        Ok(kept)
     }
 
-    /// Bytes of records in the WAL: the on-disk size of the state until the backend lands.
-    pub fn wal_bytes(&self) -> u64 {
-        self.wal.used_bytes()
+    /// Deletes the WAL segments that hold only entries at or below `index` (a snapshot's,
+    /// less a catch-up margin), keeping a segment that starts with META first. Returns how
+    /// many segments went.
+    pub fn release(&mut self, index: u64) -> Result<usize> {
+        let segs: Vec<(u64, SegmentInfo)> = self.segments.iter().map(|(s, i)| (*s, *i)).collect();
+        let mut keep_from = None;
+        for j in 1..segs.len() {
+            if segs[j - 1].1.last_index > index {
+                break;
+            }
+            if segs[j].1.starts_with_meta {
+                keep_from = Some(segs[j].0);
+            }
+        }
+        let Some(keep_from) = keep_from else {
+            return Ok(0);
+        };
+        let n = self.wal.release_before(keep_from)?;
+        self.segments.retain(|seq, _| *seq >= keep_from);
+        Ok(n)
+    }
+
+    /// The WAL segments held, oldest first.
+    pub fn segments(&self) -> Vec<u64> {
+        self.segments.keys().copied().collect()
     }
 
     pub fn meta(&self) -> &MemberMeta {
@@ -197,7 +299,17 @@ impl RaftLog {
             self.hard_state = hs.clone();
         }
         let payload = encode_batch(&self.hard_state, entries);
+        let before = self.wal.segment_seq();
         self.wal.append(&[(RECORD_BATCH, &payload)])?;
+        let seq = self.wal.segment_seq();
+        let info = self.segments.entry(seq).or_insert(SegmentInfo {
+            // A new segment starts with the segment header: META.
+            starts_with_meta: seq != before,
+            last_index: 0,
+        });
+        if let Some(e) = entries.last() {
+            info.last_index = info.last_index.max(e.index);
+        }
         self.splice(entries.to_vec());
         Ok(())
     }
@@ -315,11 +427,20 @@ impl raft::Storage for RaftLog {
         Ok(self.last())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Snapshots come with the storage-engine issue; a single voter never needs one.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    /// The snapshot at the log's start: its index, term and membership. Its data (the
+    /// backend file) travels outside raft's message, with the peer transport.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if self.offset_index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut snap = Snapshot::default();
+        let meta = snap.mut_metadata();
+        meta.index = self.offset_index;
+        meta.term = self.offset_term;
+        meta.set_conf_state(self.conf_state.clone());
+        Ok(snap)
     }
 }
 
@@ -498,7 +619,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (mut log, fresh) =
-                RaftLog::open(dir.path(), WalOptions::default(), meta()).unwrap();
+                RaftLog::open(dir.path(), WalOptions::default(), meta(), (0, 0)).unwrap();
             assert!(fresh);
             assert_eq!(log.first_index().unwrap(), 2);
             let hs = HardState {
@@ -524,7 +645,7 @@ mod tests {
         }
         let mut other = meta();
         other.name = "ignored".into();
-        let (log, fresh) = RaftLog::open(dir.path(), WalOptions::default(), other).unwrap();
+        let (log, fresh) = RaftLog::open(dir.path(), WalOptions::default(), other, (0, 0)).unwrap();
         assert!(!fresh);
         assert_eq!(
             log.meta(),
@@ -548,7 +669,8 @@ mod tests {
     #[test]
     fn compacting_memory_keeps_terms_and_reports_compacted() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = RaftLog::open(dir.path(), WalOptions::default(), meta()).unwrap();
+        let (mut log, _) =
+            RaftLog::open(dir.path(), WalOptions::default(), meta(), (0, 0)).unwrap();
         let ents: Vec<Entry> = (2..=KEEP_APPLIED_ENTRIES + 100)
             .map(|i| entry(i, 2, "x"))
             .collect();
@@ -570,7 +692,8 @@ mod tests {
     fn reopen_after(bad: &[RawRecord]) -> String {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (mut log, _) = RaftLog::open(dir.path(), WalOptions::default(), meta()).unwrap();
+            let (mut log, _) =
+                RaftLog::open(dir.path(), WalOptions::default(), meta(), (0, 0)).unwrap();
             let hs = HardState {
                 term: 2,
                 commit: 3,
@@ -584,7 +707,7 @@ mod tests {
             let records: Vec<(u8, &[u8])> = bad.iter().map(|(t, p)| (*t, &p[..])).collect();
             log.wal.append(&records).unwrap();
         }
-        match RaftLog::open(dir.path(), WalOptions::default(), meta()) {
+        match RaftLog::open(dir.path(), WalOptions::default(), meta(), (0, 0)) {
             Ok(_) => panic!("a corrupt log opened"),
             Err(e @ Error::Corrupted { .. }) => e.to_string(),
             Err(e) => panic!("not reported as corruption: {e}"),
@@ -624,8 +747,14 @@ mod tests {
             ),
             (vec![(7, b"what".to_vec())], "unknown record type 7"),
             (
-                vec![(RECORD_META, encode_meta(&meta()))],
-                "unknown record type 1",
+                vec![(
+                    RECORD_META,
+                    encode_meta(&MemberMeta {
+                        member_id: 9,
+                        ..meta()
+                    }),
+                )],
+                "member meta differs",
             ),
         ];
         for (records, want) in cases {
@@ -637,6 +766,83 @@ mod tests {
                 "{got}"
             );
         }
+    }
+
+    #[test]
+    fn released_segments_leave_a_log_that_reopens_from_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = || WalOptions {
+            segment_bytes: 64 << 10,
+            align_bytes: Some(512),
+        };
+        let hs = HardState {
+            term: 2,
+            ..Default::default()
+        };
+        {
+            let (mut log, _) = RaftLog::open(dir.path(), small(), meta(), (0, 0)).unwrap();
+            for b in 0..200u64 {
+                let ents: Vec<Entry> = (0..10)
+                    .map(|i| entry(2 + b * 10 + i, 2, &"x".repeat(100)))
+                    .collect();
+                log.append(&ents, Some(&hs)).unwrap();
+            }
+            log.set_commit(2001);
+            log.append(&[], None).unwrap();
+            let before = log.segments().len();
+            assert!(before >= 4, "the test must span segments: {before}");
+            assert_eq!(log.release(0).unwrap(), 0, "nothing is at or below index 0");
+            let released = log.release(1500).unwrap();
+            assert!(released >= 3, "released {released} of {before}");
+            assert_eq!(log.segments().len(), before - released);
+            assert_eq!(
+                crate::wal::list_segments(dir.path()).unwrap(),
+                log.segments()
+            );
+        }
+        let (log, _) = RaftLog::open(dir.path(), small(), meta(), (1500, 2)).unwrap();
+        assert_eq!(log.meta(), &meta(), "the meta comes from a segment header");
+        assert_eq!(log.first_index().unwrap(), 1501);
+        assert_eq!(log.last_index().unwrap(), 2001);
+        assert_eq!(log.term(1500).unwrap(), 2);
+        let e = log
+            .entries(1501, 1503, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(e[0].index, 1501);
+        assert_eq!(log.initial_state().unwrap().hard_state.commit, 2001);
+        let snap = raft::Storage::snapshot(&log, 1500, 0).unwrap();
+        assert_eq!(
+            (snap.get_metadata().index, snap.get_metadata().term),
+            (1500, 2)
+        );
+        drop(log);
+        // Without the snapshot the remaining log has a hole before it.
+        match RaftLog::open(dir.path(), small(), meta(), (0, 0)) {
+            Err(Error::Corrupted { reason, .. }) => {
+                assert!(reason.contains("does not follow"), "{reason}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a log with a hole opened"),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_in_a_later_term_than_early_records_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut log, _) =
+                RaftLog::open(dir.path(), WalOptions::default(), meta(), (0, 0)).unwrap();
+            let ents: Vec<Entry> = (2..=5).map(|i| entry(i, 2, "a")).collect();
+            log.append(&ents, Some(&hs(2, 5))).unwrap();
+            log.append(&[entry(6, 3, "b")], Some(&hs(3, 6))).unwrap();
+        }
+        let (log, _) = RaftLog::open(dir.path(), WalOptions::default(), meta(), (6, 3)).unwrap();
+        let st = log.initial_state().unwrap().hard_state;
+        assert_eq!((st.term, st.commit), (3, 6));
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (7, 6)
+        );
     }
 
     #[test]

@@ -92,6 +92,8 @@ struct Batch {
 struct Published {
     pages: AtomicU64,
     free_pages: AtomicU64,
+    /// The consistent index of the last durable batch.
+    index: AtomicU64,
 }
 
 pub struct Store {
@@ -172,6 +174,7 @@ impl Store {
         let mvcc = Arc::new(mvcc);
         let published = Arc::new(Published::default());
         publish_space(&db, &published);
+        published.index.store(applied.0, Ordering::Release);
         let (tx, rx) = crossbeam_channel::bounded(1);
         let committer = {
             let (mvcc, published) = (mvcc.clone(), published.clone());
@@ -281,6 +284,12 @@ impl Store {
         }
     }
 
+    /// The consistent index of the last batch made durable: the WAL before it is needed only
+    /// by followers catching up.
+    pub fn persisted(&self) -> u64 {
+        self.published.index.load(Ordering::Acquire)
+    }
+
     /// The backend's size, for Status' db size and quota (as of the last commit).
     pub fn space(&self) -> SpaceStats {
         SpaceStats {
@@ -313,6 +322,7 @@ fn run_committer(
             panic!("backend commit failed: {e}");
         }
         publish_space(&db, &published);
+        published.index.store(batch.applied.0, Ordering::Release);
         for change in batch.pending.changes {
             if let Change::Put(sub, kv) = change {
                 mvcc.forget_value(&KeyRev {

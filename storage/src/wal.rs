@@ -190,8 +190,9 @@ pub struct Wal {
     segment_bytes: u64,
     offset: u64,
     next_lsn: u64,
-    /// Bytes of records in the WAL (what it holds on disk, less preallocated zeros).
-    used_bytes: u64,
+    /// Written first in every new segment, so any suffix of segments is readable on its own
+    /// (segments before a snapshot are released).
+    segment_header: Option<(u8, Vec<u8>)>,
     /// Alignment of the records this WAL writes.
     align: usize,
     buf: AlignedBuf,
@@ -212,6 +213,7 @@ impl Wal {
     /// Opens (creating if needed) the WAL in `dir`, recovering what is there.
     pub fn open(dir: &Path, opts: WalOptions) -> Result<(Wal, Recovery)> {
         fs::create_dir_all(dir).io_ctx("create wal dir", dir)?;
+        remove_leftover_tmp(dir)?;
         let mut segments = list_segments(dir)?;
         let mut recovery = Recovery::default();
         let (segment_seq, offset, next_lsn) = if segments.is_empty() {
@@ -243,7 +245,7 @@ impl Wal {
             segment_bytes,
             offset,
             next_lsn,
-            used_bytes: recovery.positions.iter().map(|p| p.len_bytes).sum(),
+            segment_header: None,
             align,
             buf: AlignedBuf::new(1 << 20),
             next_segment: None,
@@ -256,15 +258,37 @@ impl Wal {
         &self.dir
     }
 
-    /// Bytes of records the WAL holds (segments are preallocated; this is what is written).
-    pub fn used_bytes(&self) -> u64 {
-        self.used_bytes
+    /// The record every new segment starts with.
+    pub fn set_segment_header(&mut self, record_type: u8, payload: Vec<u8>) {
+        self.segment_header = Some((record_type, payload));
+    }
+
+    /// The segment being written.
+    pub fn segment_seq(&self) -> u64 {
+        self.segment_seq
+    }
+
+    /// Deletes the segments before `seq` (never the one being written). Returns how many.
+    pub fn release_before(&mut self, seq: u64) -> Result<usize> {
+        let mut n = 0;
+        for old in list_segments(&self.dir)? {
+            if old >= seq.min(self.segment_seq) {
+                break;
+            }
+            let path = segment_path(&self.dir, old);
+            fs::remove_file(&path).io_ctx("release wal segment", &path)?;
+            n += 1;
+        }
+        if n > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(n)
     }
 
     /// Appends records in one write and one fdatasync. Returns once they are durable.
     pub fn append(&mut self, records: &[(u8, &[u8])]) -> Result<()> {
         let align = self.align;
-        let total: usize = records
+        let mut total: usize = records
             .iter()
             .map(|(_, p)| record_bytes(p.len(), align))
             .sum();
@@ -273,10 +297,27 @@ impl Wal {
                 "wal batch of {total} bytes exceeds the {RECORD_BYTES_MAX} byte limit"
             )));
         }
+        let header = self.segment_header.take();
+        let header_bytes = header
+            .as_ref()
+            .map_or(0, |(_, p)| record_bytes(p.len(), align));
+        let mut all: Vec<(u8, &[u8])> = Vec::new();
         if self.offset + total as u64 > self.segment_bytes {
             // (segment sizes are multiples of 4096, so an aligned offset stays inside)
-            self.roll(total as u64)?;
+            self.roll((total + header_bytes) as u64)?;
+            if let Some((t, p)) = &header {
+                all.push((*t, p));
+                total += header_bytes;
+            }
         }
+        all.extend_from_slice(records);
+        let result = self.write_records(&all, total);
+        self.segment_header = header;
+        result
+    }
+
+    fn write_records(&mut self, records: &[(u8, &[u8])], total: usize) -> Result<()> {
+        let align = self.align;
         self.buf.ensure(total);
         let buf = self.buf.as_mut_slice();
         let mut at = 0;
@@ -289,7 +330,6 @@ impl Wal {
         self.write_and_sync(total)?;
         self.offset += total as u64;
         self.next_lsn = lsn;
-        self.used_bytes += total as u64;
         Ok(())
     }
 
@@ -471,7 +511,9 @@ fn find_valid_after(data: &[u8], from: usize) -> Option<usize> {
 
 /// Reads every segment; returns (active segment, write offset in it, next lsn).
 fn scan(dir: &Path, segments: &[u64], recovery: &mut Recovery) -> Result<(u64, u64, u64)> {
-    let mut next_lsn = 1u64;
+    // Segments before a snapshot may have been released: the chain starts at whatever the
+    // first record says (the raft log checks its entries follow the snapshot).
+    let mut next_lsn: Option<u64> = None;
     let mut active = (segments[0], 0u64);
     for (i, &seq) in segments.iter().enumerate() {
         let path = segment_path(dir, seq);
@@ -486,11 +528,11 @@ fn scan(dir: &Path, segments: &[u64], recovery: &mut Recovery) -> Result<(u64, u
                     len,
                     span,
                 } => {
-                    if lsn != next_lsn {
+                    if let Some(want) = next_lsn.filter(|want| *want != lsn) {
                         return Err(corrupted(
                             &path,
                             pos,
-                            format!("record sequence {lsn} where {next_lsn} was expected"),
+                            format!("record sequence {lsn} where {want} was expected"),
                         ));
                     }
                     recovery.records.push(Record {
@@ -503,7 +545,7 @@ fn scan(dir: &Path, segments: &[u64], recovery: &mut Recovery) -> Result<(u64, u
                         offset: pos as u64,
                         len_bytes: span as u64,
                     });
-                    next_lsn += 1;
+                    next_lsn = Some(lsn + 1);
                     pos += span;
                 }
                 Parsed::Empty => {
@@ -511,7 +553,8 @@ fn scan(dir: &Path, segments: &[u64], recovery: &mut Recovery) -> Result<(u64, u
                     // the next boundary; the gap is zeros.
                     let next = align_up(pos, ALIGN_BYTES_FALLBACK);
                     let continues = next != pos
-                        && matches!(parse_at(&data, next), Parsed::Valid { lsn, .. } if lsn == next_lsn);
+                        && matches!(parse_at(&data, next),
+                            Parsed::Valid { lsn, .. } if next_lsn.is_none_or(|n| n == lsn));
                     if continues {
                         pos = next;
                         continue;
@@ -557,12 +600,12 @@ fn scan(dir: &Path, segments: &[u64], recovery: &mut Recovery) -> Result<(u64, u
                 fs::remove_file(&lpath).io_ctx("remove wal segment after torn tail", &lpath)?;
             }
             sync_dir(dir)?;
-            return Ok((seq, pos as u64, next_lsn));
+            return Ok((seq, pos as u64, next_lsn.unwrap_or(1)));
         }
         // Data that stops early in this segment (zeros after a roll-over) is fine: the
         // next segment must continue the lsn chain, which the loop above checks.
     }
-    Ok((active.0, active.1, next_lsn))
+    Ok((active.0, active.1, next_lsn.unwrap_or(1)))
 }
 
 fn corrupted(path: &Path, offset: usize, reason: String) -> Error {
@@ -596,17 +639,26 @@ pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
 }
 
 /// Segment sequence numbers in `dir`, ascending. Leftover `.tmp` files are removed.
+/// Removes segments a previous run was preparing (`.tmp`): only at open, never while a WAL
+/// runs (its next segment is being prepared as one).
+fn remove_leftover_tmp(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).io_ctx("list wal dir", dir)? {
+        let entry = entry.io_ctx("list wal dir", dir)?;
+        if entry.file_name().to_string_lossy().ends_with(".tmp") {
+            let p = entry.path();
+            fs::remove_file(&p).io_ctx("remove leftover wal tmp", &p)?;
+        }
+    }
+    Ok(())
+}
+
+/// The sequence numbers of the segments in `dir`, in order.
 pub fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     let mut seqs = Vec::new();
     for entry in fs::read_dir(dir).io_ctx("list wal dir", dir)? {
         let entry = entry.io_ctx("list wal dir", dir)?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.ends_with(".tmp") {
-            let p = entry.path();
-            fs::remove_file(&p).io_ctx("remove leftover wal tmp", &p)?;
-            continue;
-        }
         if let Some(hex) = name.strip_suffix(SEGMENT_SUFFIX) {
             if let Ok(seq) = u64::from_str_radix(hex, 16) {
                 seqs.push(seq);
