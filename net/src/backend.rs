@@ -56,4 +56,7 @@ pub trait Backend: Send + Sync + 'static {
     fn members(&self) -> Vec<pb::Member>;
 
     fn alarms(&self) -> Vec<pb::AlarmMember>;
+
+    /// etcd's HashKV at `revision` (0: the current one).
+    fn hash_kv(&self, revision: i64) -> Result<pb::HashKvResponse, ApiError>;
 }

@@ -171,8 +171,10 @@ impl<B: Backend> pb::maintenance_server::Maintenance for MaintenanceService<B> {
         Err(not_yet("Hash"))
     }
 
-    async fn hash_kv(&self, _req: Request<pb::HashKvRequest>) -> Reply<pb::HashKvResponse> {
-        Err(not_yet("HashKV"))
+    async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Reply<pb::HashKvResponse> {
+        Ok(Response::new(
+            self.backend.hash_kv(req.into_inner().revision)?,
+        ))
     }
 
     type SnapshotStream = futures::stream::Empty<Result<pb::SnapshotResponse, Status>>;

@@ -137,4 +137,15 @@ impl Backend for NodeBackend {
     fn alarms(&self) -> Vec<pb::AlarmMember> {
         Vec::new()
     }
+
+    fn hash_kv(&self, revision: i64) -> Result<pb::HashKvResponse, ApiError> {
+        let (hash, compact_revision, hash_revision) =
+            self.mvcc.hash_kv(revision).map_err(apply::storage_err)?;
+        Ok(pb::HashKvResponse {
+            header: Some(self.header(0)),
+            hash,
+            compact_revision,
+            hash_revision,
+        })
+    }
 }

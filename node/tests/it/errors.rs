@@ -3,16 +3,13 @@
 //! against a real etcd started side by side whenever `etcd` is on PATH (scripts/setup.sh
 //! installs it), so the table cannot drift from etcd's truth.
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
 use bytes::Bytes;
 use keel_proto::pb;
 use keel_proto::pb::request_op::Request;
 use keel_proto::prost::Message;
 use tonic::Code;
 
-use crate::harness::{free_port, kv, Keel};
+use crate::harness::{kv, Keel, LiveEtcd};
 
 fn put(key: &str, value: &[u8]) -> pb::PutRequest {
     pb::PutRequest {
@@ -273,57 +270,9 @@ async fn bad_requests_get_etcds_code_and_message() {
     check(run_table(&k.url()).await);
 }
 
-struct Etcd(Child);
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_matches_live_etcd() {
-    // scripts/setup.sh installs etcd: a machine without it cannot pass this test.
-    assert!(
-        Command::new("etcd").arg("--version").output().is_ok(),
-        "etcd is not installed: run scripts/setup.sh (this test compares with a live etcd)"
-    );
     let dir = tempfile::tempdir().unwrap();
-    let (cport, pport) = (free_port(), free_port());
-    let curl = format!("http://127.0.0.1:{cport}");
-    let purl = format!("http://127.0.0.1:{pport}");
-    let _etcd = Etcd(
-        Command::new("etcd")
-            .args(["--name", "ref", "--data-dir"])
-            .arg(dir.path().join("ref.etcd"))
-            .args([
-                "--listen-client-urls",
-                &curl,
-                "--advertise-client-urls",
-                &curl,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &purl,
-                "--initial-advertise-peer-urls",
-                &purl,
-            ])
-            .args(["--initial-cluster", &format!("ref={purl}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut ready = false;
-    for _ in 0..200 {
-        let mut c = kv(&curl);
-        if c.range(range("x", 0)).await.is_ok() {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "etcd did not start");
-    check(run_table(&curl).await);
+    let etcd = LiveEtcd::start(dir.path()).await;
+    check(run_table(&etcd.url).await);
 }

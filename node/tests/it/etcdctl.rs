@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::harness::{etcdctl, Keel};
+use crate::harness::{etcdctl, Keel, LiveEtcd};
 
 fn ok(ep: &str, args: &[&str]) -> String {
     let (success, out, err) = etcdctl(ep, args, None);
@@ -229,4 +229,48 @@ fn per_endpoint_calls_and_unserved_rpcs_answer_as_etcd_would() {
             assert!(!said.contains("PROTOCOL_ERROR"), "{said}");
         }
     });
+}
+
+/// `etcdctl endpoint hashkv` gives etcd's own hash for the same history (before and after a
+/// compaction, at a past revision), and the same hash after keel restarts.
+#[test]
+fn hashkv_equals_etcds_for_the_same_history_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = rt.block_on(LiveEtcd::start(dir.path()));
+    let mut k = Keel::start(dir.path(), &[]);
+    let hashkv = |ep: &str, rev: &str| {
+        let v = json(ep, &["endpoint", "hashkv", "--rev", rev]);
+        let h = &v[0]["HashKV"];
+        (h["hash"].as_u64().unwrap(), h["compact_revision"].as_i64())
+    };
+    let eps = [etcd.endpoint(), k.url()];
+    let both = |args: &[&str]| {
+        for ep in &eps {
+            ok(ep, args);
+        }
+    };
+    let same = |rev: &str| {
+        let (e, kk) = (hashkv(&eps[0], rev), hashkv(&eps[1], rev));
+        assert_eq!(kk, e, "keel vs etcd at --rev {rev}");
+        e
+    };
+    same("0");
+    for (key, val) in [("a", "1"), ("b", "2"), ("a", "3"), ("c", "")] {
+        both(&["put", key, val]);
+    }
+    both(&["del", "b"]);
+    both(&["put", "d", "x"]);
+    let before = same("0");
+    same("3");
+    both(&["compact", "4"]);
+    let after = same("0");
+    assert_ne!(before, after, "a compaction changes the hash, as in etcd");
+    same("5");
+    k.restart();
+    assert_eq!(
+        hashkv(&k.url(), "0"),
+        after,
+        "the same hash after a restart"
+    );
 }

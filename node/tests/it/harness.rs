@@ -224,3 +224,66 @@ pub fn kv(url: &str) -> pb::kv_client::KvClient<tonic::transport::Channel> {
     // Like etcd's Go client, accept large responses (a full range of a big store).
     pb::kv_client::KvClient::new(ch).max_decoding_message_size(usize::MAX)
 }
+
+/// A real etcd (Debian's 3.4) on free loopback ports, for side-by-side checks. scripts/setup.sh
+/// installs it: a machine without it fails the tests that use it rather than skip them.
+pub struct LiveEtcd {
+    child: Child,
+    pub url: String,
+}
+
+impl LiveEtcd {
+    pub async fn start(dir: &Path) -> LiveEtcd {
+        assert!(
+            Command::new("etcd").arg("--version").output().is_ok(),
+            "etcd is not installed: run scripts/setup.sh (this test compares with a live etcd)"
+        );
+        let (cport, pport) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{cport}");
+        let purl = format!("http://127.0.0.1:{pport}");
+        let child = Command::new("etcd")
+            .args(["--name", "ref", "--data-dir"])
+            .arg(dir.join("ref.etcd"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &purl,
+                "--initial-advertise-peer-urls",
+                &purl,
+            ])
+            .args(["--initial-cluster", &format!("ref={purl}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let etcd = LiveEtcd { child, url };
+        for _ in 0..200 {
+            let mut c = kv(&etcd.url);
+            let probe = pb::RangeRequest {
+                key: bytes::Bytes::from_static(b"x"),
+                ..Default::default()
+            };
+            if c.range(probe).await.is_ok() {
+                return etcd;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("etcd did not start");
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.url.trim_start_matches("http://").to_string()
+    }
+}
+
+impl Drop for LiveEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
