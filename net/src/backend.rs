@@ -24,6 +24,8 @@ pub enum WriteRequest {
     DeleteRange(pb::DeleteRangeRequest),
     Txn(pb::TxnRequest),
     Compact(pb::CompactionRequest),
+    /// Alarm activate/deactivate (they go through raft, as in etcd).
+    Alarm(pb::AlarmRequest),
 }
 
 #[derive(Debug, Clone)]
@@ -32,6 +34,7 @@ pub enum WriteResponse {
     DeleteRange(pb::DeleteRangeResponse),
     Txn(pb::TxnResponse),
     Compact(pb::CompactionResponse),
+    Alarm(pb::AlarmResponse),
 }
 
 pub trait Backend: Send + Sync + 'static {
@@ -56,6 +59,9 @@ pub trait Backend: Send + Sync + 'static {
     fn members(&self) -> Vec<pb::Member>;
 
     fn alarms(&self) -> Vec<pb::AlarmMember>;
+
+    /// Rewrites this member's backend compactly (etcd's defrag; not through raft).
+    fn defragment(&self) -> impl Future<Output = Result<(), ApiError>> + Send;
 
     /// etcd's HashKV at `revision` (0: the current one).
     fn hash_kv(&self, revision: i64) -> Result<pb::HashKvResponse, ApiError>;

@@ -137,20 +137,28 @@ fn not_yet(what: &str) -> Status {
 impl<B: Backend> pb::maintenance_server::Maintenance for MaintenanceService<B> {
     async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Reply<pb::AlarmResponse> {
         let r = req.into_inner();
-        let alarms = self.backend.alarms();
         let action = pb::alarm_request::AlarmAction::try_from(r.action)
             .map_err(|_| Status::invalid_argument("etcdserver: unknown alarm action"))?;
-        let alarms = match action {
-            pb::alarm_request::AlarmAction::Get => alarms,
-            // No alarm can be raised yet (quota comes with the storage engine), so
-            // deactivating one finds nothing to clear, as etcd answers for an absent alarm.
-            pb::alarm_request::AlarmAction::Deactivate => Vec::new(),
-            pb::alarm_request::AlarmAction::Activate => return Err(not_yet("alarm activate")),
-        };
-        Ok(Response::new(pb::AlarmResponse {
-            header: Some(self.backend.header(0)),
-            alarms,
-        }))
+        if action == pb::alarm_request::AlarmAction::Get {
+            // All alarms, or those of one type.
+            let alarms = self
+                .backend
+                .alarms()
+                .into_iter()
+                .filter(|a| r.alarm == pb::AlarmType::None as i32 || a.alarm == r.alarm)
+                .collect();
+            return Ok(Response::new(pb::AlarmResponse {
+                header: Some(self.backend.header(0)),
+                alarms,
+            }));
+        }
+        match self.backend.write(WriteRequest::Alarm(r)).await? {
+            WriteResponse::Alarm(mut resp) => {
+                resp.header = Some(self.backend.header(0));
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("alarm")),
+        }
     }
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Reply<pb::StatusResponse> {
@@ -161,7 +169,7 @@ impl<B: Backend> pb::maintenance_server::Maintenance for MaintenanceService<B> {
         &self,
         _req: Request<pb::DefragmentRequest>,
     ) -> Reply<pb::DefragmentResponse> {
-        // The in-memory store has nothing to defragment; the B+tree backend will.
+        self.backend.defragment().await?;
         Ok(Response::new(pb::DefragmentResponse {
             header: Some(self.backend.header(0)),
         }))

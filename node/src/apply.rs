@@ -64,7 +64,13 @@ fn header(revision: i64) -> Option<pb::ResponseHeader> {
 /// Applies one committed request. Leases do not exist yet (Lease service: later issue), so any
 /// non-zero lease is "not found", as etcd answers for an unknown lease.
 pub fn apply(store: &mut Store, req: InternalRequest) -> Result<WriteResponse, ApiError> {
+    // With NOSPACE raised, what grows the store is refused (etcd's capped applier); reads,
+    // deletes, compaction and alarms go on.
+    let capped = store.alarms().iter().any(|a| a.1 == NOSPACE);
     if let Some(p) = req.put {
+        if capped {
+            return Err(ApiError::NoSpace);
+        }
         if p.lease != 0 {
             return Err(ApiError::LeaseNotFound);
         }
@@ -80,7 +86,13 @@ pub fn apply(store: &mut Store, req: InternalRequest) -> Result<WriteResponse, A
         return Ok(WriteResponse::DeleteRange(resp));
     }
     if let Some(r) = req.txn {
+        if capped && txn_cost_bytes(&r) > 0 {
+            return Err(ApiError::NoSpace);
+        }
         return txn(store, &r).map(WriteResponse::Txn);
+    }
+    if let Some(a) = req.alarm {
+        return Ok(WriteResponse::Alarm(alarm(store, &a)));
     }
     if let Some(c) = req.compaction {
         store.compact(c.revision).map_err(storage_err)?;
@@ -89,6 +101,63 @@ pub fn apply(store: &mut Store, req: InternalRequest) -> Result<WriteResponse, A
         }));
     }
     Err(ApiError::Internal("empty internal request".into()))
+}
+
+/// etcd's AlarmType NOSPACE.
+pub const NOSPACE: i32 = pb::AlarmType::Nospace as i32;
+/// etcd's quota estimate of what a key-value adds beyond its request (`kvOverhead`).
+const KV_OVERHEAD_BYTES: usize = 256;
+
+/// etcd's quota cost of a put: the request plus a fixed overhead.
+pub fn put_cost_bytes(p: &pb::PutRequest) -> usize {
+    use keel_proto::prost::Message;
+    KV_OVERHEAD_BYTES + p.encoded_len()
+}
+
+/// etcd's quota cost of a txn: the costlier branch's puts (nested txns included).
+pub fn txn_cost_bytes(t: &pb::TxnRequest) -> usize {
+    let cost = |ops: &[pb::RequestOp]| -> usize {
+        ops.iter()
+            .map(|op| match &op.request {
+                Some(Request::RequestPut(p)) => put_cost_bytes(p),
+                Some(Request::RequestTxn(inner)) => txn_cost_bytes(inner),
+                _ => 0,
+            })
+            .sum()
+    };
+    cost(&t.success).max(cost(&t.failure))
+}
+
+/// Alarm activate/deactivate (etcd's applyAlarm): activating answers the alarm (also when it
+/// was already raised), deactivating answers it if it was raised.
+fn alarm(store: &mut Store, r: &pb::AlarmRequest) -> pb::AlarmResponse {
+    use pb::alarm_request::AlarmAction;
+    let member = (r.member_id, r.alarm);
+    let answered = match AlarmAction::try_from(r.action) {
+        Ok(AlarmAction::Activate) if r.alarm != pb::AlarmType::None as i32 => {
+            if store.activate_alarm(member) {
+                tracing::warn!(
+                    member = format!("{:x}", r.member_id),
+                    alarm = r.alarm,
+                    "alarm raised"
+                );
+            }
+            true
+        }
+        Ok(AlarmAction::Deactivate) => store.deactivate_alarm(member),
+        _ => false,
+    };
+    pb::AlarmResponse {
+        header: header(store.mvcc().current_rev()),
+        alarms: if answered {
+            vec![pb::AlarmMember {
+                member_id: r.member_id,
+                alarm: r.alarm,
+            }]
+        } else {
+            Vec::new()
+        },
+    }
 }
 
 fn put(t: &mut WriteTxn<'_>, p: &pb::PutRequest) -> Result<pb::PutResponse, ApiError> {

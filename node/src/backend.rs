@@ -18,6 +18,8 @@ use crate::apply;
 use crate::config::{Config, ETCD_API_VERSION};
 use crate::raft_core::{Proposal, RaftStatus};
 
+const PAGE_BYTES: u64 = keel_storage::backend::page::PAGE_BYTES as u64;
+
 /// How long a write may wait for raft before "request timed out" (etcd: 7 s by default).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
 
@@ -28,6 +30,7 @@ pub struct NodeBackend {
     pub member_id: u64,
     pub cluster_id: u64,
     pub cfg: Arc<Config>,
+    pub store: keel_storage::store::StoreHandle,
 }
 
 impl NodeBackend {
@@ -38,12 +41,42 @@ impl NodeBackend {
             WriteRequest::DeleteRange(d) => ir.delete_range = Some(d),
             WriteRequest::Txn(t) => ir.txn = Some(t),
             WriteRequest::Compact(c) => ir.compaction = Some(c),
+            WriteRequest::Alarm(a) => ir.alarm = Some(a),
         }
         let data = ir.encode_to_vec();
         if data.len() > self.cfg.max_request_bytes {
             return Err(ApiError::RequestTooLarge);
         }
         Ok(data)
+    }
+}
+
+impl NodeBackend {
+    /// etcd's quota check at the edge: a write that would take the backend to its quota
+    /// raises NOSPACE (through raft, without waiting) and is refused.
+    fn check_quota(&self, req: &WriteRequest) -> Result<(), ApiError> {
+        let cost = match req {
+            WriteRequest::Put(p) => apply::put_cost_bytes(p),
+            WriteRequest::Txn(t) => apply::txn_cost_bytes(t),
+            _ => return Ok(()),
+        };
+        let Some(quota) = self.cfg.quota_backend_bytes else {
+            return Ok(());
+        };
+        let size = self.store.space().pages * PAGE_BYTES;
+        if cost == 0 || size + (cost as u64) < quota {
+            return Ok(());
+        }
+        let raise = WriteRequest::Alarm(pb::AlarmRequest {
+            action: pb::alarm_request::AlarmAction::Activate as i32,
+            member_id: self.member_id,
+            alarm: apply::NOSPACE,
+        });
+        if let Ok(data) = self.encode(raise) {
+            let (tx, _) = oneshot::channel();
+            let _ = self.proposals.try_send(Proposal { data, tx });
+        }
+        Err(ApiError::NoSpace)
     }
 }
 
@@ -85,14 +118,17 @@ impl Backend for NodeBackend {
         req: WriteRequest,
     ) -> impl std::future::Future<Output = Result<WriteResponse, ApiError>> + Send {
         let (tx, rx) = oneshot::channel();
-        let sent = self.encode(req).and_then(|data| {
-            self.proposals
-                .try_send(Proposal { data, tx })
-                .map_err(|e| match e {
-                    TrySendError::Full(_) => ApiError::TooManyRequests,
-                    TrySendError::Disconnected(_) => ApiError::Stopped,
-                })
-        });
+        let sent = self
+            .check_quota(&req)
+            .and_then(|()| self.encode(req))
+            .and_then(|data| {
+                self.proposals
+                    .try_send(Proposal { data, tx })
+                    .map_err(|e| match e {
+                        TrySendError::Full(_) => ApiError::TooManyRequests,
+                        TrySendError::Disconnected(_) => ApiError::Stopped,
+                    })
+            });
         async move {
             sent?;
             match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
@@ -105,8 +141,9 @@ impl Backend for NodeBackend {
 
     fn status(&self) -> pb::StatusResponse {
         // The backend file's size, as etcd reports its bbolt file, and the part in use.
-        let db_bytes = self.status.db_bytes.load(Ordering::Acquire) as i64;
-        let db_bytes_in_use = self.status.db_bytes_in_use.load(Ordering::Acquire) as i64;
+        let space = self.store.space();
+        let db_bytes = (space.pages * PAGE_BYTES) as i64;
+        let db_bytes_in_use = ((space.pages - space.free_pages) * PAGE_BYTES) as i64;
         pb::StatusResponse {
             header: Some(self.header(0)),
             version: ETCD_API_VERSION.to_string(),
@@ -115,11 +152,21 @@ impl Backend for NodeBackend {
             raft_index: self.status.commit_index.load(Ordering::Acquire),
             raft_term: self.status.term.load(Ordering::Acquire),
             raft_applied_index: self.status.applied_index.load(Ordering::Acquire),
-            errors: Vec::new(),
+            // etcd lists active alarms here, in protobuf's text form.
+            errors: self
+                .alarms()
+                .iter()
+                .map(|a| {
+                    let name = pb::AlarmType::try_from(a.alarm)
+                        .map(|t| t.as_str_name())
+                        .unwrap_or("NONE");
+                    format!("memberID:{} alarm:{name} ", a.member_id)
+                })
+                .collect(),
             db_size_in_use: db_bytes_in_use,
             is_learner: false,
             storage_version: String::new(),
-            db_size_quota: self.cfg.quota_backend_bytes as i64,
+            db_size_quota: self.cfg.quota_backend_bytes.unwrap_or(0) as i64,
             downgrade_info: None,
         }
     }
@@ -135,7 +182,33 @@ impl Backend for NodeBackend {
     }
 
     fn alarms(&self) -> Vec<pb::AlarmMember> {
-        Vec::new()
+        self.status
+            .alarms
+            .lock()
+            .expect("alarms lock")
+            .iter()
+            .map(|(member_id, alarm)| pb::AlarmMember {
+                member_id: *member_id,
+                alarm: *alarm,
+            })
+            .collect()
+    }
+
+    fn defragment(&self) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
+        let store = self.store.clone();
+        let applied = self.status.applied_index.load(Ordering::Acquire);
+        async move {
+            let started = std::time::Instant::now();
+            let result = tokio::task::spawn_blocking(move || store.defragment(applied))
+                .await
+                .map_err(|e| ApiError::Internal(format!("defragment: {e}")))?;
+            result.map_err(apply::storage_err)?;
+            tracing::info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "defragmented"
+            );
+            Ok(())
+        }
     }
 
     fn hash_kv(&self, revision: i64) -> Result<pb::HashKvResponse, ApiError> {

@@ -10,6 +10,8 @@ use clap::Parser;
 
 pub const ETCD_API_VERSION: &str = "3.5.0";
 const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+/// etcd warns above this quota ("exceeds maximum recommended quota").
+pub const MAX_RECOMMENDED_QUOTA_BYTES: u64 = 8 << 30;
 /// etcd's DefaultSnapshotCatchUpEntries.
 const DEFAULT_SNAPSHOT_CATCHUP_ENTRIES: u64 = 5000;
 /// Above this etcd warns "exceeded recommended request limit" (etcdserver's
@@ -96,9 +98,15 @@ pub struct Flags {
         default_value = "etcd-cluster"
     )]
     pub initial_cluster_token: String,
-    /// Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB).
-    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
-    pub quota_backend_bytes: u64,
+    /// Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB; a
+    /// negative value disables the quota).
+    #[arg(
+        long,
+        env = "ETCD_QUOTA_BACKEND_BYTES",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub quota_backend_bytes: i64,
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
     pub max_request_bytes: u64,
@@ -134,7 +142,8 @@ pub struct Config {
     pub election_ms: u64,
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
-    pub quota_backend_bytes: u64,
+    /// The backend quota; None when disabled (a negative --quota-backend-bytes).
+    pub quota_backend_bytes: Option<u64>,
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
     pub log_level: String,
@@ -243,12 +252,18 @@ impl Flags {
                 "initial-cluster-state" => f.initial_cluster_state = text.unwrap_or_default(),
                 "initial-cluster-token" => f.initial_cluster_token = text.unwrap_or_default(),
                 "log-level" => f.log_level = text.unwrap_or_default(),
+                "quota-backend-bytes" => {
+                    f.quota_backend_bytes = text
+                        .as_deref()
+                        .unwrap_or("")
+                        .parse()
+                        .map_err(|_| bad("expected an integer"))?;
+                }
                 "snapshot-count"
                 | "snapshot-catchup-entries"
                 | "experimental-snapshot-catchup-entries"
                 | "heartbeat-interval"
                 | "election-timeout"
-                | "quota-backend-bytes"
                 | "max-request-bytes"
                 | "max-txn-ops" => {
                     let n: u64 = text
@@ -264,7 +279,6 @@ impl Flags {
                         }
                         "heartbeat-interval" => f.heartbeat_interval = n,
                         "election-timeout" => f.election_timeout = n,
-                        "quota-backend-bytes" => f.quota_backend_bytes = n,
                         "max-request-bytes" => f.max_request_bytes = n,
                         _ => f.max_txn_ops = n,
                     }
@@ -427,10 +441,10 @@ impl Config {
                 .snapshot_catchup_entries
                 .or(f.experimental_snapshot_catchup_entries)
                 .unwrap_or(DEFAULT_SNAPSHOT_CATCHUP_ENTRIES),
-            quota_backend_bytes: if f.quota_backend_bytes == 0 {
-                DEFAULT_QUOTA_BYTES
-            } else {
-                f.quota_backend_bytes
+            quota_backend_bytes: match f.quota_backend_bytes {
+                0 => Some(DEFAULT_QUOTA_BYTES),
+                q if q < 0 => None,
+                q => Some(q as u64),
             },
             max_request_bytes: f.max_request_bytes as usize,
             max_txn_ops: f.max_txn_ops as usize,
@@ -492,7 +506,12 @@ mod tests {
         assert_eq!(c.listen_client, vec!["127.0.0.1:2379".parse().unwrap()]);
         assert_eq!(c.max_request_bytes, 1_572_864);
         assert_eq!(c.max_txn_ops, 128);
-        assert_eq!(c.quota_backend_bytes, 2 << 30);
+        assert_eq!(c.quota_backend_bytes, Some(2 << 30));
+        let off = load(&["--quota-backend-bytes", "-1"]).unwrap();
+        assert_eq!(
+            off.quota_backend_bytes, None,
+            "a negative quota disables it, as in etcd"
+        );
         assert_eq!(
             c.initial_cluster,
             vec![(

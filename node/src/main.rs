@@ -185,6 +185,14 @@ fn member_meta(cfg: &Config) -> MemberMeta {
 
 fn run(cfg: Config) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&cfg)?;
+    match cfg.quota_backend_bytes {
+        None => tracing::warn!("disabling backend quota"),
+        Some(q) if q > config::MAX_RECOMMENDED_QUOTA_BYTES => tracing::warn!(
+            "backend quota {q} exceeds maximum recommended quota {}",
+            config::MAX_RECOMMENDED_QUOTA_BYTES
+        ),
+        Some(_) => {}
+    }
     if cfg.max_request_bytes > config::RECOMMENDED_MAX_REQUEST_BYTES {
         tracing::warn!(
             max_request_bytes = cfg.max_request_bytes,
@@ -216,6 +224,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let store = Store::open(&db_path, StoreOptions::default())
         .with_context(|| format!("open backend {}", db_path.display()))?;
     let mvcc = store.mvcc().clone();
+    let store_handle = store.handle();
     tracing::info!(
         backend = %db_path.display(),
         consistent_index = store.applied().0,
@@ -285,6 +294,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         member_id: meta.member_id,
         cluster_id: meta.cluster_id,
         cfg: cfg.clone(),
+        store: store_handle,
     });
     for (i, per_core) in listeners.into_iter().enumerate() {
         let backend = backend.clone();

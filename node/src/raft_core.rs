@@ -66,9 +66,8 @@ pub struct RaftStatus {
     pub commit_index: AtomicU64,
     pub applied_index: AtomicU64,
     pub leader_id: AtomicU64,
-    /// The backend file's size and the part of it in use, for Status.
-    pub db_bytes: AtomicU64,
-    pub db_bytes_in_use: AtomicU64,
+    /// Active alarms (member, type), as applied.
+    pub alarms: std::sync::Mutex<Vec<(u64, i32)>>,
 }
 
 pub struct RaftCore {
@@ -309,14 +308,10 @@ impl RaftCore {
             raft.leader_id
         };
         self.status.leader_id.store(leader, Ordering::Release);
-        let space = self.store.space();
-        let page = keel_storage::backend::page::PAGE_BYTES as u64;
-        self.status
-            .db_bytes
-            .store(space.pages * page, Ordering::Release);
-        self.status
-            .db_bytes_in_use
-            .store((space.pages - space.free_pages) * page, Ordering::Release);
+        if self.status.alarms.lock().expect("alarms lock").as_slice() != self.store.alarms() {
+            *self.status.alarms.lock().expect("alarms lock") = self.store.alarms().to_vec();
+        }
+
         let applied = self.status.applied_index.load(Ordering::Acquire);
         self.node.mut_store().compact_applied(applied);
     }

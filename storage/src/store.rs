@@ -21,6 +21,7 @@
 //!   "m/term"                          -> u64 LE, term of that entry
 //!   "m/current_rev"                   -> i64 LE
 //!   "m/compact_rev"                   -> i64 LE (-1: never compacted)
+//!   "m/alarms"                        -> n x (member u64 LE | alarm type i32 LE)
 //! ```
 
 use std::ops::{Deref, DerefMut};
@@ -34,7 +35,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use keel_proto::mvccpb::KeyValue;
 
 use crate::backend::file::MmapFile;
-use crate::backend::{Backend, SpaceStats};
+use crate::backend::{Backend, Options, SpaceStats};
 use crate::error::{Error, Result};
 use crate::mvcc::{decode_record, encode_record, record_key, KeyRev, Mvcc, WriteTxn};
 
@@ -42,6 +43,12 @@ const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
 const META_TERM: &[u8] = b"m/term";
 const META_CURRENT_REV: &[u8] = b"m/current_rev";
 const META_COMPACT_REV: &[u8] = b"m/compact_rev";
+const META_ALARMS: &[u8] = b"m/alarms";
+/// Defragmentation copies the tree in commits of about this much.
+const DEFRAG_CHUNK_BYTES: usize = 8 << 20;
+
+/// An active alarm: (member ID, etcd's AlarmType number).
+pub type Alarm = (u64, i32);
 
 #[derive(Clone, Copy, Debug)]
 pub struct StoreOptions {
@@ -77,9 +84,19 @@ struct Pending {
     since: Option<Instant>,
 }
 
+/// Work for the committer thread.
+enum Job {
+    Batch(Batch),
+    /// Rewrite the file compactly; the result goes back on the sender.
+    Defrag(Sender<Result<()>>),
+    Stop,
+}
+
 /// One backend commit's worth of changes, handed to the committer.
 struct Batch {
     pending: Pending,
+    /// The alarms, when they changed since the last batch.
+    alarms: Option<Vec<Alarm>>,
     applied: (u64, u64),
     current_rev: i64,
     compact_rev: i64,
@@ -98,7 +115,7 @@ struct Published {
 
 pub struct Store {
     mvcc: Arc<Mvcc>,
-    batches: Option<Sender<Batch>>,
+    jobs: Sender<Job>,
     committer: Option<std::thread::JoinHandle<()>>,
     published: Arc<Published>,
     pending: Pending,
@@ -107,12 +124,15 @@ pub struct Store {
     applied: (u64, u64),
     /// The consistent index of the last batch handed over.
     handed: u64,
+    /// Active alarms, sorted (state-machine state, persisted with the batches).
+    alarms: Vec<Alarm>,
+    alarms_changed: bool,
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
         // The committer finishes what it holds, then ends.
-        self.batches.take();
+        let _ = self.jobs.send(Job::Stop);
         if let Some(t) = self.committer.take() {
             let _ = t.join();
         }
@@ -149,6 +169,10 @@ impl Store {
             meta_i64(META_CURRENT_REV, 1)?,
             meta_i64(META_COMPACT_REV, -1)?,
         );
+        let alarms = match snap.get(META_ALARMS)? {
+            Some(v) => decode_alarms(v).ok_or_else(|| bad_meta(META_ALARMS))?,
+            None => Vec::new(),
+        };
         let mut failed = None;
         snap.range(b"r", Some(b"s"), |k, v| {
             let (Ok(main), Ok(sub)) = (k[1..9].try_into(), k.get(9..17).unwrap_or(&[]).try_into())
@@ -180,7 +204,10 @@ impl Store {
             let (mvcc, published) = (mvcc.clone(), published.clone());
             std::thread::Builder::new()
                 .name("keel-backend".into())
-                .spawn(move || run_committer(db, rx, mvcc, published))
+                .spawn({
+                    let path = path.to_path_buf();
+                    move || run_committer(db, path, rx, mvcc, published)
+                })
                 .map_err(|source| Error::Io {
                     op: "spawn backend committer",
                     path: path.to_path_buf(),
@@ -189,14 +216,50 @@ impl Store {
         };
         Ok(Store {
             mvcc,
-            batches: Some(tx),
+            jobs: tx,
             committer: Some(committer),
             published,
             pending: Pending::default(),
             opts,
             applied,
             handed: applied.0,
+            alarms,
+            alarms_changed: false,
         })
+    }
+
+    /// The active alarms.
+    pub fn alarms(&self) -> &[Alarm] {
+        &self.alarms
+    }
+
+    /// Raises an alarm; whether it was new.
+    pub fn activate_alarm(&mut self, alarm: Alarm) -> bool {
+        match self.alarms.binary_search(&alarm) {
+            Ok(_) => false,
+            Err(i) => {
+                self.alarms.insert(i, alarm);
+                self.alarm_changed();
+                true
+            }
+        }
+    }
+
+    /// Clears an alarm; whether it was there.
+    pub fn deactivate_alarm(&mut self, alarm: Alarm) -> bool {
+        match self.alarms.binary_search(&alarm) {
+            Ok(i) => {
+                self.alarms.remove(i);
+                self.alarm_changed();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn alarm_changed(&mut self) {
+        self.alarms_changed = true;
+        self.pending.since.get_or_insert_with(Instant::now);
     }
 
     /// The shared index readers use.
@@ -249,15 +312,16 @@ impl Store {
         }
         let handed = self.handed;
         let batch = self.batch(None);
-        match self.sender().try_send(batch) {
+        match self.jobs.try_send(Job::Batch(batch)) {
             Ok(()) => Ok(true),
-            Err(TrySendError::Full(b)) => {
+            Err(TrySendError::Full(Job::Batch(b))) => {
                 // The committer is busy: the batch keeps growing until it is free.
                 self.pending = b.pending;
                 self.handed = handed;
+                self.alarms_changed |= b.alarms.is_some();
                 Ok(false)
             }
-            Err(TrySendError::Disconnected(_)) => Err(committer_gone()),
+            Err(_) => Err(committer_gone()),
         }
     }
 
@@ -265,17 +329,25 @@ impl Store {
     pub fn commit(&mut self) -> Result<()> {
         let (done, wait) = crossbeam_channel::bounded(1);
         let batch = self.batch(Some(done));
-        self.sender().send(batch).map_err(|_| committer_gone())?;
+        self.jobs
+            .send(Job::Batch(batch))
+            .map_err(|_| committer_gone())?;
         wait.recv().map_err(|_| committer_gone())
     }
 
-    fn sender(&self) -> &Sender<Batch> {
-        self.batches.as_ref().expect("open until dropped")
+    /// A handle for other threads: defragments the backend, reports its size.
+    pub fn handle(&self) -> StoreHandle {
+        StoreHandle {
+            jobs: self.jobs.clone(),
+            published: self.published.clone(),
+        }
     }
 
     fn batch(&mut self, done: Option<Sender<()>>) -> Batch {
         self.handed = self.applied.0;
+        let alarms = std::mem::take(&mut self.alarms_changed).then(|| self.alarms.clone());
         Batch {
+            alarms,
             pending: std::mem::take(&mut self.pending),
             applied: self.applied,
             current_rev: self.mvcc.current_rev(),
@@ -309,14 +381,58 @@ fn publish_space(db: &Backend<MmapFile>, to: &Published) {
     to.free_pages.store(space.free_pages, Ordering::Release);
 }
 
-/// The committer thread: writes each batch, publishes it, forgets its values in memory.
+/// What other threads (net cores) may ask of the store: its size, and a defragmentation.
+#[derive(Clone)]
+pub struct StoreHandle {
+    jobs: Sender<Job>,
+    published: Arc<Published>,
+}
+
+impl StoreHandle {
+    /// The backend's size as of its last commit or defragmentation.
+    pub fn space(&self) -> SpaceStats {
+        SpaceStats {
+            pages: self.published.pages.load(Ordering::Acquire),
+            free_pages: self.published.free_pages.load(Ordering::Acquire),
+        }
+    }
+
+    /// Rewrites the backend file compactly (etcd's defrag) once everything applied up to
+    /// `applied` is in it (the raft core hands batches over within the commit interval), and
+    /// waits for it. Writes go on being applied meanwhile; their batches wait for the rewrite.
+    pub fn defragment(&self, applied: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.published.index.load(Ordering::Acquire) < applied && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (done, wait) = crossbeam_channel::bounded(1);
+        self.jobs
+            .send(Job::Defrag(done))
+            .map_err(|_| committer_gone())?;
+        wait.recv().map_err(|_| committer_gone())?
+    }
+}
+
+/// The committer thread: writes each batch, publishes it, forgets its values in memory;
+/// defragments when asked.
 fn run_committer(
     mut db: Backend<MmapFile>,
-    batches: Receiver<Batch>,
+    path: std::path::PathBuf,
+    jobs: Receiver<Job>,
     mvcc: Arc<Mvcc>,
     published: Arc<Published>,
 ) {
-    for batch in batches {
+    for job in jobs {
+        let batch = match job {
+            Job::Batch(b) => b,
+            Job::Defrag(done) => {
+                let result = defragment(&mut db, &path);
+                publish_space(&db, &published);
+                let _ = done.send(result);
+                continue;
+            }
+            Job::Stop => return,
+        };
         if let Err(e) = write_batch(&mut db, &batch) {
             // Fatal by design: the process must not go on with a backend it cannot write.
             panic!("backend commit failed: {e}");
@@ -338,6 +454,28 @@ fn run_committer(
     }
 }
 
+/// Copies the tree compactly to `{path}.defrag`, renames it over `path` (synced), and
+/// switches to it. A crash before the rename leaves the old file; after, the new one.
+fn defragment(db: &mut Backend<MmapFile>, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("db.defrag");
+    let _ = std::fs::remove_file(&tmp);
+    let copy = db.compact_copy(
+        MmapFile::open(&tmp)?,
+        Options::default(),
+        DEFRAG_CHUNK_BYTES,
+    )?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        op: "rename defragmented backend",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(dir) = path.parent() {
+        crate::wal::sync_dir(dir)?;
+    }
+    db.replace_with(copy);
+    Ok(())
+}
+
 fn write_batch(db: &mut Backend<MmapFile>, batch: &Batch) -> Result<()> {
     let mut txn = db.write()?;
     for change in &batch.pending.changes {
@@ -356,7 +494,36 @@ fn write_batch(db: &mut Backend<MmapFile>, batch: &Batch) -> Result<()> {
     txn.put(META_TERM, &term.to_le_bytes())?;
     txn.put(META_CURRENT_REV, &batch.current_rev.to_le_bytes())?;
     txn.put(META_COMPACT_REV, &batch.compact_rev.to_le_bytes())?;
+    if let Some(alarms) = &batch.alarms {
+        txn.put(META_ALARMS, &encode_alarms(alarms))?;
+    }
     txn.commit()
+}
+
+fn encode_alarms(alarms: &[Alarm]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12 * alarms.len());
+    for (member, alarm) in alarms {
+        v.extend_from_slice(&member.to_le_bytes());
+        v.extend_from_slice(&alarm.to_le_bytes());
+    }
+    v
+}
+
+fn decode_alarms(v: &[u8]) -> Option<Vec<Alarm>> {
+    if !v.len().is_multiple_of(12) {
+        return None;
+    }
+    Some(
+        v.chunks(12)
+            .map(|c| {
+                let member = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
+                (
+                    member,
+                    i32::from_le_bytes(c[8..].try_into().expect("4 bytes")),
+                )
+            })
+            .collect(),
+    )
 }
 
 fn bad_meta(key: &[u8]) -> Error {
@@ -466,6 +633,58 @@ mod tests {
         assert!(before
             .iter()
             .any(|(k, v, _, _)| k == "big" && v.len() == 50_000));
+    }
+
+    #[test]
+    fn defragment_shrinks_the_file_and_keeps_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut s = Store::open(&path, StoreOptions::default()).unwrap();
+        for i in 0..2000 {
+            put(&mut s, &format!("k{}", i % 20), &"v".repeat(1000));
+            if i % 100 == 99 {
+                s.commit().unwrap();
+            }
+        }
+        s.compact(s.mvcc().current_rev()).unwrap();
+        s.set_applied(3000, 2);
+        s.commit().unwrap();
+        let before = (all(s.mvcc(), 0), s.space());
+        let held = s.mvcc().clone();
+        s.handle().defragment(3000).unwrap();
+        let after = s.space();
+        assert!(
+            after.pages * 4 < before.1.pages,
+            "{:?} -> {after:?}",
+            before.1
+        );
+        assert_eq!(all(s.mvcc(), 0), before.0);
+        assert_eq!(all(&held, 0), before.0);
+        put(&mut s, "new", "1");
+        s.commit().unwrap();
+        drop(s);
+        let s = Store::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(s.applied(), (3000, 2));
+        assert_eq!(all(s.mvcc(), 0).len(), 21);
+        assert!(!path.with_extension("db.defrag").exists());
+    }
+
+    #[test]
+    fn alarms_persist_with_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let mut s = Store::open(&path, StoreOptions::default()).unwrap();
+            assert!(s.activate_alarm((7, 1)));
+            assert!(!s.activate_alarm((7, 1)), "already active");
+            assert!(s.activate_alarm((3, 2)));
+            assert!(s.deactivate_alarm((3, 2)));
+            assert!(!s.deactivate_alarm((3, 2)));
+            s.set_applied(9, 2);
+            s.commit().unwrap();
+        }
+        let s = Store::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(s.alarms(), [(7, 1)]);
     }
 
     #[test]

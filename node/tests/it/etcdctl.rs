@@ -200,14 +200,15 @@ fn per_endpoint_calls_and_unserved_rpcs_answer_as_etcd_would() {
             ok(ep, &["defrag"]),
             format!("Finished defragmenting etcd member[{ep}]\n")
         );
+        // A fresh store's hash is etcd's for an empty store.
+        assert_eq!(
+            ok(ep, &["endpoint", "hashkv"]),
+            format!("{ep}, 1084519789\n")
+        );
         // Not served yet: a clear Unimplemented naming the call, never PROTOCOL_ERROR.
         for (args, rpc) in [
             (
-                &["endpoint", "hashkv"][..],
-                "keel: HashKV is not implemented yet",
-            ),
-            (
-                &["lease", "grant", "10"],
+                &["lease", "grant", "10"][..],
                 "keel: etcdserverpb.Lease/LeaseGrant is not implemented yet",
             ),
             (
@@ -273,4 +274,70 @@ fn hashkv_equals_etcds_for_the_same_history_and_survives_restart() {
         after,
         "the same hash after a restart"
     );
+}
+
+/// The quota flow of etcd's docs, as etcdctl shows it: writes past --quota-backend-bytes
+/// raise NOSPACE and fail with etcd's message; reads, deletes, read-only txns and compaction
+/// go on; defrag shrinks the file; after `alarm disarm` writes work again.
+#[test]
+fn nospace_alarm_compact_defrag_and_disarm() {
+    each_endpoint_form(&["--quota-backend-bytes", "16777216"], |k, ep| {
+        let value = "v".repeat(100_000);
+        let mut failed = None;
+        for i in 0..400 {
+            let (success, _, err) = etcdctl(ep, &["put", &format!("key{i}")], Some(&value));
+            if !success {
+                failed = Some(err);
+                break;
+            }
+        }
+        let err = failed.expect("a 16 MiB quota is reached within 40 MB of puts");
+        assert!(
+            err.contains("Error: etcdserver: mvcc: database space exceeded"),
+            "{err}"
+        );
+        let id = json(ep, &["endpoint", "status"])[0]["Status"]["header"]["member_id"]
+            .as_u64()
+            .unwrap();
+        let alarm = format!("memberID:{id} alarm:NOSPACE ");
+        assert_eq!(ok(ep, &["alarm", "list"]), format!("{alarm}\n"));
+        let st = json(ep, &["endpoint", "status"]);
+        assert_eq!(st[0]["Status"]["errors"][0], alarm.as_str());
+        let (success, _, err) = etcdctl(ep, &["put", "small", "v"], None);
+        assert!(!success && err.contains("database space exceeded"), "{err}");
+        // What does not grow the store still works.
+        assert_eq!(ok(ep, &["get", "key1", "--keys-only"]), "key1\n\n");
+        assert_eq!(ok(ep, &["del", "key1"]), "1\n");
+        let (success, out, _) = etcdctl(ep, &["txn"], Some("\nget key2 --keys-only\n\n\n"));
+        assert!(success && out.starts_with("SUCCESS"), "{out}");
+        let (success, _, err) = etcdctl(ep, &["txn"], Some("\nput key2 x\n\n\n"));
+        assert!(!success && err.contains("database space exceeded"), "{err}");
+        for i in 3..80 {
+            ok(ep, &["del", &format!("key{i}")]);
+        }
+        let rev = json(ep, &["get", "key2"])["header"]["revision"]
+            .as_i64()
+            .unwrap();
+        ok(ep, &["compact", &rev.to_string()]);
+        let size = |ep: &str| db_size(ep);
+        let before = size(ep);
+        assert_eq!(
+            ok(ep, &["defrag"]),
+            format!("Finished defragmenting etcd member[{ep}]\n")
+        );
+        let after = size(ep);
+        assert!(
+            after < before,
+            "defrag shrinks the file: {before} -> {after}"
+        );
+        // The alarm stays until disarmed.
+        assert_eq!(ok(ep, &["alarm", "list"]), format!("{alarm}\n"));
+        assert_eq!(ok(ep, &["alarm", "disarm"]), format!("{alarm}\n"));
+        assert_eq!(ok(ep, &["alarm", "list"]), "");
+        assert_eq!(ok(ep, &["alarm", "disarm"]), "");
+        assert_eq!(ok(ep, &["put", "small", "v"]), "OK\n");
+        let st = json(ep, &["endpoint", "status"]);
+        assert!(st[0]["Status"].get("errors").is_none(), "{st}");
+        let _ = k;
+    });
 }

@@ -338,6 +338,62 @@ impl<F: PageFile> Backend<F> {
     }
 }
 
+impl<F: PageFile> Backend<F> {
+    /// Writes the current tree compactly into `to` (an empty file): the entries in order, in
+    /// commits of about `chunk_bytes`, so memory stays bounded however large the tree.
+    pub fn compact_copy<G: PageFile>(
+        &self,
+        to: G,
+        opts: Options,
+        chunk_bytes: usize,
+    ) -> Result<Backend<G>> {
+        let snap = self.snapshot();
+        let mut dst = Backend::open_with(to, opts)?;
+        let mut from: Vec<u8> = Vec::new();
+        let mut first = true;
+        loop {
+            let mut chunk: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            let mut size = 0;
+            snap.range(&from, None, |k, v| {
+                if !first && k == from.as_slice() {
+                    return true;
+                }
+                size += k.len() + v.len();
+                chunk.push((k.to_vec(), v.to_vec()));
+                size < chunk_bytes
+            })?;
+            first = false;
+            let Some((last, _)) = chunk.last() else {
+                return Ok(dst);
+            };
+            from = last.clone();
+            let mut txn = dst.write()?;
+            for (k, v) in chunk {
+                txn.put_owned(k, v)?;
+            }
+            txn.commit()?;
+        }
+    }
+
+    /// Takes over `other`'s file (a compact copy of this tree, `compact_copy`): new snapshots
+    /// read it; snapshots already held keep reading the old file, whose pages nothing
+    /// rewrites any more.
+    pub fn replace_with(&mut self, other: Backend<F>) {
+        let Backend {
+            file,
+            current,
+            free,
+            file_len,
+            ..
+        } = other;
+        self.file = file;
+        self.free = free;
+        self.file_len = file_len;
+        self.pending.clear();
+        self.current.store(current.load_full());
+    }
+}
+
 fn newest_meta(view: &[u8]) -> Result<Meta> {
     if view.len() < 2 * PAGE_BYTES {
         return Err(corrupt(0, "file shorter than its two meta pages".into()));

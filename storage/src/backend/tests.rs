@@ -302,3 +302,48 @@ fn the_real_file_maps_reads_and_grows() {
     let b = Backend::open(MmapFile::open(&path).unwrap()).unwrap();
     check(&b.snapshot(), &model);
 }
+
+#[test]
+fn a_compact_copy_holds_the_same_tree_in_fewer_pages() {
+    let mut b = small(CrashFile::new()).unwrap();
+    let mut model = Model::new();
+    let mut rng = StdRng::seed_from_u64(11);
+    for _ in 0..60 {
+        let mut txn = b.write().unwrap();
+        random_batch(&mut rng, &mut txn, &mut model);
+        txn.commit().unwrap();
+    }
+    let mut txn = b.write().unwrap();
+    let doomed: Vec<Vec<u8>> = model.keys().step_by(2).cloned().collect();
+    for k in &doomed {
+        txn.delete(k).unwrap();
+        model.remove(k);
+    }
+    txn.commit().unwrap();
+    let held = b.snapshot();
+    let copy = b
+        .compact_copy(
+            CrashFile::new(),
+            Options {
+                grow_bytes_min: 64 << 10,
+            },
+            20_000,
+        )
+        .unwrap();
+    check(&copy.snapshot(), &model);
+    assert!(
+        copy.space().pages < b.space().pages,
+        "{:?} vs {:?}",
+        copy.space(),
+        b.space()
+    );
+    b.replace_with(copy);
+    check(&b.snapshot(), &model);
+    check(&held, &model);
+    // Writes go on in the new file.
+    let mut txn = b.write().unwrap();
+    txn.put(b"after", b"defrag").unwrap();
+    txn.commit().unwrap();
+    model.insert(b"after".to_vec(), b"defrag".to_vec());
+    check(&b.snapshot(), &model);
+}
