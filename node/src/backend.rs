@@ -117,6 +117,12 @@ impl Backend for NodeBackend {
         &self,
         req: WriteRequest,
     ) -> impl std::future::Future<Output = Result<WriteResponse, ApiError>> + Send {
+        // etcd answers a physical compaction once it is carried out.
+        let physical = match &req {
+            WriteRequest::Compact(c) if c.physical => Some(c.revision),
+            _ => None,
+        };
+        let store = self.store.clone();
         let (tx, rx) = oneshot::channel();
         let sent = self
             .check_quota(&req)
@@ -131,11 +137,17 @@ impl Backend for NodeBackend {
             });
         async move {
             sent?;
-            match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
+            let result = match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(ApiError::Stopped),
                 Err(_) => Err(ApiError::Timeout),
+            };
+            if let (Ok(_), Some(rev)) = (&result, physical) {
+                while store.finished_compact_rev() < rev {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
+            result
         }
     }
 

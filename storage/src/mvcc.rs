@@ -362,10 +362,24 @@ impl Mvcc {
         }
     }
 
-    /// Compacts to `rev`: drops every version below `rev` that is not the latest of its key at
-    /// `rev`, and keys whose latest version at `rev` is a tombstone. Checks as etcd does.
-    /// Returns the revisions dropped (for the backend to delete).
+    /// Compacts to `rev` at once (tests): `schedule_compact`, then every chunk.
     pub fn compact(&self, rev: i64) -> Result<Vec<(i64, i64)>> {
+        self.schedule_compact(rev)?;
+        let mut dropped = Vec::new();
+        let mut from = Bytes::new();
+        loop {
+            let (mut d, next) = self.compact_chunk(rev, &from, usize::MAX);
+            dropped.append(&mut d);
+            match next {
+                Some(k) => from = k,
+                None => return Ok(dropped),
+            }
+        }
+    }
+
+    /// Raises the compaction revision to `rev`, checked as etcd does: reads below it fail
+    /// from now on. The versions it supersedes go later, chunk by chunk (`compact_chunk`).
+    pub fn schedule_compact(&self, rev: i64) -> Result<()> {
         if rev <= self.compact_rev() {
             return Err(Error::Compacted);
         }
@@ -373,10 +387,29 @@ impl Mvcc {
             return Err(Error::FutureRev);
         }
         self.compact_rev.store(rev, Ordering::Release);
+        Ok(())
+    }
+
+    /// Physically compacts up to `keys_max` keys from `from` on: drops every version below
+    /// `rev` that is not the latest of its key at `rev`, and keys whose latest version at
+    /// `rev` is a tombstone. Returns the revisions dropped (for the backend) and the key to
+    /// continue from (None: done). Safe beside the writer and readers: it only removes
+    /// versions no read at or above `rev` can see.
+    pub fn compact_chunk(
+        &self,
+        rev: i64,
+        from: &[u8],
+        keys_max: usize,
+    ) -> (Vec<(i64, i64)>, Option<Bytes>) {
         let mut dropped = Vec::new();
-        let mut cursor = self.map.front();
+        let mut cursor = self.map.lower_bound(Included(&KeyRev::new(from, 0, 0)));
+        let mut keys = 0;
         while let Some(entry) = cursor {
             let key = entry.key().key.clone();
+            if keys == keys_max {
+                return (dropped, Some(key));
+            }
+            keys += 1;
             let at = KeyRev {
                 key: key.clone(),
                 main: rev,
@@ -405,7 +438,7 @@ impl Mvcc {
             };
             cursor = self.map.lower_bound(Excluded(&past));
         }
-        Ok(dropped)
+        (dropped, None)
     }
 
     /// etcd's HashKV: a CRC-32C over the versions up to `rev` (0: now) in revision order, each

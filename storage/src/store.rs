@@ -22,7 +22,16 @@
 //!   "m/current_rev"                   -> i64 LE
 //!   "m/compact_rev"                   -> i64 LE (-1: never compacted)
 //!   "m/alarms"                        -> n x (member u64 LE | alarm type i32 LE)
+//!   "m/finished_compact_rev"          -> i64 LE, the last compaction carried out in full
 //! ```
+//!
+//! Compaction (etcd's scheduled/finished pair): applying KV.Compact raises the compaction
+//! revision at once (reads below it fail from then on) and hands the physical work to a
+//! compactor thread. It waits until the backend holds everything up to the compaction's
+//! entry, then removes superseded versions from the index in chunks of
+//! `COMPACTION_KEYS_PER_CHUNK` keys, sending their record deletes to the committer, with a
+//! pause between chunks, so writes never wait for it. A restart that finds the finished
+//! revision behind the scheduled one compacts again (it is idempotent).
 
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
@@ -44,6 +53,13 @@ const META_TERM: &[u8] = b"m/term";
 const META_CURRENT_REV: &[u8] = b"m/current_rev";
 const META_COMPACT_REV: &[u8] = b"m/compact_rev";
 const META_ALARMS: &[u8] = b"m/alarms";
+const META_FINISHED_COMPACT_REV: &[u8] = b"m/finished_compact_rev";
+/// Keys per compaction chunk and the pause after each (etcd's compaction batch limit and
+/// sleep interval defaults).
+const COMPACTION_KEYS_PER_CHUNK: usize = 1000;
+const COMPACTION_PAUSE: Duration = Duration::from_millis(10);
+/// How often the committer drops the backend map's resident pages from RSS.
+const MAP_RELEASE_INTERVAL: Duration = Duration::from_secs(10);
 /// Defragmentation copies the tree in commits of about this much.
 const DEFRAG_CHUNK_BYTES: usize = 8 << 20;
 
@@ -68,19 +84,13 @@ impl Default for StoreOptions {
     }
 }
 
-/// One change to the backend's records, in the order applied.
-enum Change {
-    /// The version at (its mod revision, sub): its record is written, then its in-memory
-    /// value dropped.
-    Put(i64, KeyValue),
-    Delete(i64, i64),
-}
-
 /// Changes applied but not yet in the backend. Records are encoded by the committer, off
 /// the raft core.
 #[derive(Default)]
 struct Pending {
-    changes: Vec<Change>,
+    /// New versions as (sub revision, version): each record is written, then the version's
+    /// value is dropped from memory.
+    changes: Vec<(i64, KeyValue)>,
     since: Option<Instant>,
 }
 
@@ -89,6 +99,11 @@ enum Job {
     Batch(Batch),
     /// Rewrite the file compactly; the result goes back on the sender.
     Defrag(Sender<Result<()>>),
+    /// Record deletes of a compaction chunk; the last chunk also says it is finished.
+    Compacted {
+        revisions: Vec<(i64, i64)>,
+        finished: Option<i64>,
+    },
     Stop,
 }
 
@@ -111,12 +126,17 @@ struct Published {
     free_pages: AtomicU64,
     /// The consistent index of the last durable batch.
     index: AtomicU64,
+    /// The last compaction revision carried out in full (durably).
+    finished_compact_rev: std::sync::atomic::AtomicI64,
 }
 
 pub struct Store {
     mvcc: Arc<Mvcc>,
     jobs: Sender<Job>,
     committer: Option<std::thread::JoinHandle<()>>,
+    /// Compactions to carry out: (revision, index of the entry that scheduled it).
+    compactions: Option<Sender<(i64, u64)>>,
+    compactor: Option<std::thread::JoinHandle<()>>,
     published: Arc<Published>,
     pending: Pending,
     opts: StoreOptions,
@@ -131,7 +151,11 @@ pub struct Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        // The committer finishes what it holds, then ends.
+        // The compactor stops between chunks; the committer finishes what it holds.
+        self.compactions.take();
+        if let Some(t) = self.compactor.take() {
+            let _ = t.join();
+        }
         let _ = self.jobs.send(Job::Stop);
         if let Some(t) = self.committer.take() {
             let _ = t.join();
@@ -169,6 +193,7 @@ impl Store {
             meta_i64(META_CURRENT_REV, 1)?,
             meta_i64(META_COMPACT_REV, -1)?,
         );
+        let finished = meta_i64(META_FINISHED_COMPACT_REV, -1)?;
         let alarms = match snap.get(META_ALARMS)? {
             Some(v) => decode_alarms(v).ok_or_else(|| bad_meta(META_ALARMS))?,
             None => Vec::new(),
@@ -195,10 +220,15 @@ impl Store {
             return Err(e);
         }
         drop(snap);
+        // The rebuild read every record through the map: none of it need stay resident.
+        db.release_map();
         let mvcc = Arc::new(mvcc);
         let published = Arc::new(Published::default());
         publish_space(&db, &published);
         published.index.store(applied.0, Ordering::Release);
+        published
+            .finished_compact_rev
+            .store(finished, Ordering::Release);
         let (tx, rx) = crossbeam_channel::bounded(1);
         let committer = {
             let (mvcc, published) = (mvcc.clone(), published.clone());
@@ -214,10 +244,29 @@ impl Store {
                     source,
                 })?
         };
+        let (ctx, crx) = crossbeam_channel::unbounded();
+        let compactor = {
+            let (mvcc, published, jobs) = (mvcc.clone(), published.clone(), tx.clone());
+            std::thread::Builder::new()
+                .name("keel-compact".into())
+                .spawn(move || run_compactor(crx, mvcc, jobs, published))
+                .map_err(|source| Error::Io {
+                    op: "spawn compactor",
+                    path: path.to_path_buf(),
+                    source,
+                })?
+        };
+        let compact_rev = mvcc.compact_rev();
+        if compact_rev > finished {
+            // A compaction the last run did not finish.
+            let _ = ctx.send((compact_rev, 0));
+        }
         Ok(Store {
             mvcc,
             jobs: tx,
             committer: Some(committer),
+            compactions: Some(ctx),
+            compactor: Some(compactor),
             published,
             pending: Pending::default(),
             opts,
@@ -280,15 +329,15 @@ impl Store {
         }
     }
 
-    /// Compacts the index and schedules the dropped records' deletion.
+    /// Applies a compaction: the revision rises now, the physical work goes to the
+    /// compactor once the backend holds this entry (the next after the last applied).
     pub fn compact(&mut self, rev: i64) -> Result<()> {
-        let dropped = self.mvcc.compact(rev)?;
+        self.mvcc.schedule_compact(rev)?;
         self.pending.since.get_or_insert_with(Instant::now);
-        self.pending.changes.extend(
-            dropped
-                .into_iter()
-                .map(|(main, sub)| Change::Delete(main, sub)),
-        );
+        let entry = self.applied.0 + 1;
+        if let Some(c) = &self.compactions {
+            let _ = c.send((rev, entry));
+        }
         Ok(())
     }
 
@@ -389,6 +438,11 @@ pub struct StoreHandle {
 }
 
 impl StoreHandle {
+    /// The last compaction carried out in full.
+    pub fn finished_compact_rev(&self) -> i64 {
+        self.published.finished_compact_rev.load(Ordering::Acquire)
+    }
+
     /// The backend's size as of its last commit or defragmentation.
     pub fn space(&self) -> SpaceStats {
         SpaceStats {
@@ -422,7 +476,13 @@ fn run_committer(
     mvcc: Arc<Mvcc>,
     published: Arc<Published>,
 ) {
+    let mut released = Instant::now();
     for job in jobs {
+        // Pages read for commits (and by readers) leave RSS from time to time.
+        if released.elapsed() >= MAP_RELEASE_INTERVAL {
+            db.release_map();
+            released = Instant::now();
+        }
         let batch = match job {
             Job::Batch(b) => b,
             Job::Defrag(done) => {
@@ -432,6 +492,19 @@ fn run_committer(
                 continue;
             }
             Job::Stop => return,
+            Job::Compacted {
+                revisions,
+                finished,
+            } => {
+                if let Err(e) = write_compacted(&mut db, &revisions, finished) {
+                    panic!("backend commit failed: {e}");
+                }
+                publish_space(&db, &published);
+                if let Some(rev) = finished {
+                    published.finished_compact_rev.store(rev, Ordering::Release);
+                }
+                continue;
+            }
         };
         if let Err(e) = write_batch(&mut db, &batch) {
             // Fatal by design: the process must not go on with a backend it cannot write.
@@ -440,13 +513,12 @@ fn run_committer(
         publish_space(&db, &published);
         published.index.store(batch.applied.0, Ordering::Release);
         for change in batch.pending.changes {
-            if let Change::Put(sub, kv) = change {
-                mvcc.forget_value(&KeyRev {
-                    key: kv.key,
-                    main: kv.mod_revision,
-                    sub,
-                });
-            }
+            let (sub, kv) = change;
+            mvcc.forget_value(&KeyRev {
+                key: kv.key,
+                main: kv.mod_revision,
+                sub,
+            });
         }
         if let Some(done) = batch.done {
             let _ = done.send(());
@@ -473,21 +545,67 @@ fn defragment(db: &mut Backend<MmapFile>, path: &Path) -> Result<()> {
         crate::wal::sync_dir(dir)?;
     }
     db.replace_with(copy);
+    db.release_map();
     Ok(())
+}
+
+fn write_compacted(
+    db: &mut Backend<MmapFile>,
+    revisions: &[(i64, i64)],
+    finished: Option<i64>,
+) -> Result<()> {
+    let mut txn = db.write()?;
+    for (main, sub) in revisions {
+        txn.delete(&record_key(*main, *sub))?;
+    }
+    if let Some(rev) = finished {
+        txn.put(META_FINISHED_COMPACT_REV, &rev.to_le_bytes())?;
+    }
+    txn.commit()
+}
+
+/// The compactor thread: carries out each scheduled compaction in chunks (see the module
+/// note). Ends when the store goes.
+fn run_compactor(
+    compactions: Receiver<(i64, u64)>,
+    mvcc: Arc<Mvcc>,
+    jobs: Sender<Job>,
+    published: Arc<Published>,
+) {
+    for (rev, entry) in compactions.iter() {
+        // The records it deletes must be in the backend first, or a delete could overtake
+        // its put.
+        while published.index.load(Ordering::Acquire) < entry {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut from = bytes::Bytes::new();
+        loop {
+            let (revisions, next) = mvcc.compact_chunk(rev, &from, COMPACTION_KEYS_PER_CHUNK);
+            let done = next.is_none();
+            if !revisions.is_empty() || done {
+                let job = Job::Compacted {
+                    revisions,
+                    finished: done.then_some(rev),
+                };
+                if jobs.send(job).is_err() {
+                    return;
+                }
+            }
+            match next {
+                Some(k) => from = k,
+                None => break,
+            }
+            std::thread::sleep(COMPACTION_PAUSE);
+        }
+        tracing::info!(revision = rev, "finished compaction");
+    }
 }
 
 fn write_batch(db: &mut Backend<MmapFile>, batch: &Batch) -> Result<()> {
     let mut txn = db.write()?;
-    for change in &batch.pending.changes {
-        match change {
-            Change::Put(sub, kv) => {
-                let key = record_key(kv.mod_revision, *sub);
-                txn.put_owned(key.to_vec(), encode_record(kv))?;
-            }
-            Change::Delete(main, sub) => {
-                txn.delete(&record_key(*main, *sub))?;
-            }
-        }
+    for (sub, kv) in &batch.pending.changes {
+        let key = record_key(kv.mod_revision, *sub);
+        txn.put_owned(key.to_vec(), encode_record(kv))?;
     }
     let (index, term) = batch.applied;
     txn.put(META_CONSISTENT_INDEX, &index.to_le_bytes())?;
@@ -565,7 +683,7 @@ impl StoreTxn<'_> {
             changes
                 .into_iter()
                 .enumerate()
-                .map(|(sub, kv)| Change::Put(sub as i64, kv)),
+                .map(|(sub, kv)| (sub as i64, kv)),
         );
         rev
     }
@@ -646,9 +764,17 @@ mod tests {
                 s.commit().unwrap();
             }
         }
-        s.compact(s.mvcc().current_rev()).unwrap();
+        let rev = s.mvcc().current_rev();
+        s.compact(rev).unwrap();
         s.set_applied(3000, 2);
         s.commit().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.handle().finished_compact_rev() < rev {
+            assert!(Instant::now() < deadline, "compaction never finished");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let before_versions = s.mvcc().versions_total();
+        assert_eq!(before_versions, 20, "one version per key is left");
         let before = (all(s.mvcc(), 0), s.space());
         let held = s.mvcc().clone();
         s.handle().defragment(3000).unwrap();

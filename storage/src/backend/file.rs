@@ -25,6 +25,10 @@ pub trait PageFile: Send + Sync + 'static {
     /// Makes every write so far durable (fdatasync).
     fn sync(&self) -> Result<()>;
     fn view(&self) -> Result<Self::View>;
+
+    /// Drops `view`'s resident pages from this process (they stay in the page cache and come
+    /// back on the next read), so pages read once do not count in RSS for ever.
+    fn release(_view: &Self::View) {}
 }
 
 /// The real file.
@@ -122,6 +126,14 @@ impl PageFile for MmapFile {
         let map = unsafe { memmap2::MmapOptions::new().map(&self.file) }
             .io_ctx("mmap backend file", &self.path)?;
         Ok(MapView::Map(map))
+    }
+
+    fn release(view: &MapView) {
+        if let MapView::Map(m) = view {
+            // SAFETY: MADV_DONTNEED on a read-only shared file mapping only drops this
+            // process's page-table entries; reads fault the same file contents back in.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
     }
 }
 

@@ -271,6 +271,11 @@ impl<F: PageFile> Backend<F> {
         self.current.load_full()
     }
 
+    /// Drops the map's resident pages from RSS (see `PageFile::release`).
+    pub fn release_map(&self) {
+        F::release(&self.current.load().view);
+    }
+
     pub fn space(&self) -> SpaceStats {
         let pending: usize = self.pending.iter().map(|(_, p)| p.len()).sum();
         let snap = self.current.load();
