@@ -120,6 +120,12 @@ pub struct Flags {
     /// Default: all cores of the machine.
     #[arg(long, env = "KEEL_CORES")]
     pub cores: Option<usize>,
+    /// Interpret 'auto-compaction-retention' one of: periodic|revision.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic")]
+    pub auto_compaction_mode: String,
+    /// Auto compaction retention for mvcc key value store. 0 means disable auto compaction.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
     /// Keel only: size of a WAL segment file (default 64 MiB, as etcd's; at least 64 KiB).
     #[arg(long, env = "KEEL_WAL_SEGMENT_BYTES", default_value_t = 64 << 20)]
     pub wal_segment_bytes: u64,
@@ -149,6 +155,7 @@ pub struct Config {
     pub log_level: String,
     pub cores: usize,
     pub wal_segment_bytes: u64,
+    pub auto_compaction: Option<crate::autocompact::Mode>,
 }
 
 /// Turns Go-style single-dash long flags (`-name x`) into `--name x`.
@@ -172,6 +179,8 @@ const YAML_KEYS: &[&str] = &[
     "data-dir",
     "wal-dir",
     "snapshot-count",
+    "auto-compaction-mode",
+    "auto-compaction-retention",
     "snapshot-catchup-entries",
     "experimental-snapshot-catchup-entries",
     "heartbeat-interval",
@@ -214,8 +223,6 @@ const YAML_KEYS_ACCEPTED: &[&str] = &[
     "logger",
     "log-outputs",
     "force-new-cluster",
-    "auto-compaction-mode",
-    "auto-compaction-retention",
     "metrics",
     "listen-metrics-urls",
 ];
@@ -252,6 +259,10 @@ impl Flags {
                 "initial-cluster-state" => f.initial_cluster_state = text.unwrap_or_default(),
                 "initial-cluster-token" => f.initial_cluster_token = text.unwrap_or_default(),
                 "log-level" => f.log_level = text.unwrap_or_default(),
+                "auto-compaction-mode" => f.auto_compaction_mode = text.unwrap_or_default(),
+                "auto-compaction-retention" => {
+                    f.auto_compaction_retention = text.unwrap_or_default()
+                }
                 "quota-backend-bytes" => {
                     f.quota_backend_bytes = text
                         .as_deref()
@@ -451,6 +462,10 @@ impl Config {
             log_level: f.log_level,
             cores: cores.max(1),
             wal_segment_bytes: f.wal_segment_bytes,
+            auto_compaction: crate::autocompact::parse(
+                &f.auto_compaction_mode,
+                &f.auto_compaction_retention,
+            )?,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! state has been rebuilt from the WAL.
 
 mod apply;
+mod autocompact;
 mod backend;
 mod config;
 mod ids;
@@ -303,6 +304,12 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             .name(format!("keel-net-{i}"))
             .spawn(move || net_core(pin, per_core, backend))?;
     }
+    if let Some(mode) = cfg.auto_compaction {
+        let backend = backend.clone();
+        std::thread::Builder::new()
+            .name("keel-autocompact".into())
+            .spawn(move || auto_compact(mode, backend))?;
+    }
     drop(backend);
     tracing::info!(
         addrs = ?cfg.listen_client,
@@ -313,6 +320,38 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     // Nothing here returns while the node is healthy: a core that stops is fatal.
     let _ = raft_thread.join();
     fatal(FATAL_EXIT_CODE, "raft core stopped");
+}
+
+/// Proposes compactions as `--auto-compaction-*` says, while this member leads.
+fn auto_compact(mode: autocompact::Mode, backend: Arc<NodeBackend>) {
+    use keel_net::{ApiError, Backend, WriteRequest};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime for auto-compaction");
+    let mut c = autocompact::AutoCompactor::new(mode, Instant::now());
+    tracing::info!(?mode, "auto-compaction enabled");
+    loop {
+        std::thread::sleep(c.tick());
+        if backend.status.leader_id.load(Ordering::Acquire) != backend.member_id {
+            continue;
+        }
+        let Some(rev) = c.step(Instant::now(), backend.mvcc.current_rev()) else {
+            continue;
+        };
+        tracing::info!(revision = rev, "starting auto-compaction");
+        let req = keel_proto::pb::CompactionRequest {
+            revision: rev,
+            physical: false,
+        };
+        match rt.block_on(backend.write(WriteRequest::Compact(req))) {
+            Ok(_) | Err(ApiError::Compacted) => {
+                c.compacted(Instant::now(), rev);
+                tracing::info!(revision = rev, "completed auto-compaction");
+            }
+            Err(e) => tracing::warn!(revision = rev, error = %e, "auto-compaction failed"),
+        }
+    }
 }
 
 /// Tells systemd the node serves (`Type=notify` units, as in etcd's deployment guides): etcd

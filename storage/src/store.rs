@@ -389,6 +389,7 @@ impl Store {
         StoreHandle {
             jobs: self.jobs.clone(),
             published: self.published.clone(),
+            mvcc: self.mvcc.clone(),
         }
     }
 
@@ -435,6 +436,7 @@ fn publish_space(db: &Backend<MmapFile>, to: &Published) {
 pub struct StoreHandle {
     jobs: Sender<Job>,
     published: Arc<Published>,
+    mvcc: Arc<Mvcc>,
 }
 
 impl StoreHandle {
@@ -455,8 +457,14 @@ impl StoreHandle {
     /// `applied` is in it (the raft core hands batches over within the commit interval), and
     /// waits for it. Writes go on being applied meanwhile; their batches wait for the rewrite.
     pub fn defragment(&self, applied: u64) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.published.index.load(Ordering::Acquire) < applied && Instant::now() < deadline {
+        // A compaction in progress finishes first (`compact; defrag` then shrinks the file,
+        // as it does with etcd, whose compactions of small stores end at once).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ready = || {
+            self.published.index.load(Ordering::Acquire) >= applied
+                && self.finished_compact_rev() >= self.mvcc.compact_rev()
+        };
+        while !ready() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         let (done, wait) = crossbeam_channel::bounded(1);
