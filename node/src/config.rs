@@ -126,6 +126,14 @@ pub struct Flags {
     /// Auto compaction retention for mvcc key value store. 0 means disable auto compaction.
     #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
+    /// BackendBatchInterval is the maximum time before commit the backend transaction
+    /// (etcd's flag; a Go duration, default 100ms).
+    #[arg(long, env = "ETCD_BACKEND_BATCH_INTERVAL")]
+    pub backend_batch_interval: Option<String>,
+    /// BackendBatchLimit is the maximum operations before commit the backend transaction
+    /// (default 10000).
+    #[arg(long, env = "ETCD_BACKEND_BATCH_LIMIT")]
+    pub backend_batch_limit: Option<usize>,
     /// Keel only: size of a WAL segment file (default 64 MiB, as etcd's; at least 64 KiB).
     #[arg(long, env = "KEEL_WAL_SEGMENT_BYTES", default_value_t = 64 << 20)]
     pub wal_segment_bytes: u64,
@@ -156,6 +164,8 @@ pub struct Config {
     pub cores: usize,
     pub wal_segment_bytes: u64,
     pub auto_compaction: Option<crate::autocompact::Mode>,
+    pub backend_batch_interval: std::time::Duration,
+    pub backend_batch_limit: usize,
 }
 
 /// Turns Go-style single-dash long flags (`-name x`) into `--name x`.
@@ -179,6 +189,8 @@ const YAML_KEYS: &[&str] = &[
     "data-dir",
     "wal-dir",
     "snapshot-count",
+    "backend-batch-interval",
+    "backend-batch-limit",
     "auto-compaction-mode",
     "auto-compaction-retention",
     "snapshot-catchup-entries",
@@ -260,6 +272,15 @@ impl Flags {
                 "initial-cluster-token" => f.initial_cluster_token = text.unwrap_or_default(),
                 "log-level" => f.log_level = text.unwrap_or_default(),
                 "auto-compaction-mode" => f.auto_compaction_mode = text.unwrap_or_default(),
+                "backend-batch-interval" => f.backend_batch_interval = text,
+                "backend-batch-limit" => {
+                    f.backend_batch_limit = Some(
+                        text.as_deref()
+                            .unwrap_or("")
+                            .parse()
+                            .map_err(|_| bad("expected a non-negative integer"))?,
+                    )
+                }
                 "auto-compaction-retention" => {
                     f.auto_compaction_retention = text.unwrap_or_default()
                 }
@@ -462,6 +483,13 @@ impl Config {
             log_level: f.log_level,
             cores: cores.max(1),
             wal_segment_bytes: f.wal_segment_bytes,
+            backend_batch_interval: match &f.backend_batch_interval {
+                None => std::time::Duration::from_millis(100),
+                Some(d) => crate::autocompact::parse_go_duration(d)
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| anyhow::anyhow!("invalid --backend-batch-interval {d:?}"))?,
+            },
+            backend_batch_limit: f.backend_batch_limit.unwrap_or(10_000).max(1),
             auto_compaction: crate::autocompact::parse(
                 &f.auto_compaction_mode,
                 &f.auto_compaction_retention,

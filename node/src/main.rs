@@ -222,7 +222,11 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     // The backend first: the WAL is read from the entry after its consistent index.
     let db_path = cfg.data_dir.join("member").join("snap").join("keel.db");
-    let store = Store::open(&db_path, StoreOptions::default())
+    let store_opts = StoreOptions {
+        commit_interval: cfg.backend_batch_interval,
+        commit_ops_max: cfg.backend_batch_limit,
+    };
+    let store = Store::open(&db_path, store_opts)
         .with_context(|| format!("open backend {}", db_path.display()))?;
     let mvcc = store.mvcc().clone();
     let store_handle = store.handle();
