@@ -168,7 +168,31 @@ pub struct RangeResult {
     pub rev: i64,
 }
 
+/// Live-key counts of `[start, end)` at one revision, sampled every `COUNT_SAMPLE_KEYS` keys.
+/// A paginated list asks again and again with the same end and revision and a start that
+/// moves forward (kube-apiserver's lists): with this, each later page counts in
+/// O(sample + limit) instead of walking to the end of the range again (etcd walks it).
+/// History at a revision never changes, so an index stays true while the revision is
+/// readable.
+struct CountIndex {
+    rev: i64,
+    start: Bytes,
+    /// Empty: no upper bound.
+    end: Bytes,
+    total: usize,
+    /// (key, live keys in [start, key)) for every `COUNT_SAMPLE_KEYS`th live key, ascending.
+    samples: Vec<(Bytes, usize)>,
+}
+
+const COUNT_SAMPLE_KEYS: usize = 256;
+/// Ranges with fewer live keys are simply walked.
+const COUNT_INDEX_KEYS_MIN: usize = 4096;
+/// Count indexes kept (most recent first).
+const COUNT_INDEXES_MAX: usize = 8;
+
 pub struct Mvcc {
+    /// Recent count indexes (see `CountIndex`); readers only.
+    count_indexes: std::sync::Mutex<std::collections::VecDeque<Arc<CountIndex>>>,
     map: SkipMap<KeyRev, Version>,
     current_rev: AtomicI64,
     compact_rev: AtomicI64,
@@ -186,6 +210,7 @@ impl Mvcc {
     /// An in-memory store (every value stays in memory).
     pub fn new() -> Mvcc {
         Mvcc {
+            count_indexes: Default::default(),
             map: SkipMap::new(),
             current_rev: AtomicI64::new(1),
             compact_rev: AtomicI64::new(-1),
@@ -196,6 +221,7 @@ impl Mvcc {
     /// A store whose forgotten values are read from `db`, at these revisions.
     pub fn with_backend(db: Reader<MmapFile>, current_rev: i64, compact_rev: i64) -> Mvcc {
         Mvcc {
+            count_indexes: Default::default(),
             map: SkipMap::new(),
             current_rev: AtomicI64::new(current_rev),
             compact_rev: AtomicI64::new(compact_rev),
@@ -297,7 +323,16 @@ impl Mvcc {
         };
         let mut snap = None;
         let mut failed = None;
-        self.walk(range, rev, |kr, v| {
+        // With a limit, the keys past it are only counted: by a count index when one fits.
+        let indexable = opts.limit > 0 && !opts.count_only && rev <= self.current_rev();
+        let mut rest_from: Option<Bytes> = None;
+        self.walk_while(range, rev, |kr, v| {
+            if indexable && out.kvs.len() == opts.limit {
+                if let KeyRange::Span(..) = range {
+                    rest_from = Some(kr.key.clone());
+                    return false;
+                }
+            }
             out.count += 1;
             if failed.is_none()
                 && !opts.count_only
@@ -308,7 +343,11 @@ impl Mvcc {
                     Err(e) => failed = Some(e),
                 }
             }
+            true
         });
+        if let (Some(from), KeyRange::Span(_, end)) = (rest_from, range) {
+            out.count += self.count_from(&from, end, rev);
+        }
         if rev < self.compact_rev() {
             return Err(Error::Compacted);
         }
@@ -318,35 +357,116 @@ impl Mvcc {
         Ok(out)
     }
 
+    /// Live keys in `[from, end)` at `rev` (`end` empty: no bound), from a count index when
+    /// one covers it; a long count builds one.
+    fn count_from(&self, from: &[u8], end: &[u8], rev: i64) -> usize {
+        let found = self
+            .count_indexes
+            .lock()
+            .expect("count index lock")
+            .iter()
+            .find(|ix| ix.rev == rev && ix.end == end && ix.start.as_ref() <= from)
+            .cloned();
+        if let Some(ix) = found {
+            // The last sample at or before `from`, then a short walk to `from`.
+            let i = ix.samples.partition_point(|(k, _)| k.as_ref() <= from);
+            let (sample, before) = match i {
+                0 => return ix.total,
+                i => (&ix.samples[i - 1].0, ix.samples[i - 1].1),
+            };
+            let mut between = 0;
+            self.walk(KeyRange::Span(sample, from), rev, |_, _| between += 1);
+            return ix.total - before - between;
+        }
+        let mut total = 0;
+        let mut samples = Vec::new();
+        self.walk(KeyRange::Span(from, end), rev, |kr, _| {
+            if total % COUNT_SAMPLE_KEYS == 0 {
+                samples.push((kr.key.clone(), total));
+            }
+            total += 1;
+        });
+        if total >= COUNT_INDEX_KEYS_MIN {
+            let mut ixs = self.count_indexes.lock().expect("count index lock");
+            ixs.push_front(Arc::new(CountIndex {
+                rev,
+                start: Bytes::copy_from_slice(from),
+                end: Bytes::copy_from_slice(end),
+                total,
+                samples,
+            }));
+            ixs.truncate(COUNT_INDEXES_MAX);
+        }
+        total
+    }
+
     /// Calls `f(key and revision, version)` for each key live at `rev` in `range`, in order.
     fn walk(&self, range: KeyRange<'_>, rev: i64, mut f: impl FnMut(&KeyRev, &Version)) {
+        self.walk_while(range, rev, |kr, v| {
+            f(kr, v);
+            true
+        });
+    }
+
+    /// `walk` until `f` returns false. Steps through the versions in order (cheap next-entry
+    /// moves; most keys have a version or two) and seeks past a long history instead.
+    fn walk_while(
+        &self,
+        range: KeyRange<'_>,
+        rev: i64,
+        mut f: impl FnMut(&KeyRev, &Version) -> bool,
+    ) {
+        const STEPS_BEFORE_SEEK: usize = 4;
         let start = KeyRev::new(range.start(), 0, 0);
         let mut cursor = self.map.lower_bound(Included(&start));
-        while let Some(entry) = cursor {
-            let key = entry.key().key.clone();
-            if !range.contains(&key) {
-                break;
+        while let Some(first) = cursor {
+            if !range.contains(&first.key().key) {
+                return;
             }
-            let at = KeyRev {
-                key: key.clone(),
-                main: rev,
-                sub: i64::MAX,
+            let mut best = None;
+            let mut e = first;
+            let mut steps = 0;
+            let next_key = loop {
+                if e.key().main <= rev {
+                    best = Some(e.clone());
+                }
+                match e.next() {
+                    Some(n) if n.key().key == e.key().key => {
+                        steps += 1;
+                        if steps < STEPS_BEFORE_SEEK {
+                            e = n;
+                            continue;
+                        }
+                        // A long history: seek to the version at `rev`, then past the key.
+                        let at = KeyRev {
+                            key: e.key().key.clone(),
+                            main: rev,
+                            sub: i64::MAX,
+                        };
+                        if let Some(l) = self.map.upper_bound(Included(&at)) {
+                            if l.key().key == at.key && l.key().main <= rev {
+                                best = Some(l);
+                            }
+                        }
+                        let past = KeyRev {
+                            key: at.key,
+                            main: i64::MAX,
+                            sub: i64::MAX,
+                        };
+                        break self.map.lower_bound(Excluded(&past));
+                    }
+                    other => break other,
+                }
             };
-            if let Some(latest) = self.map.upper_bound(Included(&at)) {
-                let (kr, v) = (latest.key(), latest.value());
-                if kr.key == key && v.version != 0 {
-                    f(kr, v);
+            if let Some(b) = best {
+                if b.value().version != 0 && !f(b.key(), b.value()) {
+                    return;
                 }
             }
             if let KeyRange::Single(_) = range {
-                break;
+                return;
             }
-            let past = KeyRev {
-                key,
-                main: i64::MAX,
-                sub: i64::MAX,
-            };
-            cursor = self.map.lower_bound(Excluded(&past));
+            cursor = next_key;
         }
     }
 
@@ -865,6 +985,47 @@ mod tests {
         let r = all_at(&m, 0).unwrap();
         assert_eq!(keys(&r), ["a", "b"]);
         assert_eq!(r.kvs[0].value, Bytes::from_static(b"1"));
+    }
+
+    /// Pages of a long list (the same end and revision, a start moving forward, a limit)
+    /// count exactly what a full walk counts, also once a count index serves them.
+    #[test]
+    fn paginated_counts_match_a_full_walk() {
+        let m = Mvcc::new();
+        for i in 0..6000 {
+            put(&m, &format!("p/{i:05}"), "v");
+        }
+        del(&m, "p/01000", "p/01500");
+        let rev = m.current_rev();
+        for i in 6000..6100 {
+            put(&m, &format!("p/{i:05}"), "later"); // after the list's revision
+        }
+        let (mut start, mut seen) = (b"p/".to_vec(), 0);
+        loop {
+            let page = m
+                .range(
+                    KeyRange::Span(&start, b"p0"),
+                    RangeOptions {
+                        limit: 500,
+                        rev,
+                        count_only: false,
+                    },
+                )
+                .unwrap();
+            assert_eq!(page.count, 5500 - seen, "after {seen} keys");
+            seen += page.kvs.len();
+            if page.kvs.len() < 500 {
+                break;
+            }
+            start = page.kvs.last().unwrap().key.to_vec();
+            start.push(0);
+        }
+        assert_eq!(seen, 5500);
+        assert_eq!(
+            m.count_indexes.lock().unwrap().len(),
+            1,
+            "one index served the pages"
+        );
     }
 
     /// Random puts/deletes checked against a model of every revision.
