@@ -20,7 +20,7 @@ BENCH="${BENCH_BIN:-target/release/keel-bench}"
 mkdir -p "$WORK"
 ETCD_PORT=23890; KEEL_PORT=23892
 
-# name|setup (a put run first, or -)|bench arguments
+# name|setup (put: one key first; load:N: N distinct 32 B keys first; -: nothing)|bench arguments
 WORKLOADS_ALL=(
   "put-1x1|-|--conns 1 --clients 1 put --total 3000 --key-size 8 --val-size 256"
   "put-10x100|-|--conns 10 --clients 100 --threads 2 put --total 30000 --key-size 8 --val-size 256"
@@ -30,6 +30,8 @@ WORKLOADS_ALL=(
   "range-s-1x1|put|--conns 1 --clients 1 range foo --total 5000 --consistency s"
   "range-l-100x1000|put|--conns 100 --clients 1000 --threads 2 range foo --total 100000 --consistency l"
   "range-s-100x1000|put|--conns 100 --clients 1000 --threads 2 range foo --total 100000 --consistency s"
+  "list-200k-by-500|load:200000|--conns 1 --clients 1 list k l --total 3 --page-size 500"
+  "put-1m-keys-100x1000|-|--conns 100 --clients 1000 --threads 2 put --total 1000000 --key-size 32 --val-size 256 --key-space-size 1000000 --sequential-keys"
   "watch-10x100-fanout|-|--conns 10 watch --streams 10 --watchers-per-stream 100 --put-total 500 --put-rate 200"
   "lease-keepalive-10x100|-|--conns 10 --clients 100 lease-keepalive --total 20000"
 )
@@ -71,6 +73,10 @@ for spec in "${WORKLOADS_ALL[@]}"; do
       start "$which"
       if [ "$setup" = put ]; then
         ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:$PORT" put foo "$(head -c 256 /dev/zero | tr '\0' v)" >/dev/null
+      elif [[ "$setup" == load:* ]]; then
+        n="${setup#load:}"
+        $BENCH --endpoints "127.0.0.1:$PORT" --conns 10 --clients 100 --threads 2 put --total "$n" \
+          --key-size 32 --val-size 256 --key-space-size "$n" --sequential-keys >/dev/null
       fi
       t0=$(cpu_ticks "$PID")
       # shellcheck disable=SC2086

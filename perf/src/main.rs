@@ -114,6 +114,18 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         rev: i64,
     },
+    /// Paginated lists of [key, range_end), as kube-apiserver lists: pages of --page-size
+    /// keys, each from the last key of the one before, all at the first page's revision.
+    /// One request is one whole list.
+    List {
+        key: String,
+        range_end: Option<String>,
+        /// Whole lists to run.
+        #[arg(long, default_value_t = 3)]
+        total: u64,
+        #[arg(long, default_value_t = 500)]
+        page_size: i64,
+    },
     /// Txns of --txn-ops puts each.
     TxnPut {
         #[arg(long, default_value_t = 10_000)]
@@ -192,6 +204,7 @@ enum Cmd {
 enum Work {
     Put(Keys, Bytes),
     Range(pb::RangeRequest),
+    List(pb::RangeRequest),
     TxnPut(Keys, Bytes, usize),
     TxnMixed(pb::RangeRequest, Keys, Bytes, f64),
     Mixed(Keys, Bytes, f64, bool),
@@ -256,6 +269,23 @@ impl Work {
             Work::Range(r) => {
                 c.unary::<_, pb::RangeResponse>(RANGE, r).await?;
                 Ok(false)
+            }
+            Work::List(first) => {
+                let mut req = first.clone();
+                loop {
+                    let page = c.unary::<_, pb::RangeResponse>(RANGE, &req).await?;
+                    if req.revision == 0 {
+                        req.revision = page.header.as_ref().map_or(0, |h| h.revision);
+                    }
+                    match page.kvs.last() {
+                        Some(last) if page.more => {
+                            let mut next = last.key.to_vec();
+                            next.push(0);
+                            req.key = Bytes::from(next);
+                        }
+                        _ => return Ok(false),
+                    }
+                }
             }
             Work::TxnPut(k, v, ops) => {
                 // Consecutive keys from one base: a txn may not put a key twice.
@@ -353,6 +383,15 @@ fn plan(cmd: &Cmd) -> (Work, u64) {
                 range_req(key, range_end, consistency == "s", *limit),
                 *rev,
             )),
+            *total,
+        ),
+        Cmd::List {
+            key,
+            range_end,
+            total,
+            page_size,
+        } => (
+            Work::List(range_req(key, range_end, false, *page_size)),
             *total,
         ),
         Cmd::TxnPut {
