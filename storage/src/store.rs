@@ -41,12 +41,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use keel_proto::mvccpb::KeyValue;
-
 use crate::backend::file::MmapFile;
 use crate::backend::{Backend, Options, SpaceStats};
 use crate::error::{Error, Result};
-use crate::mvcc::{decode_record, encode_record, record_key, KeyRev, Mvcc, WriteTxn};
+use crate::mvcc::{decode_record, encode_record, record_key, Change, Mvcc, WriteTxn};
 
 const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
 const META_TERM: &[u8] = b"m/term";
@@ -88,9 +86,9 @@ impl Default for StoreOptions {
 /// the raft core.
 #[derive(Default)]
 struct Pending {
-    /// New versions as (sub revision, version): each record is written, then the version's
+    /// New versions (index key, key-value): each record is written, then the version's
     /// value is dropped from memory.
-    changes: Vec<(i64, KeyValue)>,
+    changes: Vec<Change>,
     since: Option<Instant>,
 }
 
@@ -521,12 +519,7 @@ fn run_committer(
         publish_space(&db, &published);
         published.index.store(batch.applied.0, Ordering::Release);
         for change in batch.pending.changes {
-            let (sub, kv) = change;
-            mvcc.forget_value(&KeyRev {
-                key: kv.key,
-                main: kv.mod_revision,
-                sub,
-            });
+            mvcc.forget_value(&change.0);
         }
         if let Some(done) = batch.done {
             let _ = done.send(());
@@ -586,7 +579,7 @@ fn run_compactor(
         while published.index.load(Ordering::Acquire) < entry {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let mut from = bytes::Bytes::new();
+        let mut from: Arc<[u8]> = Arc::from(&b""[..]);
         loop {
             let (revisions, next) = mvcc.compact_chunk(rev, &from, COMPACTION_KEYS_PER_CHUNK);
             let done = next.is_none();
@@ -611,8 +604,8 @@ fn run_compactor(
 
 fn write_batch(db: &mut Backend<MmapFile>, batch: &Batch) -> Result<()> {
     let mut txn = db.write()?;
-    for (sub, kv) in &batch.pending.changes {
-        let key = record_key(kv.mod_revision, *sub);
+    for (kr, kv) in &batch.pending.changes {
+        let key = record_key(kr.main, kr.sub);
         txn.put_owned(key.to_vec(), encode_record(kv))?;
     }
     let (index, term) = batch.applied;
@@ -687,12 +680,7 @@ impl StoreTxn<'_> {
         if !changes.is_empty() {
             self.pending.since.get_or_insert_with(Instant::now);
         }
-        self.pending.changes.extend(
-            changes
-                .into_iter()
-                .enumerate()
-                .map(|(sub, kv)| (sub as i64, kv)),
-        );
+        self.pending.changes.extend(changes);
         rev
     }
 }
