@@ -278,6 +278,7 @@ impl RaftLog {
         let Some(keep_from) = keep_from else {
             return Ok(0);
         };
+        fail::fail_point!("wal-release");
         let n = self.wal.release_before(keep_from)?;
         self.segments.retain(|seq, _| *seq >= keep_from);
         Ok(n)

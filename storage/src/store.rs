@@ -171,6 +171,8 @@ impl Store {
                 source,
             })?;
         }
+        // A defragmentation the last run did not finish left its copy: the old file stands.
+        let _ = std::fs::remove_file(path.with_extension("db.defrag"));
         let db = Backend::open(MmapFile::open(path)?)?;
         let snap = db.snapshot();
         let meta_i64 = |k: &[u8], default: i64| -> Result<i64> {
@@ -537,6 +539,7 @@ fn defragment(db: &mut Backend<MmapFile>, path: &Path) -> Result<()> {
         Options::default(),
         DEFRAG_CHUNK_BYTES,
     )?;
+    fail::fail_point!("defrag-copy");
     std::fs::rename(&tmp, path).map_err(|source| Error::Io {
         op: "rename defragmented backend",
         path: path.to_path_buf(),
@@ -545,6 +548,7 @@ fn defragment(db: &mut Backend<MmapFile>, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
         crate::wal::sync_dir(dir)?;
     }
+    fail::fail_point!("defrag-switch");
     db.replace_with(copy);
     db.release_map();
     Ok(())
@@ -583,6 +587,7 @@ fn run_compactor(
         loop {
             let (revisions, next) = mvcc.compact_chunk(rev, &from, COMPACTION_KEYS_PER_CHUNK);
             let done = next.is_none();
+            fail::fail_point!("compaction-chunk");
             if !revisions.is_empty() || done {
                 let job = Job::Compacted {
                     revisions,

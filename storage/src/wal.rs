@@ -311,8 +311,10 @@ impl Wal {
             }
         }
         all.extend_from_slice(records);
+        fail::fail_point!("wal-before-write");
         let result = self.write_records(&all, total);
         self.segment_header = header;
+        fail::fail_point!("wal-after-write");
         result
     }
 

@@ -170,6 +170,12 @@ impl Keel {
         None
     }
 
+    /// Drops the extra environment (fail points) for the next restart.
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    pub fn clear_env(&mut self) {
+        self.env.clear();
+    }
+
     /// SIGKILL: no chance to flush or clean up.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -574,6 +574,7 @@ impl<F: PageFile> WriteTxn<'_, F> {
             page_count,
         };
         backend.write_out(&writes, &meta)?;
+        fail::fail_point!("backend-after-commit");
         let grown = meta.page_count * PAGE_BYTES as u64 > base.view.len() as u64;
         let view = if grown || !F::LIVE_VIEW {
             Arc::new(backend.file.view()?)
@@ -597,10 +598,12 @@ impl<F: PageFile> Backend<F> {
             self.file.set_len(len)?;
             self.file_len = len;
         }
+        fail::fail_point!("backend-before-commit");
         for (id, bytes) in writes {
             self.file.write_at(bytes, id * PAGE_BYTES as u64)?;
         }
         self.file.sync()?;
+        fail::fail_point!("backend-before-meta");
         let slot = meta.txid % 2;
         self.file
             .write_at(&meta.encode(), slot * PAGE_BYTES as u64)?;
