@@ -846,6 +846,35 @@ mod tests {
         );
     }
 
+    /// Fuzz smoke: the WAL payload decoders take any bytes without a panic (`KEEL_FUZZ_ITERS`).
+    #[test]
+    fn decoders_take_random_bytes() {
+        use rand::{Rng, SeedableRng};
+        let iters: usize = std::env::var("KEEL_FUZZ_ITERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0xba7c);
+        let good = encode_batch(&HardState::default(), &[entry(5, 1, "hello")]);
+        for _ in 0..iters {
+            let mut b = if rng.gen_bool(0.5) {
+                good.clone()
+            } else {
+                (0..rng.gen_range(0..200)).map(|_| rng.gen()).collect()
+            };
+            for _ in 0..rng.gen_range(0..4) {
+                if !b.is_empty() {
+                    let i = rng.gen_range(0..b.len());
+                    b[i] = rng.gen();
+                }
+            }
+            b.truncate(rng.gen_range(0..=b.len()));
+            let _ = decode_batch(&b);
+            let _ = decode_meta(&b);
+            let _ = crate::mvcc::decode_record(&b);
+        }
+    }
+
     #[test]
     fn batch_codec_rejects_trailing_or_short_bytes() {
         let hs = HardState::default();

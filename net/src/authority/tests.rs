@@ -346,3 +346,28 @@ async fn malformed_frames_floods_and_empty_authorities_reach_h2_as_sent() {
         assert_eq!(through(&c[..]).await, c);
     }
 }
+
+/// Fuzz smoke: random header blocks and random byte streams never panic the layer, and a
+/// stream with nothing to repair comes out unchanged (`KEEL_FUZZ_ITERS`).
+#[tokio::test]
+async fn random_blocks_and_streams_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let iters: usize = std::env::var("KEEL_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x4a7b);
+    for _ in 0..iters {
+        let block: Vec<u8> = (0..rng.gen_range(0..64)).map(|_| rng.gen()).collect();
+        let _ = HpackMirror::new().scan(&block);
+        let mut c = PREFACE.to_vec();
+        c.extend(frame(TYPE_HEADERS, END, 1, &block));
+        let out = through(&c[..]).await;
+        if HpackMirror::new().scan(&block).map(|s| s.is_empty()) != Ok(false) {
+            assert_eq!(out, c, "nothing to repair: unchanged");
+        }
+        let tail: Vec<u8> = (0..rng.gen_range(0..64)).map(|_| rng.gen()).collect();
+        c.extend(tail);
+        let _ = through(&c[..]).await;
+    }
+}
