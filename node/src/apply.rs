@@ -11,40 +11,8 @@ use keel_proto::pb::compare::{CompareResult, CompareTarget, TargetUnion};
 use keel_proto::pb::range_request::{SortOrder, SortTarget};
 use keel_proto::pb::request_op::Request;
 use keel_proto::pb::response_op::Response;
-use keel_storage::mvcc::{KeyRange, Mvcc, RangeOptions, RangeResult, WriteTxn};
+use keel_storage::mvcc::{KeyRange, RangeOptions, ReadView, WriteTxn};
 use keel_storage::store::Store;
-
-/// Anything a range can read from: the published store, or a write txn seeing its own writes.
-pub trait ReadView {
-    fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> keel_storage::Result<RangeResult>;
-    /// The lowest readable revision (the compaction revision).
-    fn first_rev(&self) -> i64;
-    fn rev(&self) -> i64;
-}
-
-impl ReadView for Mvcc {
-    fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> keel_storage::Result<RangeResult> {
-        self.range(range, opts)
-    }
-    fn first_rev(&self) -> i64 {
-        self.compact_rev()
-    }
-    fn rev(&self) -> i64 {
-        self.current_rev()
-    }
-}
-
-impl ReadView for WriteTxn<'_> {
-    fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> keel_storage::Result<RangeResult> {
-        self.range(range, opts)
-    }
-    fn first_rev(&self) -> i64 {
-        self.compact_rev()
-    }
-    fn rev(&self) -> i64 {
-        WriteTxn::rev(self)
-    }
-}
 
 pub fn storage_err(e: keel_storage::Error) -> ApiError {
     match e {

@@ -642,6 +642,40 @@ impl Mvcc {
     }
 }
 
+/// The storage seam reads go through: a view of the state at a revision. The published store
+/// (net cores' reads) and a write transaction (apply, seeing its own writes) both are one.
+pub trait ReadView {
+    fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> Result<RangeResult>;
+    /// The lowest readable revision (the compaction revision).
+    fn first_rev(&self) -> i64;
+    /// The revision a read with no revision sees.
+    fn rev(&self) -> i64;
+}
+
+impl ReadView for Mvcc {
+    fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> Result<RangeResult> {
+        self.range(range, opts)
+    }
+    fn first_rev(&self) -> i64 {
+        self.compact_rev()
+    }
+    fn rev(&self) -> i64 {
+        self.current_rev()
+    }
+}
+
+impl ReadView for WriteTxn<'_> {
+    fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> Result<RangeResult> {
+        self.range(range, opts)
+    }
+    fn first_rev(&self) -> i64 {
+        self.compact_rev()
+    }
+    fn rev(&self) -> i64 {
+        WriteTxn::rev(self)
+    }
+}
+
 /// A compaction chunk's outcome: the (main, sub) revisions dropped, and the key to go on
 /// from (None: done).
 pub type CompactChunk = (Vec<(i64, i64)>, Option<Arc<[u8]>>);
