@@ -120,11 +120,7 @@ async fn grpc_health_service_reports_serving() {
 
     let dir = tempfile::tempdir().unwrap();
     let k = Keel::start_async(dir.path(), &[]).await;
-    let ch = tonic::transport::Endpoint::from_shared(k.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = crate::harness::channel(&k.url()).await;
     let mut h = HealthClient::new(ch);
     let r = h
         .check(HealthCheckRequest {
@@ -149,11 +145,7 @@ async fn grpc_health_service_reports_serving() {
 async fn unserved_calls_name_themselves() {
     let dir = tempfile::tempdir().unwrap();
     let k = Keel::start_async(dir.path(), &[]).await;
-    let ch = tonic::transport::Endpoint::from_shared(k.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = crate::harness::channel(&k.url()).await;
     for (path, want) in [
         (
             "/etcdserverpb.KV/RangeStream",

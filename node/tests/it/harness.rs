@@ -223,6 +223,15 @@ pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> (bool, Str
     )
 }
 
+/// A connected gRPC channel to `url`.
+pub async fn channel(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 pub fn kv(url: &str) -> pb::kv_client::KvClient<tonic::transport::Channel> {
     let ch = tonic::transport::Endpoint::from_shared(url.to_string())
         .unwrap()
