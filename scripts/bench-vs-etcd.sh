@@ -30,6 +30,7 @@ WORKLOADS_ALL=(
   "range-s-1x1|put|--conns 1 --clients 1 range foo --total 5000 --consistency s"
   "range-l-100x1000|put|--conns 100 --clients 1000 --threads 2 range foo --total 100000 --consistency l"
   "range-s-100x1000|put|--conns 100 --clients 1000 --threads 2 range foo --total 100000 --consistency s"
+  "put-300k-history-100x1000|-|--conns 100 --clients 1000 --threads 2 put --total 300000 --key-size 8 --val-size 256 --key-space-size 10"
   "list-200k-by-500|load:200000|--conns 1 --clients 1 list k l --total 3 --page-size 500"
   "put-1m-keys-100x1000|-|--conns 100 --clients 1000 --threads 2 put --total 1000000 --key-size 32 --val-size 256 --key-space-size 1000000 --sequential-keys"
   "watch-10x100-fanout|-|--conns 10 watch --streams 10 --watchers-per-stream 100 --put-total 500 --put-rate 200"
