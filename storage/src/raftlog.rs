@@ -300,12 +300,12 @@ impl RaftLog {
             self.hard_state = hs.clone();
         }
         let payload = encode_batch(&self.hard_state, entries);
-        let before = self.wal.segment_seq();
+        let (before, at_start) = (self.wal.segment_seq(), self.wal.offset() == 0);
         self.wal.append(&[(RECORD_BATCH, &payload)])?;
         let seq = self.wal.segment_seq();
         let info = self.segments.entry(seq).or_insert(SegmentInfo {
-            // A new segment starts with the segment header: META.
-            starts_with_meta: seq != before,
+            // A new (or empty) segment starts with the segment header: META.
+            starts_with_meta: seq != before || at_start,
             last_index: 0,
         });
         if let Some(e) = entries.last() {
@@ -825,6 +825,38 @@ mod tests {
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("a log with a hole opened"),
         }
+    }
+
+    /// A crash right after a roll leaves an empty segment; the next write must still start it
+    /// with the member meta, or releasing the segments before it would leave a WAL that does
+    /// not read back.
+    #[test]
+    fn an_empty_segment_left_by_a_crash_gets_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = || WalOptions {
+            segment_bytes: 64 << 10,
+            align_bytes: Some(512),
+        };
+        {
+            let (mut log, _) = RaftLog::open(dir.path(), small(), meta(), (0, 0)).unwrap();
+            log.append(&[entry(2, 2, "a")], Some(&hs(2, 2))).unwrap();
+        }
+        // What a roll leaves when the process dies before the first write lands.
+        std::fs::write(crate::wal::segment_path(dir.path(), 1), vec![0u8; 64 << 10]).unwrap();
+        {
+            let (mut log, _) = RaftLog::open(dir.path(), small(), meta(), (0, 0)).unwrap();
+            log.append(&[entry(3, 2, "b")], Some(&hs(2, 3))).unwrap();
+            assert_eq!(
+                log.release(2).unwrap(),
+                1,
+                "segment 1 starts a WAL: 0 can go"
+            );
+        }
+        let (_, rec) = crate::wal::Wal::open(dir.path(), small()).unwrap();
+        assert_eq!(rec.positions[0].segment_seq, 1);
+        assert_eq!(rec.records[0].record_type, RECORD_META);
+        let (log, _) = RaftLog::open(dir.path(), small(), meta(), (2, 2)).unwrap();
+        assert_eq!(log.last_index().unwrap(), 3);
     }
 
     #[test]

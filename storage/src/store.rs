@@ -126,6 +126,8 @@ struct Published {
     index: AtomicU64,
     /// The last compaction revision carried out in full (durably).
     finished_compact_rev: std::sync::atomic::AtomicI64,
+    /// Set when the store goes: the compactor stops between chunks (a restart resumes).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 pub struct Store {
@@ -150,6 +152,7 @@ pub struct Store {
 impl Drop for Store {
     fn drop(&mut self) {
         // The compactor stops between chunks; the committer finishes what it holds.
+        self.published.stopping.store(true, Ordering::Release);
         self.compactions.take();
         if let Some(t) = self.compactor.take() {
             let _ = t.join();
@@ -200,8 +203,9 @@ impl Store {
         };
         let mut failed = None;
         snap.range(b"r", Some(b"s"), |k, v| {
-            let (Ok(main), Ok(sub)) = (k[1..9].try_into(), k.get(9..17).unwrap_or(&[]).try_into())
-            else {
+            let main = k.get(1..9).unwrap_or(&[]).try_into();
+            let sub = k.get(9..17).unwrap_or(&[]).try_into();
+            let (Ok(main), Ok(sub)) = (main, sub) else {
                 failed = Some(bad_meta(k));
                 return false;
             };
@@ -545,11 +549,17 @@ fn defragment(db: &mut Backend<MmapFile>, path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         source,
     })?;
+    // From here the file at `path` is the copy: the committer must switch to it whatever
+    // happens, or it would go on writing batches into the old, unnamed file (and the WAL
+    // would be released past what a restart finds). A directory that cannot be synced is
+    // fatal.
+    db.replace_with(copy);
     if let Some(dir) = path.parent() {
-        crate::wal::sync_dir(dir)?;
+        if let Err(e) = crate::wal::sync_dir(dir) {
+            panic!("syncing the backend dir after a defrag failed: {e}");
+        }
     }
     fail::fail_point!("defrag-switch");
-    db.replace_with(copy);
     db.release_map();
     Ok(())
 }
@@ -577,10 +587,14 @@ fn run_compactor(
     jobs: Sender<Job>,
     published: Arc<Published>,
 ) {
+    let stopping = || published.stopping.load(Ordering::Acquire);
     for (rev, entry) in compactions.iter() {
         // The records it deletes must be in the backend first, or a delete could overtake
         // its put.
         while published.index.load(Ordering::Acquire) < entry {
+            if stopping() {
+                return;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
         let mut from: Arc<[u8]> = Arc::from(&b""[..]);
@@ -598,7 +612,8 @@ fn run_compactor(
                 }
             }
             match next {
-                Some(k) => from = k,
+                Some(k) if !stopping() => from = k,
+                Some(_) => return,
                 None => break,
             }
             std::thread::sleep(COMPACTION_PAUSE);
@@ -794,6 +809,32 @@ mod tests {
         assert_eq!(s.applied(), (3000, 2));
         assert_eq!(all(s.mvcc(), 0).len(), 21);
         assert!(!path.with_extension("db.defrag").exists());
+    }
+
+    /// A store dropped with a compaction whose entry never reached the backend must not
+    /// wait for it (the compactor stops; a restart compacts again).
+    #[test]
+    fn drop_does_not_wait_for_a_compaction_that_cannot_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let mut s = Store::open(&p, StoreOptions::default()).unwrap();
+            put(&mut s, "a", "1");
+            put(&mut s, "a", "2");
+            s.compact(3).unwrap();
+            drop(s);
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the store dropped within 10 s");
+        let s = Store::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(
+            s.mvcc().compact_rev(),
+            -1,
+            "the compaction was never committed"
+        );
     }
 
     #[test]

@@ -268,6 +268,11 @@ impl Wal {
         self.segment_seq
     }
 
+    /// Where the next record goes in the segment being written (0: it starts the segment).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// Deletes the segments before `seq` (never the one being written). Returns how many.
     pub fn release_before(&mut self, seq: u64) -> Result<usize> {
         let mut n = 0;
@@ -302,9 +307,14 @@ impl Wal {
             .as_ref()
             .map_or(0, |(_, p)| record_bytes(p.len(), align));
         let mut all: Vec<(u8, &[u8])> = Vec::new();
-        if self.offset + total as u64 > self.segment_bytes {
+        let rolls = self.offset + total as u64 > self.segment_bytes;
+        if rolls {
             // (segment sizes are multiples of 4096, so an aligned offset stays inside)
             self.roll((total + header_bytes) as u64)?;
+        }
+        // Every segment starts with the header: a new one, and one a crash left empty
+        // (rolled, but its first write never landed).
+        if rolls || self.offset == 0 {
             if let Some((t, p)) = &header {
                 all.push((*t, p));
                 total += header_bytes;

@@ -24,6 +24,10 @@ pub trait PageFile: Send + Sync + 'static {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// Makes every write so far durable (fdatasync).
     fn sync(&self) -> Result<()>;
+    /// Makes the file's directory entry durable (after creating it).
+    fn sync_dir(&self) -> Result<()> {
+        Ok(())
+    }
     fn view(&self) -> Result<Self::View>;
 
     /// Drops `view`'s resident pages from this process (they stay in the page cache and come
@@ -115,6 +119,13 @@ impl PageFile for MmapFile {
         self.file
             .sync_data()
             .io_ctx("fdatasync backend file", &self.path)
+    }
+
+    fn sync_dir(&self) -> Result<()> {
+        match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => crate::wal::sync_dir(dir),
+            _ => Ok(()),
+        }
     }
 
     fn view(&self) -> Result<MapView> {

@@ -227,6 +227,7 @@ impl<F: PageFile> Backend<F> {
             let second = Meta { txid: 1, ..empty };
             file.write_at(&second.encode(), PAGE_BYTES as u64)?;
             file.sync()?;
+            file.sync_dir()?;
         }
         let view = Arc::new(file.view()?);
         let meta = newest_meta(&view)?;
@@ -387,10 +388,16 @@ impl<F: PageFile> Backend<F> {
         let Backend {
             file,
             current,
-            free,
+            mut free,
+            pending,
             file_len,
             ..
         } = other;
+        // Nothing reads the copy's older snapshots: what they held is free now.
+        for (_, pages) in pending {
+            free.extend(pages);
+        }
+        free.sort_unstable();
         self.file = file;
         self.free = free;
         self.file_len = file_len;

@@ -137,11 +137,12 @@ pub struct PageRef<'a> {
 pub fn read<'a>(file: &'a [u8], id: PageId, what: &str) -> Result<PageRef<'a>> {
     let at = (id as usize)
         .checked_mul(PAGE_BYTES)
-        .filter(|at| *at + PAGE_BYTES <= file.len() && id >= 2)
+        .filter(|at| at.checked_add(PAGE_BYTES).is_some_and(|e| e <= file.len()) && id >= 2)
         .ok_or_else(|| corrupt(id, format!("{what} page {id} is outside the file")))?;
     let first = &file[at..at + PAGE_BYTES];
     let run = u32_at(first, 4) as usize;
-    if run == 0 || at + run * PAGE_BYTES > file.len() {
+    let end = run.checked_mul(PAGE_BYTES).and_then(|n| n.checked_add(at));
+    if run == 0 || end.is_none_or(|e| e > file.len()) {
         return Err(corrupt(id, format!("{what} page {id}: run of {run} pages")));
     }
     let bytes = &file[at..at + run * PAGE_BYTES];
