@@ -199,7 +199,7 @@ pub struct SpaceStats {
 pub struct Backend<F: PageFile> {
     file: F,
     current: Arc<ArcSwap<Snapshot<F>>>,
-    /// Reusable now, sorted.
+    /// Reusable now, sorted from the highest id down, so the lowest pops off the end.
     free: Vec<PageId>,
     /// Freed by a commit, reusable once no reader holds this snapshot (or an older one).
     pending: VecDeque<(Arc<Snapshot<F>>, Vec<PageId>)>,
@@ -244,7 +244,7 @@ impl<F: PageFile> Backend<F> {
         } else {
             page::decode_freelist(snap.page(meta.freelist, "freelist")?)?
         };
-        free.sort_unstable();
+        sort_free(&mut free);
         if free.iter().any(|id| *id < 2 || *id >= meta.page_count) {
             return Err(corrupt(
                 meta.freelist,
@@ -321,19 +321,25 @@ impl<F: PageFile> Backend<F> {
             released = true;
         }
         if released {
-            self.free.sort_unstable();
+            sort_free(&mut self.free);
         }
     }
 
-    /// `n` contiguous pages: from the free list if a run is there, else at the end.
+    /// `n` contiguous pages: from the free list if a run is there (the lowest free page in
+    /// O(1) for one page), else at the end.
     fn alloc(&mut self, n: usize, page_count: &mut u64) -> PageId {
+        if n == 1 {
+            if let Some(id) = self.free.pop() {
+                return id;
+            }
+        }
         let mut run_start = 0;
         for i in 0..self.free.len() {
-            if i > 0 && self.free[i] != self.free[i - 1] + 1 {
+            if i > 0 && self.free[i] + 1 != self.free[i - 1] {
                 run_start = i;
             }
             if i + 1 - run_start == n {
-                let id = self.free[run_start];
+                let id = self.free[i];
                 self.free.drain(run_start..=i);
                 return id;
             }
@@ -397,13 +403,18 @@ impl<F: PageFile> Backend<F> {
         for (_, pages) in pending {
             free.extend(pages);
         }
-        free.sort_unstable();
+        sort_free(&mut free);
         self.file = file;
         self.free = free;
         self.file_len = file_len;
         self.pending.clear();
         self.current.store(current.load_full());
     }
+}
+
+/// Free lists are kept from the highest page id down (see `Backend::free`).
+fn sort_free(free: &mut [PageId]) {
+    free.sort_unstable_by(|a, b| b.cmp(a));
 }
 
 fn newest_meta(view: &[u8]) -> Result<Meta> {
