@@ -7,9 +7,14 @@
 # cargo-fuzz needs a nightly toolchain, which this workplace cannot download; these stable
 # tests stand in for it.
 #
-# Usage: scripts/fuzz-smoke.sh [ITERS]   (default 200000 cases per target)
+# It also runs the backend's crash-image property test (random commits, a crash at every
+# write or sync, torn and lost unsynced writes) with many more seeds per crash point.
+#
+# Usage: scripts/fuzz-smoke.sh [ITERS]   (default 200000 cases per target; 200 crash seeds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KEEL_FUZZ_ITERS="${1:-200000}"
-cargo test --release -p keel-storage --lib -- random_sealed_pages_never_panic decoders_take_random_bytes
+export KEEL_CRASH_SEEDS="${KEEL_CRASH_SEEDS:-200}"
+cargo test --release -p keel-storage --lib -- random_sealed_pages_never_panic decoders_take_random_bytes \
+  a_crash_at_any_write_or_sync_keeps_the_last_acknowledged_commit
 cargo test --release -p keel-net --lib -- random_blocks_and_streams_never_panic
