@@ -415,14 +415,6 @@ impl Store {
     pub fn persisted(&self) -> u64 {
         self.published.index.load(Ordering::Acquire)
     }
-
-    /// The backend's size, for Status' db size and quota (as of the last commit).
-    pub fn space(&self) -> SpaceStats {
-        SpaceStats {
-            pages: self.published.pages.load(Ordering::Acquire),
-            free_pages: self.published.free_pages.load(Ordering::Acquire),
-        }
-    }
 }
 
 fn committer_gone() -> Error {
@@ -791,10 +783,10 @@ mod tests {
         }
         let before_versions = s.mvcc().versions_total();
         assert_eq!(before_versions, 20, "one version per key is left");
-        let before = (all(s.mvcc(), 0), s.space());
+        let before = (all(s.mvcc(), 0), s.handle().space());
         let held = s.mvcc().clone();
         s.handle().defragment(3000).unwrap();
-        let after = s.space();
+        let after = s.handle().space();
         assert!(
             after.pages * 4 < before.1.pages,
             "{:?} -> {after:?}",
