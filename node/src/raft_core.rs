@@ -85,6 +85,8 @@ pub struct RaftCore {
     catchup_entries: u64,
     /// The index of the last snapshot (the WAL before it, less a margin, is released).
     last_snapshot: u64,
+    /// The store's alarms epoch last published to `status`.
+    alarms_epoch: u64,
 }
 
 impl RaftCore {
@@ -138,6 +140,7 @@ impl RaftCore {
             snapshot_count: snapshot_count.max(1),
             catchup_entries,
             last_snapshot: raft_cfg.applied,
+            alarms_epoch: u64::MAX,
         })
     }
 
@@ -308,7 +311,9 @@ impl RaftCore {
             raft.leader_id
         };
         self.status.leader_id.store(leader, Ordering::Release);
-        if self.status.alarms.lock().expect("alarms lock").as_slice() != self.store.alarms() {
+        // The alarms' lock is taken only when they changed (rarely), never per turn.
+        if self.store.alarms_epoch() != self.alarms_epoch {
+            self.alarms_epoch = self.store.alarms_epoch();
             *self.status.alarms.lock().expect("alarms lock") = self.store.alarms().to_vec();
         }
 

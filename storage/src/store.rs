@@ -147,6 +147,8 @@ pub struct Store {
     /// Active alarms, sorted (state-machine state, persisted with the batches).
     alarms: Vec<Alarm>,
     alarms_changed: bool,
+    /// Bumped at every alarm change, so watchers of the alarms compare a number.
+    alarms_epoch: u64,
 }
 
 impl Drop for Store {
@@ -278,6 +280,7 @@ impl Store {
             handed: applied.0,
             alarms,
             alarms_changed: false,
+            alarms_epoch: 0,
         })
     }
 
@@ -310,7 +313,13 @@ impl Store {
         }
     }
 
+    /// A number that changes whenever the alarms do.
+    pub fn alarms_epoch(&self) -> u64 {
+        self.alarms_epoch
+    }
+
     fn alarm_changed(&mut self) {
+        self.alarms_epoch += 1;
         self.alarms_changed = true;
         self.pending.since.get_or_insert_with(Instant::now);
     }
