@@ -12,3 +12,13 @@ pub mod store;
 pub mod wal;
 
 pub use error::{Error, Result};
+
+/// A test's case count from the environment (`name`), else `default`: CI runs the default,
+/// scripts/fuzz-smoke.sh many more.
+#[cfg(test)]
+pub(crate) fn test_cases(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

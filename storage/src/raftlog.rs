@@ -882,10 +882,7 @@ mod tests {
     #[test]
     fn decoders_take_random_bytes() {
         use rand::{Rng, SeedableRng};
-        let iters: usize = std::env::var("KEEL_FUZZ_ITERS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3000);
+        let iters = crate::test_cases("KEEL_FUZZ_ITERS", 3000);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0xba7c);
         let good = encode_batch(&HardState::default(), &[entry(5, 1, "hello")]);
         for _ in 0..iters {

@@ -453,10 +453,7 @@ mod tests {
     #[test]
     fn random_sealed_pages_never_panic() {
         use rand::{Rng, SeedableRng};
-        let iters: usize = std::env::var("KEEL_FUZZ_ITERS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3000);
+        let iters = crate::test_cases("KEEL_FUZZ_ITERS", 3000);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0xfeed);
         for _ in 0..iters {
             let pages = rng.gen_range(1..3);

@@ -237,10 +237,7 @@ fn a_crash_at_any_write_or_sync_keeps_the_last_acknowledged_commit() {
     // Opening takes 3 operations; each commit a handful: cover the first commits densely.
     // KEEL_CRASH_SEEDS (default 8) sets the seeds per crash point (scripts/fuzz-smoke.sh
     // runs many more).
-    let seeds: u64 = std::env::var("KEEL_CRASH_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+    let seeds = crate::test_cases("KEEL_CRASH_SEEDS", 8) as u64;
     for die_at in 0..120 {
         for seed in 0..seeds {
             crash_case(seed * 1000 + die_at, die_at);
