@@ -63,6 +63,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Rewrites this member's backend compactly (etcd's defrag; not through raft).
     fn defragment(&self) -> impl Future<Output = Result<(), ApiError>> + Send;
 
+    /// etcd's Hash (of this member's whole backend).
+    fn hash(&self) -> impl Future<Output = Result<u32, ApiError>> + Send;
+
     /// etcd's HashKV at `revision` (0: the current one).
     fn hash_kv(&self, revision: i64) -> Result<pb::HashKvResponse, ApiError>;
 }

@@ -176,7 +176,11 @@ impl<B: Backend> pb::maintenance_server::Maintenance for MaintenanceService<B> {
     }
 
     async fn hash(&self, _req: Request<pb::HashRequest>) -> Reply<pb::HashResponse> {
-        Err(not_yet("Hash"))
+        let hash = self.backend.hash().await?;
+        Ok(Response::new(pb::HashResponse {
+            header: Some(self.backend.header(0)),
+            hash,
+        }))
     }
 
     async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Reply<pb::HashKvResponse> {

@@ -223,6 +223,17 @@ impl Backend for NodeBackend {
         }
     }
 
+    fn hash(&self) -> impl std::future::Future<Output = Result<u32, ApiError>> + Send {
+        let store = self.store.clone();
+        let applied = self.status.applied_index.load(Ordering::Acquire);
+        async move {
+            tokio::task::spawn_blocking(move || store.hash(applied))
+                .await
+                .map_err(|e| ApiError::Internal(format!("hash: {e}")))?
+                .map_err(apply::storage_err)
+        }
+    }
+
     fn hash_kv(&self, revision: i64) -> Result<pb::HashKvResponse, ApiError> {
         let (hash, compact_revision, hash_revision) =
             self.mvcc.hash_kv(revision).map_err(apply::storage_err)?;

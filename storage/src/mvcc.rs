@@ -256,6 +256,11 @@ impl Mvcc {
         );
     }
 
+    /// The backend this index reads forgotten values from.
+    pub fn backend(&self) -> Option<&Reader<MmapFile>> {
+        self.db.as_ref()
+    }
+
     /// Drops the in-memory copy of a version's value (it is in the published backend).
     pub fn forget_value(&self, kr: &KeyRev) {
         if let Some(e) = self.map.get(kr) {

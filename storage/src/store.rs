@@ -460,6 +460,30 @@ impl StoreHandle {
         }
     }
 
+    /// etcd's Maintenance.Hash: a CRC-32C over every backend entry (keys and values, in key
+    /// order) but the consistent index and its term (etcd's default ignores), once everything
+    /// applied up to `applied` is in the backend. For tests and checks, as in etcd; its value
+    /// is Keel's own (etcd hashes its bbolt file's buckets).
+    pub fn hash(&self, applied: u64) -> Result<u32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.published.index.load(Ordering::Acquire) < applied && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let db = self
+            .mvcc
+            .backend()
+            .expect("a store's index reads its backend");
+        let mut crc = 0u32;
+        db.snapshot().range(b"", None, |k, v| {
+            if k != META_CONSISTENT_INDEX && k != META_TERM {
+                crc = crc32c::crc32c_append(crc, k);
+                crc = crc32c::crc32c_append(crc, v);
+            }
+            true
+        })?;
+        Ok(crc)
+    }
+
     /// Rewrites the backend file compactly (etcd's defrag) once everything applied up to
     /// `applied` is in it (the raft core hands batches over within the commit interval), and
     /// waits for it. Writes go on being applied meanwhile; their batches wait for the rewrite.
@@ -850,6 +874,23 @@ mod tests {
             -1,
             "the compaction was never committed"
         );
+    }
+
+    #[test]
+    fn hash_covers_the_state_not_the_consistent_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("db"), StoreOptions::default()).unwrap();
+        put(&mut s, "a", "1");
+        s.set_applied(5, 2);
+        s.commit().unwrap();
+        let h1 = s.handle().hash(5).unwrap();
+        s.set_applied(9, 2); // entries without changes
+        s.commit().unwrap();
+        assert_eq!(s.handle().hash(9).unwrap(), h1, "same state, same hash");
+        put(&mut s, "a", "2");
+        s.set_applied(10, 2);
+        s.commit().unwrap();
+        assert_ne!(s.handle().hash(10).unwrap(), h1);
     }
 
     #[test]

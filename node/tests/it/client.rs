@@ -103,6 +103,11 @@ async fn kv_txn_and_status(url_form: bool) {
     assert_eq!(m.members().len(), 1);
     assert_eq!(m.members()[0].name(), "default");
     c.defragment().await.unwrap();
+    // Maintenance.Hash: stable while nothing changes, different after a write.
+    let h1 = c.hash().await.unwrap().hash();
+    assert_eq!(c.hash().await.unwrap().hash(), h1);
+    c.put("after-hash", "1", None).await.unwrap();
+    assert_ne!(c.hash().await.unwrap().hash(), h1);
     let e = c.lease_grant(10, None).await.unwrap_err().to_string();
     assert!(
         e.contains("keel: etcdserverpb.Lease/LeaseGrant is not implemented yet"),
