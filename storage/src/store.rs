@@ -893,6 +893,47 @@ mod tests {
         assert_ne!(s.handle().hash(10).unwrap(), h1);
     }
 
+    /// A compaction cut short by a restart (here the store going mid-way) is carried out at
+    /// the next open: every superseded version goes, in the index and in the backend.
+    #[test]
+    fn an_unfinished_compaction_resumes_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let rev = {
+            let mut s = Store::open(&path, StoreOptions::default()).unwrap();
+            for round in 0..2 {
+                for i in 0..5000 {
+                    put(&mut s, &format!("k{i:05}"), &round.to_string());
+                }
+            }
+            let rev = s.mvcc().current_rev();
+            s.compact(rev).unwrap();
+            s.set_applied(20_000, 2);
+            s.commit().unwrap();
+            // Dropped here, most likely between two of the compaction's 5 chunks.
+            rev
+        };
+        let s = Store::open(&path, StoreOptions::default()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while s.handle().finished_compact_rev() < rev {
+            assert!(Instant::now() < deadline, "the compaction never finished");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            s.mvcc().versions_total(),
+            5000,
+            "one version per key is left"
+        );
+        drop(s);
+        let s = Store::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(
+            s.mvcc().versions_total(),
+            5000,
+            "the backend lost the superseded records too"
+        );
+        assert_eq!(all(s.mvcc(), 0)[0].1, "1");
+    }
+
     #[test]
     fn alarms_persist_with_the_state() {
         let dir = tempfile::tempdir().unwrap();
