@@ -12,13 +12,12 @@ use keel_proto::keelpb::InternalRequest;
 use keel_proto::pb;
 use keel_proto::prost::Message;
 use keel_storage::mvcc::Mvcc;
+use keel_storage::store::StoreHandle;
 use tokio::sync::oneshot;
 
 use crate::apply;
 use crate::config::{Config, ETCD_API_VERSION};
 use crate::raft_core::{Proposal, RaftStatus};
-
-const PAGE_BYTES: u64 = keel_storage::backend::page::PAGE_BYTES as u64;
 
 /// How long a write may wait for raft before "request timed out" (etcd: 7 s by default).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
@@ -30,7 +29,7 @@ pub struct NodeBackend {
     pub member_id: u64,
     pub cluster_id: u64,
     pub cfg: Arc<Config>,
-    pub store: keel_storage::store::StoreHandle,
+    pub store: StoreHandle,
 }
 
 impl NodeBackend {
@@ -49,9 +48,7 @@ impl NodeBackend {
         }
         Ok(data)
     }
-}
 
-impl NodeBackend {
     /// etcd's quota check at the edge: a write that would take the backend to its quota
     /// raises NOSPACE (through raft, without waiting) and is refused.
     fn check_quota(&self, req: &WriteRequest) -> Result<(), ApiError> {
@@ -63,7 +60,7 @@ impl NodeBackend {
         let Some(quota) = self.cfg.quota_backend_bytes else {
             return Ok(());
         };
-        let size = self.store.space().pages * PAGE_BYTES;
+        let size = self.store.space().bytes();
         if cost == 0 || size + (cost as u64) < quota {
             return Ok(());
         }
@@ -77,6 +74,23 @@ impl NodeBackend {
             let _ = self.proposals.try_send(Proposal { data, tx });
         }
         Err(ApiError::NoSpace)
+    }
+
+    /// Runs `f` (a store operation that waits for the backend) off the net core's runtime,
+    /// with everything applied so far as its `applied` index.
+    fn blocking<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&StoreHandle, u64) -> keel_storage::Result<T> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, ApiError>> + Send {
+        let store = self.store.clone();
+        let applied = self.status.applied_index.load(Ordering::Acquire);
+        async move {
+            tokio::task::spawn_blocking(move || f(&store, applied))
+                .await
+                .map_err(|e| ApiError::Internal(format!("{what}: {e}")))?
+                .map_err(apply::storage_err)
+        }
     }
 }
 
@@ -154,8 +168,7 @@ impl Backend for NodeBackend {
     fn status(&self) -> pb::StatusResponse {
         // The backend file's size, as etcd reports its bbolt file, and the part in use.
         let space = self.store.space();
-        let db_bytes = (space.pages * PAGE_BYTES) as i64;
-        let db_bytes_in_use = ((space.pages - space.free_pages) * PAGE_BYTES) as i64;
+        let (db_bytes, db_bytes_in_use) = (space.bytes() as i64, space.bytes_in_use() as i64);
         pb::StatusResponse {
             header: Some(self.header(0)),
             version: ETCD_API_VERSION.to_string(),
@@ -207,14 +220,10 @@ impl Backend for NodeBackend {
     }
 
     fn defragment(&self) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
-        let store = self.store.clone();
-        let applied = self.status.applied_index.load(Ordering::Acquire);
+        let run = self.blocking("defragment", |store, applied| store.defragment(applied));
         async move {
             let started = std::time::Instant::now();
-            let result = tokio::task::spawn_blocking(move || store.defragment(applied))
-                .await
-                .map_err(|e| ApiError::Internal(format!("defragment: {e}")))?;
-            result.map_err(apply::storage_err)?;
+            run.await?;
             tracing::info!(
                 took_ms = started.elapsed().as_millis() as u64,
                 "defragmented"
@@ -224,14 +233,7 @@ impl Backend for NodeBackend {
     }
 
     fn hash(&self) -> impl std::future::Future<Output = Result<u32, ApiError>> + Send {
-        let store = self.store.clone();
-        let applied = self.status.applied_index.load(Ordering::Acquire);
-        async move {
-            tokio::task::spawn_blocking(move || store.hash(applied))
-                .await
-                .map_err(|e| ApiError::Internal(format!("hash: {e}")))?
-                .map_err(apply::storage_err)
-        }
+        self.blocking("hash", |store, applied| store.hash(applied))
     }
 
     fn hash_kv(&self, revision: i64) -> Result<pb::HashKvResponse, ApiError> {

@@ -290,10 +290,9 @@ impl Mvcc {
             }
             let s = snap.as_ref().expect("set above");
             if let Some(rec) = s.get(&key)? {
-                let r = decode_record(rec).ok_or_else(|| Error::Corrupted {
-                    path: "backend".into(),
-                    offset: 0,
-                    reason: format!("record of revision {}/{} does not decode", kr.main, kr.sub),
+                let r = decode_record(rec).ok_or_else(|| {
+                    let what = format!("record of revision {}/{} does not decode", kr.main, kr.sub);
+                    crate::backend::page::corrupt(0, what)
                 })?;
                 return Ok(Bytes::copy_from_slice(r.value));
             }
@@ -491,6 +490,7 @@ impl Mvcc {
     }
 
     /// Compacts to `rev` at once (tests): `schedule_compact`, then every chunk.
+    #[cfg(test)]
     pub fn compact(&self, rev: i64) -> Result<Vec<(i64, i64)>> {
         self.schedule_compact(rev)?;
         let mut dropped = Vec::new();

@@ -447,6 +447,19 @@ pub struct StoreHandle {
 }
 
 impl StoreHandle {
+    /// The consistent index of the last batch made durable.
+    fn persisted(&self) -> u64 {
+        self.published.index.load(Ordering::Acquire)
+    }
+
+    /// Polls `ready` until it holds or `limit` passes (then the caller goes on regardless).
+    fn wait_for(&self, limit: Duration, ready: impl Fn() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !ready() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The last compaction carried out in full.
     pub fn finished_compact_rev(&self) -> i64 {
         self.published.finished_compact_rev.load(Ordering::Acquire)
@@ -465,10 +478,7 @@ impl StoreHandle {
     /// applied up to `applied` is in the backend. For tests and checks, as in etcd; its value
     /// is Keel's own (etcd hashes its bbolt file's buckets).
     pub fn hash(&self, applied: u64) -> Result<u32> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.published.index.load(Ordering::Acquire) < applied && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.wait_for(Duration::from_secs(10), || self.persisted() >= applied);
         let db = self
             .mvcc
             .backend()
@@ -490,14 +500,9 @@ impl StoreHandle {
     pub fn defragment(&self, applied: u64) -> Result<()> {
         // A compaction in progress finishes first (`compact; defrag` then shrinks the file,
         // as it does with etcd, whose compactions of small stores end at once).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let ready = || {
-            self.published.index.load(Ordering::Acquire) >= applied
-                && self.finished_compact_rev() >= self.mvcc.compact_rev()
-        };
-        while !ready() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.wait_for(Duration::from_secs(30), || {
+            self.persisted() >= applied && self.finished_compact_rev() >= self.mvcc.compact_rev()
+        });
         let (done, wait) = crossbeam_channel::bounded(1);
         self.jobs
             .send(Job::Defrag(done))
@@ -705,11 +710,8 @@ fn decode_alarms(v: &[u8]) -> Option<Vec<Alarm>> {
 }
 
 fn bad_meta(key: &[u8]) -> Error {
-    Error::Corrupted {
-        path: "backend".into(),
-        offset: 0,
-        reason: format!("entry {:?} does not decode", String::from_utf8_lossy(key)),
-    }
+    let key = String::from_utf8_lossy(key);
+    crate::backend::page::corrupt(0, format!("entry {key:?} does not decode"))
 }
 
 /// A write transaction whose committed changes go to the next backend batch.

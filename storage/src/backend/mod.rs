@@ -195,6 +195,18 @@ pub struct SpaceStats {
     pub free_pages: u64,
 }
 
+impl SpaceStats {
+    /// The file's logical size (etcd's `dbSize`).
+    pub fn bytes(&self) -> u64 {
+        self.pages * PAGE_BYTES as u64
+    }
+
+    /// The part of it in use (etcd's `dbSizeInUse`).
+    pub fn bytes_in_use(&self) -> u64 {
+        (self.pages - self.free_pages) * PAGE_BYTES as u64
+    }
+}
+
 /// The writer's side of the backend. Owned by one thread.
 pub struct Backend<F: PageFile> {
     file: F,

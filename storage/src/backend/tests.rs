@@ -52,6 +52,15 @@ fn random_batch<F: PageFile>(rng: &mut StdRng, txn: &mut WriteTxn<'_, F>, model:
     }
 }
 
+/// `n` committed transactions of random changes, applied to the model too.
+fn random_commits<F: PageFile>(b: &mut Backend<F>, rng: &mut StdRng, model: &mut Model, n: usize) {
+    for _ in 0..n {
+        let mut txn = b.write().unwrap();
+        random_batch(rng, &mut txn, model);
+        txn.commit().unwrap();
+    }
+}
+
 fn contents<F: PageFile>(snap: &Snapshot<F>) -> Model {
     let mut got = Model::new();
     let mut last: Option<Vec<u8>> = None;
@@ -289,12 +298,7 @@ fn the_real_file_maps_reads_and_grows() {
     let mut model = Model::new();
     {
         let mut b = Backend::open(MmapFile::open(&path).unwrap()).unwrap();
-        let mut rng = StdRng::seed_from_u64(3);
-        for _ in 0..40 {
-            let mut txn = b.write().unwrap();
-            random_batch(&mut rng, &mut txn, &mut model);
-            txn.commit().unwrap();
-        }
+        random_commits(&mut b, &mut StdRng::seed_from_u64(3), &mut model, 40);
         let mut txn = b.write().unwrap();
         let big = vec![5u8; 20 << 20]; // past the first growth step: the map is rebuilt
         txn.put(b"big", &big).unwrap();
@@ -310,12 +314,7 @@ fn the_real_file_maps_reads_and_grows() {
 fn a_compact_copy_holds_the_same_tree_in_fewer_pages() {
     let mut b = small(CrashFile::new()).unwrap();
     let mut model = Model::new();
-    let mut rng = StdRng::seed_from_u64(11);
-    for _ in 0..60 {
-        let mut txn = b.write().unwrap();
-        random_batch(&mut rng, &mut txn, &mut model);
-        txn.commit().unwrap();
-    }
+    random_commits(&mut b, &mut StdRng::seed_from_u64(11), &mut model, 60);
     let mut txn = b.write().unwrap();
     let doomed: Vec<Vec<u8>> = model.keys().step_by(2).cloned().collect();
     for k in &doomed {
