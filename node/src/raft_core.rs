@@ -91,7 +91,7 @@ pub struct RaftCore {
 
 impl RaftCore {
     pub fn new(
-        mut log: RaftLog,
+        log: RaftLog,
         store: Store,
         status: Arc<RaftStatus>,
         rx: Receiver<Proposal>,
@@ -105,7 +105,8 @@ impl RaftCore {
             election_tick: (election_ms / heartbeat_ms) as usize,
             heartbeat_tick: 1,
             // The backend holds every entry up to its consistent index: raft re-delivers only
-            // the committed entries after it.
+            // the committed entries after it (the log, opened at that snapshot point, counts
+            // them committed).
             applied: store.applied().0,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
@@ -114,7 +115,6 @@ impl RaftCore {
             ..Default::default()
         };
         raft_cfg.validate()?;
-        log.ensure_commit(raft_cfg.applied)?;
         status
             .applied_index
             .store(raft_cfg.applied, Ordering::Release);

@@ -315,26 +315,6 @@ impl RaftLog {
         Ok(())
     }
 
-    /// Raises the commit index to `index` when the state machine holds entries up to it (they
-    /// were committed; the WAL records commit lazily, so after a crash it may lag). The log
-    /// must hold them: a state ahead of the log is corruption.
-    pub fn ensure_commit(&mut self, index: u64) -> Result<()> {
-        if index > self.last() {
-            return Err(Error::Corrupted {
-                path: self.wal.dir().to_path_buf(),
-                offset: 0,
-                reason: format!(
-                    "the state holds entries up to {index}, the log ends at {}",
-                    self.last()
-                ),
-            });
-        }
-        if index > self.hard_state.commit {
-            self.hard_state.commit = index;
-        }
-        Ok(())
-    }
-
     /// Records a new commit index; it reaches disk with the next batch (commit can always be
     /// recomputed by raft, so it needs no sync of its own).
     pub fn set_commit(&mut self, commit: u64) {
