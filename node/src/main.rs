@@ -383,6 +383,19 @@ fn notify_systemd() {
     }
 }
 
+/// Hands the memory this thread's heap holds free back to the OS every few seconds. mimalloc
+/// purges freed pages only when the thread allocates again, so the buffers of connections
+/// that went away stayed in RSS while the core idled (~24 MiB after 100 connections).
+async fn release_freed_memory() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // SAFETY: mi_collect only releases memory mimalloc holds free.
+        unsafe { libmimalloc_sys::mi_collect(false) };
+    }
+}
+
 fn net_core(
     pin: Option<core_affinity::CoreId>,
     listeners: Vec<std::net::TcpListener>,
@@ -396,6 +409,7 @@ fn net_core(
         .build()
         .expect("tokio runtime for a net core");
     rt.block_on(async move {
+        tokio::spawn(release_freed_memory());
         let mut tasks = Vec::new();
         for l in listeners {
             let b = backend.clone();

@@ -28,17 +28,62 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use crossbeam_skiplist::SkipMap;
 use keel_proto::mvccpb::KeyValue;
+use triomphe::ThinArc;
 
 use crate::backend::file::MmapFile;
 use crate::backend::{Reader, Snapshot};
 use crate::error::{Error, Result};
 
-/// A version's place in the index. The key is an `Arc<[u8]>` shared by all versions of the
-/// key: 16 bytes here and one allocation per key (a `Bytes` is 32 here and, once cloned,
-/// two allocations), which matters with millions of keys.
+/// A key's bytes, shared by all versions of the key: one allocation per key, and one pointer
+/// in each version (the length lives in the allocation beside the count; an `Arc<[u8]>` is
+/// two words, a `Bytes` four). The index holds one per version, so with millions of versions
+/// every word counts.
+#[derive(Clone)]
+pub struct Key(ThinArc<(), u8>);
+
+impl Key {
+    pub fn new(bytes: &[u8]) -> Key {
+        Key(ThinArc::from_header_and_slice((), bytes))
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0.slice
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Key) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Key) -> std::cmp::Ordering {
+        (**self).cmp(&**other)
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self))
+    }
+}
+
+/// A version's place in the index.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyRev {
-    pub key: Arc<[u8]>,
+    pub key: Key,
     pub main: i64,
     pub sub: i64,
 }
@@ -46,30 +91,45 @@ pub struct KeyRev {
 impl KeyRev {
     fn new(key: &[u8], main: i64, sub: i64) -> KeyRev {
         KeyRev {
-            key: Arc::from(key),
+            key: Key::new(key),
             main,
             sub,
         }
     }
 }
 
+/// A version in the index: what the writer needs to write the key's next version. The rest
+/// (value, lease) is in the backend's record, or in `pending` until the backend commit that
+/// holds the record is published.
 #[derive(Debug)]
 struct Version {
-    /// None once the value is in the published backend snapshot.
-    value: ArcSwapOption<Bytes>,
+    /// None once the record is in the published backend snapshot (and for tombstones).
+    pending: ArcSwapOption<Pending>,
     create_rev: i64,
     /// 0 marks a tombstone.
     version: i64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    value: Bytes,
     lease: i64,
 }
 
 impl Version {
     fn new(value: Bytes, create_rev: i64, version: i64, lease: i64) -> Version {
         Version {
-            value: ArcSwapOption::from_pointee(value),
+            pending: ArcSwapOption::from_pointee(Pending { value, lease }),
             create_rev,
             version,
-            lease,
+        }
+    }
+
+    fn tombstone() -> Version {
+        Version {
+            pending: ArcSwapOption::empty(),
+            create_rev: 0,
+            version: 0,
         }
     }
 }
@@ -184,7 +244,7 @@ struct CountIndex {
     end: Bytes,
     total: usize,
     /// (key, live keys in [start, key)) for every `COUNT_SAMPLE_KEYS`th live key, ascending.
-    samples: Vec<(Arc<[u8]>, usize)>,
+    samples: Vec<(Key, usize)>,
 }
 
 const COUNT_SAMPLE_KEYS: usize = 256;
@@ -241,10 +301,9 @@ impl Mvcc {
             _ => probe.key,
         };
         let v = Version {
-            value: ArcSwapOption::empty(),
+            pending: ArcSwapOption::empty(),
             create_rev: r.create_rev,
             version: r.version,
-            lease: r.lease,
         };
         self.map.insert(
             KeyRev {
@@ -264,20 +323,20 @@ impl Mvcc {
     /// Drops the in-memory copy of a version's value (it is in the published backend).
     pub fn forget_value(&self, kr: &KeyRev) {
         if let Some(e) = self.map.get(kr) {
-            e.value().value.store(None);
+            e.value().pending.store(None);
         }
     }
 
-    /// A version's value: from memory, else from the backend (reloading the snapshot when
-    /// the value was published after `snap` was taken).
+    /// A version's value and lease: from memory, else from the backend (reloading the
+    /// snapshot when the record was published after `snap` was taken).
     fn value_of(
         &self,
         kr: &KeyRev,
         v: &Version,
         snap: &mut Option<BackendSnapshot>,
-    ) -> Result<Bytes> {
-        if let Some(b) = v.value.load_full() {
-            return Ok((*b).clone());
+    ) -> Result<(Bytes, i64)> {
+        if let Some(p) = v.pending.load_full() {
+            return Ok((p.value.clone(), p.lease));
         }
         let db = self
             .db
@@ -294,7 +353,7 @@ impl Mvcc {
                     let what = format!("record of revision {}/{} does not decode", kr.main, kr.sub);
                     crate::backend::page::corrupt(0, what)
                 })?;
-                return Ok(Bytes::copy_from_slice(r.value));
+                return Ok((Bytes::copy_from_slice(r.value), r.lease));
             }
         }
         // Gone from the newest snapshot too: compacted away while this read ran (the
@@ -332,7 +391,7 @@ impl Mvcc {
         let mut failed = None;
         // With a limit, the keys past it are only counted: by a count index when one fits.
         let indexable = opts.limit > 0 && !opts.count_only && rev <= self.current_rev();
-        let mut rest_from: Option<Arc<[u8]>> = None;
+        let mut rest_from: Option<Key> = None;
         self.walk_while(range, rev, |kr, v| {
             if indexable && out.kvs.len() == opts.limit {
                 if let KeyRange::Span(..) = range {
@@ -494,7 +553,7 @@ impl Mvcc {
     pub fn compact(&self, rev: i64) -> Result<Vec<(i64, i64)>> {
         self.schedule_compact(rev)?;
         let mut dropped = Vec::new();
-        let mut from: Arc<[u8]> = Arc::from(&b""[..]);
+        let mut from = Key::new(b"");
         loop {
             let (mut d, next) = self.compact_chunk(rev, &from, usize::MAX);
             dropped.append(&mut d);
@@ -636,13 +695,14 @@ impl Mvcc {
         v: &Version,
         snap: &mut Option<BackendSnapshot>,
     ) -> Result<KeyValue> {
+        let (value, lease) = self.value_of(kr, v, snap)?;
         Ok(KeyValue {
             key: Bytes::copy_from_slice(&kr.key),
             create_revision: v.create_rev,
             mod_revision: kr.main,
             version: v.version,
-            value: self.value_of(kr, v, snap)?,
-            lease: v.lease,
+            value,
+            lease,
         })
     }
 }
@@ -683,7 +743,7 @@ impl ReadView for WriteTxn<'_> {
 
 /// A compaction chunk's outcome: the (main, sub) revisions dropped, and the key to go on
 /// from (None: done).
-pub type CompactChunk = (Vec<(i64, i64)>, Option<Arc<[u8]>>);
+pub type CompactChunk = (Vec<(i64, i64)>, Option<Key>);
 
 /// One change of a write transaction: the version's index key and its key-value.
 pub type Change = (KeyRev, KeyValue);
@@ -742,7 +802,7 @@ impl WriteTxn<'_> {
     }
 
     /// The live version's shared key bytes, create revision and version, without its value.
-    fn latest(&self, key: &[u8]) -> Option<(Arc<[u8]>, i64, i64)> {
+    fn latest(&self, key: &[u8]) -> Option<(Key, i64, i64)> {
         let mut found = None;
         self.mvcc.walk(KeyRange::Single(key), self.rev(), |kr, v| {
             found = Some((kr.key.clone(), v.create_rev, v.version))
@@ -755,7 +815,7 @@ impl WriteTxn<'_> {
         let main = self.main();
         let (key, create_rev, version) = match self.latest(key) {
             Some((shared, create, version)) => (shared, create, version + 1),
-            None => (Arc::from(key), main, 1),
+            None => (Key::new(key), main, 1),
         };
         let kr = KeyRev {
             key,
@@ -797,9 +857,7 @@ impl WriteTxn<'_> {
                 mod_revision: main,
                 ..Default::default()
             };
-            self.mvcc
-                .map
-                .insert(kr.clone(), Version::new(Bytes::new(), 0, 0, 0));
+            self.mvcc.map.insert(kr.clone(), Version::tombstone());
             self.changes.push((kr, kv));
         }
         keys.len() as i64

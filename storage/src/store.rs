@@ -44,7 +44,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use crate::backend::file::MmapFile;
 use crate::backend::{Backend, Options, SpaceStats};
 use crate::error::{Error, Result};
-use crate::mvcc::{decode_record, encode_record, record_key, Change, Mvcc, WriteTxn};
+use crate::mvcc::{decode_record, encode_record, record_key, Change, Key, Mvcc, WriteTxn};
 
 const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
 const META_TERM: &[u8] = b"m/term";
@@ -641,7 +641,7 @@ fn run_compactor(
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let mut from: Arc<[u8]> = Arc::from(&b""[..]);
+        let mut from = Key::new(b"");
         loop {
             let (revisions, next) = mvcc.compact_chunk(rev, &from, COMPACTION_KEYS_PER_CHUNK);
             let done = next.is_none();
@@ -752,7 +752,8 @@ mod tests {
     use crate::mvcc::{KeyRange, RangeOptions};
     use bytes::Bytes;
 
-    fn all(m: &Mvcc, rev: i64) -> Vec<(String, String, i64, i64)> {
+    /// (key, value, create revision, version, lease) of every live key at `rev`.
+    fn all(m: &Mvcc, rev: i64) -> Vec<(String, String, i64, i64, i64)> {
         m.range(
             KeyRange::from_request(b"\0", b"\0"),
             RangeOptions {
@@ -769,14 +770,20 @@ mod tests {
                 String::from_utf8(kv.value.to_vec()).unwrap(),
                 kv.create_revision,
                 kv.version,
+                kv.lease,
             )
         })
         .collect()
     }
 
+    /// Puts `k` with a lease of its length (the lease is kept in the record, not the index).
     fn put(s: &mut Store, k: &str, v: &str) {
         let mut t = s.write();
-        t.put(k.as_bytes(), Bytes::copy_from_slice(v.as_bytes()), 0);
+        t.put(
+            k.as_bytes(),
+            Bytes::copy_from_slice(v.as_bytes()),
+            k.len() as i64,
+        );
         t.commit();
     }
 
@@ -795,9 +802,11 @@ mod tests {
             s.compact(200).unwrap();
             put(&mut s, "big", &"x".repeat(50_000));
             s.set_applied(77, 3);
+            let in_memory = all(s.mvcc(), 0);
             s.commit().unwrap();
-            // Values now come from the backend, not memory.
-            (all(s.mvcc(), 0), all(s.mvcc(), 250))
+            // Values and leases now come from the backend, not memory.
+            assert_eq!(all(s.mvcc(), 0), in_memory);
+            (in_memory, all(s.mvcc(), 250))
         };
         let s = Store::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(s.applied(), (77, 3));
@@ -807,7 +816,7 @@ mod tests {
         assert_eq!(all(s.mvcc(), 250), old);
         assert!(before
             .iter()
-            .any(|(k, v, _, _)| k == "big" && v.len() == 50_000));
+            .any(|(k, v, _, _, lease)| k == "big" && v.len() == 50_000 && *lease == 3));
     }
 
     #[test]
@@ -968,9 +977,9 @@ mod tests {
         }
         let mut s = Store::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(s.applied(), (5, 2));
-        assert_eq!(all(s.mvcc(), 0), [("a".into(), "1".into(), 2, 1)]);
+        assert_eq!(all(s.mvcc(), 0), [("a".into(), "1".into(), 2, 1, 1)]);
         put(&mut s, "a", "2"); // raft re-delivers entry 6
-        assert_eq!(all(s.mvcc(), 0), [("a".into(), "2".into(), 2, 2)]);
+        assert_eq!(all(s.mvcc(), 0), [("a".into(), "2".into(), 2, 2, 1)]);
         assert_eq!(s.mvcc().current_rev(), 3);
     }
 
