@@ -2,6 +2,9 @@
 //! gRPC concerns stay here and the node's raft, apply and storage stay out.
 
 use std::future::Future;
+use std::pin::Pin;
+
+use futures::Stream;
 
 use keel_proto::pb;
 
@@ -37,6 +40,11 @@ pub enum WriteResponse {
     Alarm(pb::AlarmResponse),
 }
 
+/// A Watch stream's requests, as the client sends them (ends when the client stops sending).
+pub type WatchRequests = Pin<Box<dyn Stream<Item = pb::WatchRequest> + Send>>;
+/// A Watch stream's responses; an error ends the stream with that status.
+pub type WatchResponses = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, ApiError>> + Send>>;
+
 pub trait Backend: Send + Sync + 'static {
     fn limits(&self) -> Limits;
 
@@ -68,4 +76,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// etcd's HashKV at `revision` (0: the current one).
     fn hash_kv(&self, revision: i64) -> Result<pb::HashKvResponse, ApiError>;
+
+    /// Serves one Watch stream (etcd's semantics live in the node's watch hub).
+    fn watch(&self, requests: WatchRequests) -> WatchResponses;
 }

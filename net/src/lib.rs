@@ -8,6 +8,10 @@ pub mod serve;
 pub mod service;
 pub mod unserved;
 pub mod validate;
+pub mod watch;
 
-pub use backend::{Backend, Limits, WriteRequest, WriteResponse};
+pub use backend::{
+    Backend, Limits, WatchRequests, WatchResponses, WriteRequest, WriteResponse,
+    GRPC_OVERHEAD_BYTES,
+};
 pub use error::ApiError;

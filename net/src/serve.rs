@@ -12,6 +12,7 @@ use crate::authority::AuthorityFix;
 use crate::backend::Backend;
 use crate::service::{decode_limit_bytes, ClusterService, KvService, MaintenanceService};
 use crate::unserved;
+use crate::watch::WatchService;
 
 /// A TCP socket for `addr`'s family, with SO_REUSEADDR.
 fn tcp_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
@@ -82,6 +83,11 @@ pub async fn serve<B: Backend>(
                 backend.clone(),
             ))
             .max_decoding_message_size(limit),
+        )
+        .add_service(
+            pb::watch_server::WatchServer::new(WatchService::new(backend.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(usize::MAX),
         )
         .add_service(
             pb::cluster_server::ClusterServer::new(ClusterService::new(backend))

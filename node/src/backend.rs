@@ -24,6 +24,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
 
 pub struct NodeBackend {
     pub mvcc: Arc<Mvcc>,
+    pub watch: Arc<crate::watch::WatchContext>,
     pub status: Arc<RaftStatus>,
     pub proposals: Sender<Proposal>,
     pub member_id: u64,
@@ -245,5 +246,9 @@ impl Backend for NodeBackend {
             compact_revision,
             hash_revision,
         })
+    }
+
+    fn watch(&self, requests: keel_net::WatchRequests) -> keel_net::WatchResponses {
+        crate::watch::serve(self.watch.clone(), requests)
     }
 }

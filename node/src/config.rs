@@ -134,6 +134,13 @@ pub struct Flags {
     /// (default 10000).
     #[arg(long, env = "ETCD_BACKEND_BATCH_LIMIT")]
     pub backend_batch_limit: Option<usize>,
+    /// Duration of periodic watch progress notifications (etcd 3.6's name; a Go duration,
+    /// default 10m).
+    #[arg(long, env = "ETCD_WATCH_PROGRESS_NOTIFY_INTERVAL")]
+    pub watch_progress_notify_interval: Option<String>,
+    /// etcd 3.4/3.5's name of --watch-progress-notify-interval.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL")]
+    pub experimental_watch_progress_notify_interval: Option<String>,
     /// Keel only: size of a WAL segment file (default 64 MiB, as etcd's; at least 64 KiB).
     #[arg(long, env = "KEEL_WAL_SEGMENT_BYTES", default_value_t = 64 << 20)]
     pub wal_segment_bytes: u64,
@@ -165,6 +172,8 @@ pub struct Config {
     pub wal_segment_bytes: u64,
     pub auto_compaction: Option<crate::autocompact::Mode>,
     pub backend_batch_interval: std::time::Duration,
+    /// Periodic progress notifications to watchers that asked for them.
+    pub watch_progress_notify_interval: std::time::Duration,
     pub backend_batch_limit: usize,
 }
 
@@ -191,6 +200,8 @@ const YAML_KEYS: &[&str] = &[
     "snapshot-count",
     "backend-batch-interval",
     "backend-batch-limit",
+    "watch-progress-notify-interval",
+    "experimental-watch-progress-notify-interval",
     "auto-compaction-mode",
     "auto-compaction-retention",
     "snapshot-catchup-entries",
@@ -273,6 +284,10 @@ impl Flags {
                 "log-level" => f.log_level = text.unwrap_or_default(),
                 "auto-compaction-mode" => f.auto_compaction_mode = text.unwrap_or_default(),
                 "backend-batch-interval" => f.backend_batch_interval = text,
+                "watch-progress-notify-interval" => f.watch_progress_notify_interval = text,
+                "experimental-watch-progress-notify-interval" => {
+                    f.experimental_watch_progress_notify_interval = text
+                }
                 "backend-batch-limit" => {
                     f.backend_batch_limit = Some(
                         text.as_deref()
@@ -490,6 +505,18 @@ impl Config {
                     .ok_or_else(|| anyhow::anyhow!("invalid --backend-batch-interval {d:?}"))?,
             },
             backend_batch_limit: f.backend_batch_limit.unwrap_or(10_000).max(1),
+            watch_progress_notify_interval: match f
+                .watch_progress_notify_interval
+                .as_ref()
+                .or(f.experimental_watch_progress_notify_interval.as_ref())
+            {
+                None => std::time::Duration::from_secs(600),
+                Some(d) => crate::autocompact::parse_go_duration(d)
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("invalid --watch-progress-notify-interval {d:?}")
+                    })?,
+            },
             auto_compaction: crate::autocompact::parse(
                 &f.auto_compaction_mode,
                 &f.auto_compaction_retention,

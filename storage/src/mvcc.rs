@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+use crossbeam_skiplist::map::Entry;
 use crossbeam_skiplist::SkipMap;
 use keel_proto::mvccpb::KeyValue;
 use triomphe::ThinArc;
@@ -205,7 +206,7 @@ impl<'a> KeyRange<'a> {
         }
     }
 
-    fn contains(&self, k: &[u8]) -> bool {
+    pub fn contains(&self, k: &[u8]) -> bool {
         match *self {
             KeyRange::Single(s) => k == s,
             KeyRange::Span(s, e) => k >= s && (e.is_empty() || k < e),
@@ -680,6 +681,90 @@ impl Mvcc {
             return Err(Error::Compacted);
         }
         Ok((crc, compact, rev))
+    }
+
+    /// The changes to keys in `range` at revisions `from..=to`, in revision order: what watch
+    /// events are made of (a tombstone's key-value holds only the key and its mod revision,
+    /// as etcd's delete events). Stops at the end of the revision where `max` changes are
+    /// reached (one revision's changes are never split): returns the changes and the last
+    /// revision they cover. Memory stays within about twice `max` changes however many match.
+    pub fn changes(
+        &self,
+        range: KeyRange<'_>,
+        from: i64,
+        to: i64,
+        max: usize,
+    ) -> Result<(Vec<Change>, i64)> {
+        let max = max.max(1);
+        if from < self.compact_rev() {
+            return Err(Error::Compacted);
+        }
+        let mut bound = to;
+        let mut found = Vec::new();
+        // Keeps the changes of the first `max` (plus the rest of the last revision) and lowers
+        // `bound` to the last revision kept.
+        let cut = |found: &mut Vec<Entry<'_, KeyRev, Version>>, bound: &mut i64| {
+            found.sort_by_key(|e| (e.key().main, e.key().sub));
+            if found.len() > max {
+                let last = found[max - 1].key().main;
+                found.retain(|e| e.key().main <= last);
+                *bound = last;
+            }
+        };
+        let mut cursor = self
+            .map
+            .lower_bound(Included(&KeyRev::new(range.start(), 0, 0)));
+        while let Some(first) = cursor {
+            if !range.contains(&first.key().key) {
+                break;
+            }
+            let key = first.key().key.clone();
+            let at = KeyRev {
+                key: key.clone(),
+                main: from,
+                sub: 0,
+            };
+            let mut e = self.map.lower_bound(Included(&at));
+            while let Some(v) = e {
+                if v.key().key != key || v.key().main > bound {
+                    break;
+                }
+                e = v.next();
+                found.push(v);
+            }
+            if found.len() > 2 * max {
+                cut(&mut found, &mut bound);
+            }
+            if let KeyRange::Single(_) = range {
+                break;
+            }
+            let past = KeyRev {
+                key,
+                main: i64::MAX,
+                sub: i64::MAX,
+            };
+            cursor = self.map.lower_bound(Excluded(&past));
+        }
+        cut(&mut found, &mut bound);
+        let mut snap = None;
+        let mut out = Vec::with_capacity(found.len());
+        for e in found {
+            let (kr, v) = (e.key(), e.value());
+            let kv = if v.version == 0 {
+                KeyValue {
+                    key: Bytes::copy_from_slice(&kr.key),
+                    mod_revision: kr.main,
+                    ..Default::default()
+                }
+            } else {
+                self.to_kv(kr, v, &mut snap)?
+            };
+            out.push((kr.clone(), kv));
+        }
+        if from < self.compact_rev() {
+            return Err(Error::Compacted);
+        }
+        Ok((out, bound))
     }
 
     /// How many versions (including tombstones) are stored.
@@ -1172,5 +1257,94 @@ mod tests {
                 .collect();
             assert_eq!(&got, snap, "at revision {rev}");
         }
+    }
+
+    #[test]
+    fn changes_are_the_history_of_a_range_in_revision_order() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let m = Mvcc::new();
+        let mut live: BTreeMap<String, i64> = BTreeMap::new();
+        // (revision, sub, key, value or None for a delete, create revision, version)
+        let mut log: Vec<(i64, i64, String, Option<String>, i64, i64)> = Vec::new();
+        for i in 0..300 {
+            let k = format!("k{:02}", rng.gen_range(0..20));
+            if rng.gen_bool(0.75) {
+                let rev = put(&m, &k, &format!("v{i}"));
+                let kv = m.range(KeyRange::Single(k.as_bytes()), RangeOptions::default());
+                let kv = kv.unwrap().kvs.remove(0);
+                live.insert(k.clone(), kv.create_revision);
+                log.push((
+                    rev,
+                    0,
+                    k,
+                    Some(format!("v{i}")),
+                    kv.create_revision,
+                    kv.version,
+                ));
+            } else {
+                let end = format!("k{:02}", rng.gen_range(0..20));
+                let doomed: Vec<String> = live
+                    .keys()
+                    .filter(|x| x.as_str() >= k.as_str() && x.as_str() < end.as_str())
+                    .cloned()
+                    .collect();
+                del(&m, &k, &end);
+                for (sub, d) in doomed.into_iter().enumerate() {
+                    live.remove(&d);
+                    log.push((m.current_rev(), sub as i64, d, None, 0, 0));
+                }
+            }
+        }
+        let cur = m.current_rev();
+        for _ in 0..300 {
+            let a = format!("k{:02}", rng.gen_range(0..20));
+            let b = format!("k{:02}", rng.gen_range(0..21));
+            let single = rng.gen_bool(0.3);
+            let range = if single {
+                KeyRange::Single(a.as_bytes())
+            } else {
+                KeyRange::Span(a.as_bytes(), b.as_bytes())
+            };
+            let from = rng.gen_range(1..cur + 2);
+            let to = rng.gen_range(from - 1..cur + 1);
+            let max = rng.gen_range(1..40);
+            let (got, last) = m.changes(range, from, to, max).unwrap();
+            let mut want: Vec<_> = log
+                .iter()
+                .filter(|e| e.0 >= from && e.0 <= to && range.contains(e.2.as_bytes()))
+                .collect();
+            let mut want_last = to;
+            if want.len() > max {
+                want_last = want[max - 1].0;
+                want.retain(|e| e.0 <= want_last);
+            }
+            assert_eq!(
+                last, want_last,
+                "{a}..{b} single {single} {from}..={to} max {max}"
+            );
+            assert_eq!(got.len(), want.len(), "{a}..{b} {from}..={to} max {max}");
+            for ((kr, kv), w) in got.iter().zip(&want) {
+                assert_eq!((kr.main, kr.sub), (w.0, w.1));
+                assert_eq!(kv.key, w.2.as_bytes());
+                assert_eq!(kv.mod_revision, w.0);
+                match &w.3 {
+                    Some(v) => {
+                        assert_eq!(kv.value, v.as_bytes());
+                        assert_eq!((kv.create_revision, kv.version), (w.4, w.5));
+                    }
+                    None => assert_eq!((kv.create_revision, kv.version), (0, 0)),
+                }
+            }
+        }
+        m.compact(cur / 2).unwrap();
+        let all = KeyRange::Span(b"", b"");
+        assert!(matches!(
+            m.changes(all, cur / 2 - 1, cur, 10),
+            Err(Error::Compacted)
+        ));
+        let (after, _) = m.changes(all, cur / 2 + 1, cur, usize::MAX).unwrap();
+        let want = log.iter().filter(|e| e.0 > cur / 2).count();
+        assert_eq!(after.len(), want);
     }
 }

@@ -151,6 +151,7 @@ pub struct Store {
     alarms_changed: bool,
     /// Bumped at every alarm change, so watchers of the alarms compare a number.
     alarms_epoch: u64,
+    sink: Option<Box<dyn EventSink>>,
 }
 
 impl Drop for Store {
@@ -283,6 +284,7 @@ impl Store {
             alarms,
             alarms_changed: false,
             alarms_epoch: 0,
+            sink: None,
         })
     }
 
@@ -341,7 +343,13 @@ impl Store {
         StoreTxn {
             txn: Some(self.mvcc.write()),
             pending: &mut self.pending,
+            sink: self.sink.as_deref_mut(),
         }
+    }
+
+    /// Where committed changes are published from now on (the watch hub).
+    pub fn set_event_sink(&mut self, sink: Box<dyn EventSink>) {
+        self.sink = Some(sink);
     }
 
     /// Applies a compaction: the revision rises now, the physical work goes to the
@@ -714,10 +722,17 @@ fn bad_meta(key: &[u8]) -> Error {
     crate::backend::page::corrupt(0, format!("entry {key:?} does not decode"))
 }
 
+/// Told the changes of every committed write transaction, in revision order, on the thread
+/// that applies them (the watch hub). It must not block.
+pub trait EventSink: Send {
+    fn publish(&mut self, rev: i64, changes: &[Change]);
+}
+
 /// A write transaction whose committed changes go to the next backend batch.
 pub struct StoreTxn<'a> {
     txn: Option<WriteTxn<'a>>,
     pending: &'a mut Pending,
+    sink: Option<&'a mut (dyn EventSink + 'static)>,
 }
 
 impl<'a> Deref for StoreTxn<'a> {
@@ -740,6 +755,9 @@ impl StoreTxn<'_> {
         let (changes, rev) = self.txn.take().expect("live until commit").commit();
         if !changes.is_empty() {
             self.pending.since.get_or_insert_with(Instant::now);
+            if let Some(sink) = self.sink.as_mut() {
+                sink.publish(rev, &changes);
+            }
         }
         self.pending.changes.extend(changes);
         rev

@@ -249,6 +249,11 @@ pub struct LiveEtcd {
 
 impl LiveEtcd {
     pub async fn start(dir: &Path) -> LiveEtcd {
+        LiveEtcd::start_with(dir, &[]).await
+    }
+
+    /// With extra etcd flags.
+    pub async fn start_with(dir: &Path, extra: &[&str]) -> LiveEtcd {
         assert!(
             Command::new("etcd").arg("--version").output().is_ok(),
             "etcd is not installed: run scripts/setup.sh (this test compares with a live etcd)"
@@ -272,6 +277,7 @@ impl LiveEtcd {
                 &purl,
             ])
             .args(["--initial-cluster", &format!("ref={purl}")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -13,3 +13,4 @@ mod etcdctl;
 mod fatal;
 mod recovery;
 mod wal_io;
+mod watch;

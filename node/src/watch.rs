@@ -1,0 +1,531 @@
+//! Watch: the hub the raft core publishes committed changes to, and the per-stream task that
+//! serves etcd's Watch stream on a net core.
+//!
+//! The hub is a bounded broadcast ring of committed revisions (`HUB_REVISIONS`). The raft core
+//! only appends to it and never waits: a stream that falls behind by more than the ring holds
+//! loses its place ("lagged") and every watcher it serves moves to the catch-up path, which
+//! reads the history out of the store (etcd's unsynced group). A stream whose client stops
+//! reading blocks only itself: its responses are bounded (`STREAM_RESPONSES`), so it stops
+//! taking events from the ring, lags, and later catches up from the store. Neither apply nor
+//! memory waits on a slow watcher.
+//!
+//! Invariants, per stream:
+//! - `delivered`: every synced watcher has been sent every event at or below it. It starts at
+//!   the store's revision when the stream subscribed (everything at or below is in the store;
+//!   everything above comes through the ring) and follows the ring.
+//! - A watcher's `next_rev` is the first revision it has not been sent. A synced watcher takes
+//!   events from the ring at or above `next_rev`; an unsynced one reads `next_rev ..= now` from
+//!   the store in chunks of whole revisions, and becomes synced with `next_rev = now + 1`
+//!   (anything at or below `now` still in the ring is then skipped for it).
+//! - Events reach a watcher in revision order, each once; one revision's events go in one
+//!   response unless the watcher asked for fragments.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_net::ApiError;
+use keel_proto::mvccpb::{event::EventType, Event, KeyValue};
+use keel_proto::pb;
+use keel_proto::prost::Message;
+use keel_storage::mvcc::{Change, KeyRange, Mvcc, RangeOptions};
+use keel_storage::store::EventSink;
+use keel_storage::Error as StoreError;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::{Stream, StreamExt};
+
+use crate::raft_core::RaftStatus;
+
+/// Committed revisions the hub holds for streams that are behind.
+const HUB_REVISIONS: usize = 4096;
+/// Changes per read of the catch-up path (whole revisions, so possibly more).
+const CATCH_UP_CHANGES: usize = 1000;
+/// Responses a stream queues toward its client before it stops taking events.
+const STREAM_RESPONSES: usize = 64;
+/// etcd's watch ID for responses not tied to one watcher (progress for the whole stream).
+const NO_WATCH_ID: i64 = -1;
+
+/// The changes of one committed revision, as watch events.
+pub struct Revision {
+    pub rev: i64,
+    pub events: Vec<Event>,
+}
+
+pub type Hub = broadcast::Sender<Arc<Revision>>;
+
+pub fn hub() -> Hub {
+    broadcast::channel(HUB_REVISIONS).0
+}
+
+/// The store's event sink: publishes each committed revision to the hub (only while some
+/// stream listens).
+pub struct HubSink(pub Hub);
+
+impl EventSink for HubSink {
+    fn publish(&mut self, rev: i64, changes: &[Change]) {
+        if self.0.receiver_count() == 0 {
+            return;
+        }
+        let events = changes.iter().map(|(_, kv)| event_of(kv.clone())).collect();
+        let _ = self.0.send(Arc::new(Revision { rev, events }));
+    }
+}
+
+/// A change as etcd's event: a delete's key-value holds only the key and its mod revision.
+fn event_of(kv: KeyValue) -> Event {
+    let kind = if kv.version == 0 {
+        EventType::Delete
+    } else {
+        EventType::Put
+    };
+    Event {
+        r#type: kind as i32,
+        kv: Some(kv),
+        prev_kv: None,
+    }
+}
+
+/// What every watch stream of the node shares.
+pub struct WatchContext {
+    pub mvcc: Arc<Mvcc>,
+    pub hub: Hub,
+    pub status: Arc<RaftStatus>,
+    pub cluster_id: u64,
+    pub member_id: u64,
+    /// etcd fragments a response above --max-request-bytes for watchers that ask for it.
+    pub max_request_bytes: usize,
+    pub progress_interval: Duration,
+}
+
+impl WatchContext {
+    fn header(&self, revision: i64) -> pb::ResponseHeader {
+        pb::ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision,
+            raft_term: self.status.term.load(Ordering::Acquire),
+        }
+    }
+}
+
+pub type Responses = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, ApiError>> + Send>>;
+
+/// Serves one Watch stream: spawns its task on the calling (net core's) runtime.
+pub fn serve(
+    ctx: Arc<WatchContext>,
+    requests: Pin<Box<dyn Stream<Item = pb::WatchRequest> + Send>>,
+) -> Responses {
+    let (tx, rx) = mpsc::channel(STREAM_RESPONSES);
+    tokio::spawn(run(ctx, requests, tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+struct Watcher {
+    key: Vec<u8>,
+    /// None: the key alone; empty: every key from `key` on; else `[key, end)`.
+    end: Option<Vec<u8>>,
+    no_put: bool,
+    no_delete: bool,
+    prev_kv: bool,
+    progress_notify: bool,
+    fragment: bool,
+    /// The start revision asked for (0: none).
+    start_rev: i64,
+    next_rev: i64,
+    synced: bool,
+    /// Canceled by a compaction: it takes nothing more, but keeps its ID until the client
+    /// cancels it (as etcd's).
+    compacted: bool,
+    /// Sent events since the last periodic progress tick (which then skips it, as etcd's).
+    sent_since_tick: bool,
+}
+
+impl Watcher {
+    fn range(&self) -> KeyRange<'_> {
+        match &self.end {
+            None => KeyRange::Single(&self.key),
+            Some(end) => KeyRange::Span(&self.key, end),
+        }
+    }
+
+    fn wants(&self, ev: &Event) -> bool {
+        let Some(kv) = &ev.kv else { return false };
+        let delete = ev.r#type == EventType::Delete as i32;
+        !(delete && self.no_delete || !delete && self.no_put) && self.range().contains(&kv.key)
+    }
+}
+
+/// The client is gone (or the stream failed): stop serving.
+struct Gone;
+
+struct WatchStream {
+    ctx: Arc<WatchContext>,
+    out: mpsc::Sender<Result<pb::WatchResponse, ApiError>>,
+    watchers: BTreeMap<i64, Watcher>,
+    next_id: i64,
+    delivered: i64,
+    /// Where the catch-up path goes next (round robin over unsynced watchers).
+    catch_up_from: i64,
+}
+
+async fn run(
+    ctx: Arc<WatchContext>,
+    mut requests: Pin<Box<dyn Stream<Item = pb::WatchRequest> + Send>>,
+    out: mpsc::Sender<Result<pb::WatchResponse, ApiError>>,
+) {
+    let mut ring = ctx.hub.subscribe();
+    let progress_every = ctx.progress_interval;
+    let mut s = WatchStream {
+        delivered: ctx.mvcc.current_rev(),
+        ctx,
+        out,
+        watchers: BTreeMap::new(),
+        next_id: 0,
+        catch_up_from: 0,
+    };
+    let mut progress =
+        tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut requests_open = true;
+    loop {
+        let catching_up = s.watchers.values().any(|w| !w.synced && !w.compacted);
+        let out = s.out.clone();
+        let step = tokio::select! {
+            r = requests.next(), if requests_open => match r {
+                Some(req) => s.handle(req, &mut ring).await,
+                // etcd keeps serving a stream whose client closed its sending side.
+                None => {
+                    requests_open = false;
+                    Ok(())
+                }
+            },
+            m = ring.recv() => match m {
+                Ok(rev) => s.dispatch(&rev).await,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    s.lagged();
+                    Ok(())
+                }
+                Err(broadcast::error::RecvError::Closed) => Err(Gone),
+            },
+            _ = progress.tick() => s.progress_notify(&mut ring).await,
+            _ = std::future::ready(()), if catching_up => s.catch_up().await,
+            _ = out.closed() => Err(Gone),
+        };
+        if step.is_err() {
+            return;
+        }
+    }
+}
+
+impl WatchStream {
+    async fn send(&self, r: pb::WatchResponse) -> Result<(), Gone> {
+        self.out.send(Ok(r)).await.map_err(|_| Gone)
+    }
+
+    async fn handle(
+        &mut self,
+        req: pb::WatchRequest,
+        ring: &mut broadcast::Receiver<Arc<Revision>>,
+    ) -> Result<(), Gone> {
+        use pb::watch_request::RequestUnion;
+        match req.request_union {
+            Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
+            Some(RequestUnion::CancelRequest(c)) => {
+                if self.watchers.remove(&c.watch_id).is_none() {
+                    return Ok(());
+                }
+                let r = pb::WatchResponse {
+                    header: Some(self.ctx.header(self.ctx.mvcc.current_rev())),
+                    watch_id: c.watch_id,
+                    canceled: true,
+                    ..Default::default()
+                };
+                self.send(r).await
+            }
+            Some(RequestUnion::ProgressRequest(_)) => {
+                // etcd 3.6 (and 3.4.25+/3.5.8+): answered only when every watcher of the
+                // stream is synced and past its start revision, else not at all (the client
+                // asks again); a stream without watchers gets nothing either.
+                self.drain(ring).await?;
+                let ready = |w: &Watcher| w.synced && !w.compacted && w.start_rev <= self.delivered;
+                if !self.watchers.is_empty() && self.watchers.values().all(ready) {
+                    self.send_progress(NO_WATCH_ID).await?;
+                }
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn create(&mut self, c: pb::WatchCreateRequest) -> Result<(), Gone> {
+        use pb::watch_create_request::FilterType;
+        let current = self.ctx.mvcc.current_rev();
+        // etcd's normalisation: an empty key is "\0"; range_end "\0" means every key from
+        // `key` on; an empty range_end, the key alone.
+        let key = if c.key.is_empty() {
+            vec![0]
+        } else {
+            c.key.to_vec()
+        };
+        let end = match &c.range_end[..] {
+            [] => None,
+            [0] => Some(Vec::new()),
+            e => Some(e.to_vec()),
+        };
+        let refuse = |reason: &str| pb::WatchResponse {
+            header: Some(self.ctx.header(current)),
+            watch_id: NO_WATCH_ID,
+            created: true,
+            canceled: true,
+            cancel_reason: reason.to_string(),
+            ..Default::default()
+        };
+        if c.start_revision < 0 {
+            return self.send(refuse(&ApiError::Compacted.to_string())).await;
+        }
+        if matches!(&end, Some(e) if !e.is_empty() && key >= *e) {
+            return self.send(refuse("mvcc: watcher range is empty")).await;
+        }
+        let id = if c.watch_id == 0 {
+            while self.watchers.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id += 1;
+            self.next_id - 1
+        } else if self.watchers.contains_key(&c.watch_id) {
+            let reason = "mvcc: duplicate watch ID provided on the WatchStream";
+            return self.send(refuse(reason)).await;
+        } else {
+            c.watch_id
+        };
+        let next_rev = if c.start_revision == 0 {
+            current + 1
+        } else {
+            c.start_revision
+        };
+        let w = Watcher {
+            key,
+            end,
+            no_put: c.filters.contains(&(FilterType::Noput as i32)),
+            no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
+            prev_kv: c.prev_kv,
+            progress_notify: c.progress_notify,
+            fragment: c.fragment,
+            start_rev: c.start_revision,
+            next_rev,
+            synced: next_rev > current,
+            compacted: false,
+            sent_since_tick: false,
+        };
+        self.watchers.insert(id, w);
+        self.send(pb::WatchResponse {
+            header: Some(self.ctx.header(current)),
+            watch_id: id,
+            created: true,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Takes every revision waiting in the ring, so `delivered` is as fresh as it can be.
+    async fn drain(&mut self, ring: &mut broadcast::Receiver<Arc<Revision>>) -> Result<(), Gone> {
+        loop {
+            match ring.try_recv() {
+                Ok(rev) => self.dispatch(&rev).await?,
+                Err(broadcast::error::TryRecvError::Lagged(_)) => self.lagged(),
+                Err(broadcast::error::TryRecvError::Empty) => return Ok(()),
+                Err(broadcast::error::TryRecvError::Closed) => return Err(Gone),
+            }
+        }
+    }
+
+    /// Sends one committed revision's events to the synced watchers that want them.
+    async fn dispatch(&mut self, rev: &Revision) -> Result<(), Gone> {
+        if rev.rev <= self.delivered {
+            return Ok(());
+        }
+        self.delivered = rev.rev;
+        let mut sends = Vec::new();
+        for (id, w) in self.watchers.iter_mut() {
+            if !w.synced || w.compacted || w.next_rev > rev.rev {
+                continue;
+            }
+            w.next_rev = rev.rev + 1;
+            let events: Vec<Event> = rev.events.iter().filter(|e| w.wants(e)).cloned().collect();
+            if !events.is_empty() {
+                sends.push((*id, events));
+            }
+        }
+        for (id, events) in sends {
+            self.send_events(id, events, rev.rev).await?;
+        }
+        Ok(())
+    }
+
+    /// The stream fell out of the ring: every synced watcher catches up from the store.
+    fn lagged(&mut self) {
+        for w in self.watchers.values_mut() {
+            w.synced = false;
+        }
+    }
+
+    /// One step of the catch-up path: one read for one unsynced watcher.
+    async fn catch_up(&mut self) -> Result<(), Gone> {
+        let next = self
+            .watchers
+            .range(self.catch_up_from..)
+            .chain(self.watchers.range(..self.catch_up_from))
+            .find(|(_, w)| !w.synced && !w.compacted)
+            .map(|(id, _)| *id);
+        let Some(id) = next else { return Ok(()) };
+        self.catch_up_from = id + 1;
+        let mvcc = self.ctx.mvcc.clone();
+        let now = mvcc.current_rev();
+        let w = self.watchers.get_mut(&id).expect("found above");
+        if w.next_rev > now {
+            w.synced = true;
+            return Ok(());
+        }
+        match mvcc.changes(w.range(), w.next_rev, now, CATCH_UP_CHANGES) {
+            Ok((changes, last)) => {
+                w.next_rev = last + 1;
+                w.synced = last >= now;
+                let events: Vec<Event> = changes
+                    .into_iter()
+                    .map(|(_, kv)| event_of(kv))
+                    .filter(|e| w.wants(e))
+                    .collect();
+                if !events.is_empty() {
+                    self.send_events(id, events, now).await?;
+                }
+                Ok(())
+            }
+            Err(StoreError::Compacted) => {
+                w.compacted = true;
+                // As etcd: the header carries no revision, compact_revision says where
+                // history now starts; the ID stays taken until the client cancels it.
+                let r = pb::WatchResponse {
+                    header: Some(self.ctx.header(0)),
+                    watch_id: id,
+                    canceled: true,
+                    compact_revision: mvcc.compact_rev(),
+                    ..Default::default()
+                };
+                self.send(r).await
+            }
+            Err(e) => {
+                let _ = self.out.send(Err(ApiError::Internal(e.to_string()))).await;
+                Err(Gone)
+            }
+        }
+    }
+
+    /// Sends `events` to watcher `id` (with their previous versions if it asked), split into
+    /// fragments if it asked for them and they are too big for one message.
+    async fn send_events(
+        &mut self,
+        id: i64,
+        mut events: Vec<Event>,
+        header_rev: i64,
+    ) -> Result<(), Gone> {
+        let Some(w) = self.watchers.get_mut(&id) else {
+            return Ok(());
+        };
+        w.sent_since_tick = true;
+        let (prev_kv, fragment) = (w.prev_kv, w.fragment);
+        if prev_kv {
+            for ev in &mut events {
+                ev.prev_kv = self.prev_kv(ev);
+            }
+        }
+        let r = pb::WatchResponse {
+            header: Some(self.ctx.header(header_rev)),
+            watch_id: id,
+            events,
+            ..Default::default()
+        };
+        let limit = self.ctx.max_request_bytes + keel_net::GRPC_OVERHEAD_BYTES;
+        if !fragment || r.events.len() < 2 || r.encoded_len() < limit {
+            return self.send(r).await;
+        }
+        // etcd's sendFragments: as many events per message as fit under the limit (at least
+        // one), `fragment` set on all but the last.
+        let mut rest = r.events.into_iter().peekable();
+        let shell = pb::WatchResponse {
+            header: r.header,
+            watch_id: id,
+            fragment: true,
+            ..Default::default()
+        };
+        while rest.peek().is_some() {
+            let mut part = shell.clone();
+            let mut size = part.encoded_len();
+            while let Some(ev) = rest.peek() {
+                let grow = pb::WatchResponse {
+                    events: vec![ev.clone()],
+                    ..Default::default()
+                }
+                .encoded_len();
+                if !part.events.is_empty() && size + grow >= limit {
+                    break;
+                }
+                size += grow;
+                part.events.push(rest.next().expect("peeked"));
+            }
+            part.fragment = rest.peek().is_some();
+            self.send(part).await?;
+        }
+        Ok(())
+    }
+
+    /// The key's version just before the event (none for a create, or if it did not exist
+    /// or was compacted).
+    fn prev_kv(&self, ev: &Event) -> Option<KeyValue> {
+        let kv = ev.kv.as_ref()?;
+        let create = ev.r#type == EventType::Put as i32 && kv.create_revision == kv.mod_revision;
+        if create || kv.mod_revision <= 1 {
+            return None;
+        }
+        let opts = RangeOptions {
+            rev: kv.mod_revision - 1,
+            ..Default::default()
+        };
+        let mut r = self.ctx.mvcc.range(KeyRange::Single(&kv.key), opts).ok()?;
+        r.kvs.pop()
+    }
+
+    /// A progress response for the whole stream (`NO_WATCH_ID`) or one watcher: every event
+    /// at or below its header revision has been sent.
+    async fn send_progress(&self, watch_id: i64) -> Result<(), Gone> {
+        self.send(pb::WatchResponse {
+            header: Some(self.ctx.header(self.delivered)),
+            watch_id,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// The periodic progress notification, to each synced watcher that asked for it and was
+    /// sent no events since the last tick.
+    async fn progress_notify(
+        &mut self,
+        ring: &mut broadcast::Receiver<Arc<Revision>>,
+    ) -> Result<(), Gone> {
+        self.drain(ring).await?;
+        let delivered = self.delivered;
+        let mut ids = Vec::new();
+        for (id, w) in self.watchers.iter_mut() {
+            let quiet = !std::mem::take(&mut w.sent_since_tick);
+            let ready = w.synced && !w.compacted && w.start_rev <= delivered;
+            if w.progress_notify && quiet && ready {
+                ids.push(*id);
+            }
+        }
+        for id in ids {
+            self.send_progress(id).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,522 @@
+//! Watch, end to end: the same raw gRPC sessions against keel and a live etcd 3.4 must give the
+//! same responses; history, compaction, fragments, progress, slow watchers, etcdctl and the
+//! etcd-client crate.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel_proto::pb;
+use keel_proto::pb::watch_create_request::FilterType;
+use keel_proto::pb::watch_request::RequestUnion;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+use crate::harness::{channel, etcdctl, kv, Keel, LiveEtcd};
+
+type Kv = pb::kv_client::KvClient<tonic::transport::Channel>;
+
+/// One open Watch stream: requests in, responses out.
+struct Session {
+    tx: mpsc::Sender<pb::WatchRequest>,
+    /// The call, until its response stream is needed: etcd (grpc-go) answers the call only
+    /// with its first message, so requests must flow before the call resolves.
+    call: Option<tokio::task::JoinHandle<Streaming<pb::WatchResponse>>>,
+    rx: Option<Streaming<pb::WatchResponse>>,
+}
+
+impl Session {
+    async fn open(url: &str) -> Session {
+        let (tx, rrx) = mpsc::channel(64);
+        let mut c = pb::watch_client::WatchClient::new(channel(url).await)
+            .max_decoding_message_size(usize::MAX);
+        let call = tokio::spawn(async move {
+            c.watch(ReceiverStream::new(rrx))
+                .await
+                .expect("watch call")
+                .into_inner()
+        });
+        Session {
+            tx,
+            call: Some(call),
+            rx: None,
+        }
+    }
+
+    async fn send(&self, u: RequestUnion) {
+        let req = pb::WatchRequest {
+            request_union: Some(u),
+        };
+        self.tx.send(req).await.expect("stream open");
+    }
+
+    async fn create(&self, c: pb::WatchCreateRequest) {
+        self.send(RequestUnion::CreateRequest(c)).await;
+    }
+
+    async fn cancel(&self, watch_id: i64) {
+        self.send(RequestUnion::CancelRequest(pb::WatchCancelRequest {
+            watch_id,
+        }))
+        .await;
+    }
+
+    async fn progress(&self) {
+        self.send(RequestUnion::ProgressRequest(
+            pb::WatchProgressRequest::default(),
+        ))
+        .await;
+    }
+
+    /// The next response, or None after `wait` without one.
+    async fn next(&mut self, wait: Duration) -> Option<pb::WatchResponse> {
+        if let Some(call) = self.call.take() {
+            match tokio::time::timeout(wait, call).await {
+                Ok(rx) => self.rx = Some(rx.expect("watch call")),
+                Err(_) => panic!("the watch call was not answered in {wait:?}"),
+            }
+        }
+        let rx = self.rx.as_mut().expect("set above");
+        match tokio::time::timeout(wait, rx.message()).await {
+            Ok(Ok(Some(r))) => Some(r),
+            Ok(other) => panic!("watch stream ended: {other:?}"),
+            Err(_) => None,
+        }
+    }
+
+    /// Every response until the stream is quiet for `QUIET`.
+    async fn settle(&mut self) -> Vec<pb::WatchResponse> {
+        let mut out = Vec::new();
+        while let Some(r) = self.next(QUIET).await {
+            out.push(r);
+        }
+        out
+    }
+}
+
+const QUIET: Duration = Duration::from_millis(400);
+
+fn create(key: &str, end: &str) -> pb::WatchCreateRequest {
+    pb::WatchCreateRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        range_end: Bytes::copy_from_slice(end.as_bytes()),
+        ..Default::default()
+    }
+}
+
+async fn put(c: &mut Kv, k: &str, v: &str) -> i64 {
+    let r = c
+        .put(pb::PutRequest {
+            key: Bytes::copy_from_slice(k.as_bytes()),
+            value: Bytes::copy_from_slice(v.as_bytes()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    r.into_inner().header.unwrap().revision
+}
+
+async fn del(c: &mut Kv, k: &str, end: &str) {
+    c.delete_range(pb::DeleteRangeRequest {
+        key: Bytes::copy_from_slice(k.as_bytes()),
+        range_end: Bytes::copy_from_slice(end.as_bytes()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// A response with only what etcd and keel must agree on (the header's revision, not its
+/// member or cluster IDs), as text.
+fn norm(r: &pb::WatchResponse) -> String {
+    let mut r = r.clone();
+    let rev = r.header.take().map(|h| h.revision);
+    format!("rev={rev:?} {r:?}")
+}
+
+/// A phase's responses, in a stable order: by watch ID, each watcher's in arrival order (etcd
+/// interleaves different watchers' responses in no fixed order).
+fn phase(rs: Vec<pb::WatchResponse>) -> Vec<String> {
+    let mut rs = rs;
+    rs.sort_by_key(|r| r.watch_id);
+    rs.iter().map(norm).collect()
+}
+
+/// A scripted session on `url`; returns each phase's responses.
+async fn script(url: &str) -> Vec<Vec<String>> {
+    let mut c = kv(url);
+    let mut s = Session::open(url).await;
+    let mut phases = Vec::new();
+
+    s.create(create("a", "")).await;
+    let mut prefix = create("p", "q");
+    prefix.prev_kv = true;
+    s.create(prefix).await;
+    let mut chosen = create("a", "c");
+    chosen.watch_id = 7;
+    chosen.filters = vec![FilterType::Noput as i32];
+    s.create(chosen.clone()).await;
+    s.create(chosen).await; // duplicate ID
+    s.create(create("b", "a")).await; // empty range
+    s.create(create("x", "\0")).await; // from "x" on
+    phases.push(phase(s.settle().await));
+
+    put(&mut c, "a", "1").await;
+    put(&mut c, "p1", "1").await;
+    put(&mut c, "p1", "2").await;
+    put(&mut c, "b", "1").await;
+    del(&mut c, "a", "").await;
+    del(&mut c, "p", "q").await;
+    let ops = ["x1", "x2", "y"]
+        .iter()
+        .map(|k| pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                key: Bytes::copy_from_slice(k.as_bytes()),
+                value: Bytes::from_static(b"t"),
+                ..Default::default()
+            })),
+        })
+        .collect();
+    c.txn(pb::TxnRequest {
+        success: ops,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    phases.push(phase(s.settle().await));
+
+    s.cancel(1).await;
+    s.cancel(99).await; // unknown: no answer
+    put(&mut c, "p2", "x").await; // nobody watches "p" any more
+    phases.push(phase(s.settle().await));
+
+    // History: from revision 2 on "a", and everything from revision 1 with prev_kv.
+    let mut hist = create("a", "");
+    hist.start_revision = 2;
+    s.create(hist).await;
+    let mut all = create("", "\0");
+    all.start_revision = 1;
+    all.prev_kv = true;
+    s.create(all).await;
+    phases.push(phase(s.settle().await));
+
+    // Every watcher is synced and the stream quiet: a progress request is answered.
+    s.progress().await;
+    phases.push(phase(s.settle().await));
+
+    // Compaction: a watch from below it is created, then canceled with compact_revision.
+    let rev = put(&mut c, "k", "1").await;
+    put(&mut c, "k", "2").await;
+    c.compact(pb::CompactionRequest {
+        revision: rev,
+        physical: true,
+    })
+    .await
+    .unwrap();
+    let mut old = create("k", "");
+    old.start_revision = rev - 1;
+    s.create(old).await;
+    phases.push(s.settle().await.iter().map(norm).collect());
+    let mut at = create("k", "");
+    at.start_revision = rev;
+    s.create(at).await;
+    phases.push(s.settle().await.iter().map(norm).collect());
+    phases
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sessions_match_live_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LiveEtcd::start(dir.path()).await;
+    let want = script(&etcd.url).await;
+    let kdir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(kdir.path(), &[]).await;
+    let got = script(&k.url()).await;
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "phase {i}: keel vs etcd");
+    }
+    // The script saw something in every phase (so agreement is not two empty lists).
+    assert!(want.iter().all(|p| !p.is_empty()), "{want:#?}");
+}
+
+/// A watch with `fragment` set gets a revision too large for one message in pieces, as etcd
+/// splits it (the limit is --max-request-bytes + 512 KiB).
+async fn fragments(url: &str) -> Vec<(bool, usize)> {
+    let mut c = kv(url);
+    let big = "v".repeat(8 << 10);
+    for i in 0..100 {
+        put(&mut c, &format!("f{i:03}"), &big).await;
+    }
+    let mut s = Session::open(url).await;
+    let mut w = create("f", "g");
+    w.prev_kv = true;
+    w.fragment = true;
+    s.create(w).await;
+    let mut plain = create("f", "g");
+    plain.prev_kv = true;
+    s.create(plain).await;
+    assert!(s.settle().await.iter().all(|r| r.created));
+    del(&mut c, "f", "g").await;
+    let rs = s.settle().await;
+    let mut out: Vec<(bool, usize)> = rs
+        .iter()
+        .filter(|r| r.watch_id == 0)
+        .map(|r| (r.fragment, r.events.len()))
+        .collect();
+    let whole: Vec<usize> = rs
+        .iter()
+        .filter(|r| r.watch_id == 1)
+        .map(|r| r.events.len())
+        .collect();
+    assert_eq!(whole, [100], "without fragment: one response");
+    out.push((false, usize::MAX)); // marks the end of the list
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_watch_responses_match_live_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LiveEtcd::start_with(dir.path(), &["--max-request-bytes", "100000"]).await;
+    let want = fragments(&etcd.url).await;
+    let kdir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(kdir.path(), &["--max-request-bytes", "100000"]).await;
+    let got = fragments(&k.url()).await;
+    assert_eq!(got, want);
+    assert!(want.len() > 2, "etcd split it: {want:?}");
+}
+
+/// A client that stops reading while many revisions go by neither blocks writes nor loses or
+/// repeats an event: once it reads again it gets every revision, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_stops_reading_gets_everything_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
+    let url = k.url();
+    let mut s = Session::open(&url).await;
+    s.create(create("s", "t")).await;
+    assert!(s.next(Duration::from_secs(5)).await.unwrap().created);
+    // More revisions than the hub holds (4096), written by 8 clients at once.
+    const PUTS: usize = 6000;
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let url = url.clone();
+        writers.push(tokio::spawn(async move {
+            let mut c = kv(&url);
+            for i in (w..PUTS).step_by(8) {
+                put(&mut c, &format!("s{i}"), &"x".repeat(200)).await;
+            }
+        }));
+    }
+    for w in writers {
+        tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .expect("writes go on while a watcher does not read")
+            .unwrap();
+    }
+    let mut revs = Vec::new();
+    while revs.len() < PUTS {
+        let r = s
+            .next(Duration::from_secs(10))
+            .await
+            .expect("every event comes");
+        revs.extend(r.events.iter().map(|e| e.kv.as_ref().unwrap().mod_revision));
+    }
+    assert_eq!(revs.len(), PUTS);
+    let want: Vec<i64> = (2..2 + PUTS as i64).collect();
+    assert_eq!(revs, want, "each revision once, in order");
+    assert!(s.next(QUIET).await.is_none());
+}
+
+/// Progress requests (etcd 3.6 semantics): answered with watch_id -1 and a revision at which
+/// every earlier event has been sent; not answered while a watcher is still catching up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_requests_follow_etcd_3_6() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
+    let mut c = kv(&k.url());
+    let mut s = Session::open(&k.url()).await;
+    s.progress().await;
+    assert!(s.next(QUIET).await.is_none(), "no watchers: no answer");
+    s.create(create("a", "")).await;
+    assert!(s.next(QUIET).await.unwrap().created);
+    let mut last = 0;
+    for i in 0..50 {
+        last = put(&mut c, "a", &i.to_string()).await;
+    }
+    s.progress().await;
+    let mut seen = 0;
+    let progress = loop {
+        let r = s
+            .next(Duration::from_secs(5))
+            .await
+            .expect("a progress response");
+        if let Some(e) = r.events.last() {
+            seen = e.kv.as_ref().unwrap().mod_revision;
+            continue;
+        }
+        break r;
+    };
+    assert_eq!(progress.watch_id, -1);
+    assert_eq!(progress.header.unwrap().revision, last);
+    assert_eq!(
+        seen, last,
+        "every event up to the progress revision came before it"
+    );
+    // A watcher catching up from far back: an answer, if any comes while it catches up,
+    // comes only after every event up to its revision.
+    let mut from1 = create("", "\0");
+    from1.start_revision = 1;
+    let mut s2 = Session::open(&k.url()).await;
+    s2.create(from1).await;
+    s2.progress().await;
+    let rs = s2.settle().await;
+    assert!(rs[0].created);
+    let mut events = 0;
+    for r in &rs[1..] {
+        if r.watch_id == -1 {
+            assert_eq!(events, 50, "progress before the events it covers: {rs:?}");
+        }
+        events += r.events.len();
+    }
+    assert_eq!(events, 50);
+    s2.progress().await;
+    let r = s2.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!((r.watch_id, r.header.unwrap().revision), (-1, last));
+}
+
+/// Periodic progress notifications (--watch-progress-notify-interval) reach watchers that
+/// asked for them, with the current revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_progress_notifications() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = ["--experimental-watch-progress-notify-interval", "300ms"];
+    let k = Keel::start_async(dir.path(), &flag).await;
+    let mut c = kv(&k.url());
+    let rev = put(&mut c, "z", "1").await;
+    let mut s = Session::open(&k.url()).await;
+    let mut w = create("a", "");
+    w.progress_notify = true;
+    s.create(w).await;
+    s.create(create("b", "")).await;
+    let mut notes = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        if let Some(r) = s.next(Duration::from_millis(100)).await {
+            if !r.created {
+                notes.push((r.watch_id, r.header.unwrap().revision, r.events.len()));
+            }
+        }
+    }
+    assert!(notes.len() >= 3, "{notes:?}");
+    assert!(notes.iter().all(|n| *n == (0, rev, 0)), "{notes:?}");
+}
+
+/// etcdctl's watch: a key, a prefix with --prev-kv, and history with --rev, running while
+/// another client writes.
+#[test]
+fn etcdctl_watch() {
+    for url_form in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let k = Keel::start(dir.path(), &[]);
+        let ep = if url_form { k.url() } else { k.endpoint() };
+        etcdctl(&ep, &["put", "foo", "0"], None);
+        let spawn = |args: &[&str]| {
+            std::process::Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg("--endpoints")
+                .arg(&ep)
+                .args(args)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let watchers = [
+            spawn(&["watch", "foo"]),
+            spawn(&["watch", "foo", "--prefix", "--prev-kv"]),
+            spawn(&["watch", "foo", "--rev", "1"]),
+        ];
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(etcdctl(&ep, &["put", "foo", "1"], None).0);
+        assert!(etcdctl(&ep, &["put", "foobar", "2"], None).0);
+        assert!(etcdctl(&ep, &["del", "foo"], None).0);
+        std::thread::sleep(Duration::from_millis(700));
+        let outs: Vec<String> = watchers
+            .into_iter()
+            .map(|mut w| {
+                let _ = w.kill();
+                let out = w.wait_with_output().unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .collect();
+        assert_eq!(outs[0], "PUT\nfoo\n1\nDELETE\nfoo\n\n");
+        assert_eq!(
+            outs[1],
+            "PUT\nfoo\n0\nfoo\n1\nPUT\nfoobar\n2\nDELETE\nfoo\n1\nfoo\n\n"
+        );
+        assert_eq!(outs[2], "PUT\nfoo\n0\nPUT\nfoo\n1\nDELETE\nfoo\n\n");
+    }
+}
+
+/// The etcd-client crate: watch, a compaction cancel, and a progress request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_crate_watch() {
+    use etcd_client::{Client, EventType, WatchOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
+    let mut c = Client::connect([k.url()], None).await.unwrap();
+    let (mut watcher, mut stream) = c
+        .watch(
+            "svc/",
+            Some(WatchOptions::new().with_prefix().with_prev_key()),
+        )
+        .await
+        .unwrap();
+    c.put("svc/a", "1", None).await.unwrap();
+    c.put("svc/a", "2", None).await.unwrap();
+    c.delete("svc/a", None).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let r = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        for e in r.events() {
+            let prev = e.prev_kv().map(|p| p.value().to_vec());
+            seen.push((e.event_type(), e.kv().unwrap().value().to_vec(), prev));
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            (EventType::Put, b"1".to_vec(), None),
+            (EventType::Put, b"2".to_vec(), Some(b"1".to_vec())),
+            (EventType::Delete, Vec::new(), Some(b"2".to_vec())),
+        ]
+    );
+    watcher.request_progress().await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.watch_id(), -1);
+    assert_eq!(r.header().unwrap().revision(), 4);
+
+    c.compact(3, None).await.unwrap();
+    let (_w, mut old) = c
+        .watch(
+            "svc/",
+            Some(WatchOptions::new().with_prefix().with_start_revision(2)),
+        )
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), old.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(r.canceled());
+    assert_eq!(r.compact_revision(), 3);
+}
