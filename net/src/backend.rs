@@ -29,6 +29,8 @@ pub enum WriteRequest {
     Compact(pb::CompactionRequest),
     /// Alarm activate/deactivate (they go through raft, as in etcd).
     Alarm(pb::AlarmRequest),
+    LeaseGrant(pb::LeaseGrantRequest),
+    LeaseRevoke(pb::LeaseRevokeRequest),
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +40,8 @@ pub enum WriteResponse {
     Txn(pb::TxnResponse),
     Compact(pb::CompactionResponse),
     Alarm(pb::AlarmResponse),
+    LeaseGrant(pb::LeaseGrantResponse),
+    LeaseRevoke(pb::LeaseRevokeResponse),
 }
 
 /// A Watch stream's requests, as the client sends them (ends when the client stops sending).
@@ -79,4 +83,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Serves one Watch stream (etcd's semantics live in the node's watch hub).
     fn watch(&self, requests: WatchRequests) -> WatchResponses;
+
+    /// One keep-alive of a lease (leader-local, no raft round, as etcd's).
+    fn lease_keep_alive(&self, id: i64) -> pb::LeaseKeepAliveResponse;
+
+    fn lease_time_to_live(&self, req: pb::LeaseTimeToLiveRequest) -> pb::LeaseTimeToLiveResponse;
+
+    fn lease_leases(&self) -> pb::LeaseLeasesResponse;
 }

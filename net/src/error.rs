@@ -25,6 +25,10 @@ pub enum ApiError {
     NoSpace,
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     #[error("etcdserver: request is too large")]
     RequestTooLarge,
     #[error("etcdserver: too many requests")]
@@ -52,7 +56,8 @@ impl ApiError {
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
             | RequestTooLarge => Code::InvalidArgument,
-            Compacted | FutureRev => Code::OutOfRange,
+            Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
+            LeaseExists => Code::FailedPrecondition,
             NoSpace | TooManyRequests | MessageTooLarge { .. } => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
             NoLeader | Stopped | Timeout | NotCapable => Code::Unavailable,

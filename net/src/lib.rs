@@ -4,6 +4,7 @@
 pub mod authority;
 pub mod backend;
 pub mod error;
+pub mod lease;
 pub mod serve;
 pub mod service;
 pub mod unserved;

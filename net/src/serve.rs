@@ -10,6 +10,7 @@ use tokio_stream::StreamExt;
 
 use crate::authority::AuthorityFix;
 use crate::backend::Backend;
+use crate::lease::LeaseService;
 use crate::service::{decode_limit_bytes, ClusterService, KvService, MaintenanceService};
 use crate::unserved;
 use crate::watch::WatchService;
@@ -83,6 +84,10 @@ pub async fn serve<B: Backend>(
                 backend.clone(),
             ))
             .max_decoding_message_size(limit),
+        )
+        .add_service(
+            pb::lease_server::LeaseServer::new(LeaseService::new(backend.clone()))
+                .max_decoding_message_size(limit),
         )
         .add_service(
             pb::watch_server::WatchServer::new(WatchService::new(backend.clone()))

@@ -14,6 +14,10 @@ use keel_proto::pb::response_op::Response;
 use keel_storage::mvcc::{KeyRange, RangeOptions, ReadView, WriteTxn};
 use keel_storage::store::Store;
 
+#[cfg(test)]
+use crate::lease::MAX_LEASE_TTL;
+use crate::lease::{LeaseBook, Leases};
+
 pub fn storage_err(e: keel_storage::Error) -> ApiError {
     match e {
         keel_storage::Error::Compacted => ApiError::Compacted,
@@ -29,9 +33,12 @@ fn header(revision: i64) -> Option<pb::ResponseHeader> {
     })
 }
 
-/// Applies one committed request. Leases do not exist yet (Lease service: later issue), so any
-/// non-zero lease is "not found", as etcd answers for an unknown lease.
-pub fn apply(store: &mut Store, req: InternalRequest) -> Result<WriteResponse, ApiError> {
+/// Applies one committed request.
+pub fn apply(
+    store: &mut Store,
+    leases: &mut LeaseBook,
+    req: InternalRequest,
+) -> Result<WriteResponse, ApiError> {
     // With NOSPACE raised, what grows the store is refused (etcd's capped applier); reads,
     // deletes, compaction and alarms go on.
     let capped = store.alarms().iter().any(|a| a.1 == NOSPACE);
@@ -39,17 +46,19 @@ pub fn apply(store: &mut Store, req: InternalRequest) -> Result<WriteResponse, A
         if capped {
             return Err(ApiError::NoSpace);
         }
-        if p.lease != 0 {
+        if p.lease != 0 && !leases.shared.exists(p.lease) {
             return Err(ApiError::LeaseNotFound);
         }
         let mut t = store.write();
         let resp = put(&mut t, &p)?;
+        leases.track(t.changes());
         t.commit();
         return Ok(WriteResponse::Put(resp));
     }
     if let Some(d) = req.delete_range {
         let mut t = store.write();
         let resp = delete_range(&mut t, &d)?;
+        leases.track(t.changes());
         t.commit();
         return Ok(WriteResponse::DeleteRange(resp));
     }
@@ -57,7 +66,25 @@ pub fn apply(store: &mut Store, req: InternalRequest) -> Result<WriteResponse, A
         if capped && txn_cost_bytes(&r) > 0 {
             return Err(ApiError::NoSpace);
         }
-        return txn(store, &r).map(WriteResponse::Txn);
+        return txn(store, leases, &r).map(WriteResponse::Txn);
+    }
+    if let Some(g) = req.lease_grant {
+        if capped {
+            return Err(ApiError::NoSpace);
+        }
+        let ttl = leases.grant(store, g.id, g.ttl)?;
+        return Ok(WriteResponse::LeaseGrant(pb::LeaseGrantResponse {
+            header: header(store.mvcc().current_rev()),
+            id: g.id,
+            ttl,
+            error: String::new(),
+        }));
+    }
+    if let Some(r) = req.lease_revoke {
+        leases.revoke(store, r.id)?;
+        return Ok(WriteResponse::LeaseRevoke(pb::LeaseRevokeResponse {
+            header: header(store.mvcc().current_rev()),
+        }));
     }
     if let Some(a) = req.alarm {
         return Ok(WriteResponse::Alarm(alarm(store, &a)));
@@ -336,6 +363,7 @@ fn branch(t: &pb::TxnRequest, ok: bool) -> &[pb::RequestOp] {
 /// txn either applies whole or not at all.
 fn check_path(
     view: &impl ReadView,
+    leases: &Leases,
     t: &pb::TxnRequest,
     path: &[bool],
     at: &mut usize,
@@ -344,7 +372,7 @@ fn check_path(
     *at += 1;
     for op in branch(t, ok) {
         match &op.request {
-            Some(Request::RequestTxn(inner)) => check_path(view, inner, path, at)?,
+            Some(Request::RequestTxn(inner)) => check_path(view, leases, inner, path, at)?,
             Some(Request::RequestPut(p)) => {
                 if (p.ignore_value || p.ignore_lease)
                     && view
@@ -355,7 +383,7 @@ fn check_path(
                 {
                     return Err(ApiError::KeyNotFound);
                 }
-                if p.lease != 0 {
+                if p.lease != 0 && !leases.exists(p.lease) {
                     return Err(ApiError::LeaseNotFound);
                 }
             }
@@ -406,12 +434,17 @@ fn apply_path(
     })
 }
 
-fn txn(store: &mut Store, r: &pb::TxnRequest) -> Result<pb::TxnResponse, ApiError> {
+fn txn(
+    store: &mut Store,
+    leases: &mut LeaseBook,
+    r: &pb::TxnRequest,
+) -> Result<pb::TxnResponse, ApiError> {
     let mut t = store.write();
     let mut path = Vec::new();
     compare_to_path(&*t, r, &mut path);
-    check_path(&*t, r, &path, &mut 0)?;
+    check_path(&*t, &leases.shared, r, &path, &mut 0)?;
     let mut resp = apply_path(&mut t, r, &path, &mut 0)?;
+    leases.track(t.changes());
     let rev = t.commit();
     resp.header = header(rev);
     Ok(resp)
@@ -437,6 +470,17 @@ mod tests {
         }
     }
 
+    fn del_req(k: &str, end: &str) -> InternalRequest {
+        InternalRequest {
+            delete_range: Some(pb::DeleteRangeRequest {
+                key: b(k),
+                range_end: b(end),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     fn rr(key: &str, end: &str) -> pb::RangeRequest {
         pb::RangeRequest {
             key: b(key),
@@ -452,13 +496,18 @@ mod tests {
             .collect()
     }
 
+    /// A lease book without leases.
+    fn book() -> LeaseBook {
+        LeaseBook::new(std::sync::Arc::new(Leases::new(1, 100, 1000)))
+    }
+
     /// a@2 b@3 a@4 (version 2) c@5, in a store on a temporary backend.
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let opts = keel_storage::store::StoreOptions::default();
         let mut s = Store::open(&dir.path().join("db"), opts).unwrap();
         for (k, v) in [("a", "3"), ("b", "1"), ("a", "9"), ("c", "5")] {
-            apply(&mut s, put_req(k, v)).unwrap();
+            apply(&mut s, &mut book(), put_req(k, v)).unwrap();
         }
         (dir, s)
     }
@@ -580,7 +629,7 @@ mod tests {
             ],
             vec![],
         );
-        let resp = txn(&mut s, &outer).unwrap();
+        let resp = txn(&mut s, &mut book(), &outer).unwrap();
         assert!(resp.succeeded);
         assert_eq!(
             resp.header.as_ref().unwrap().revision,
@@ -610,7 +659,10 @@ mod tests {
             p.lease = 42;
         }
         let r = txn_req(vec![], vec![op_put("y", "1"), leased], vec![]);
-        assert_eq!(txn(&mut s, &r).unwrap_err(), ApiError::LeaseNotFound);
+        assert_eq!(
+            txn(&mut s, &mut book(), &r).unwrap_err(),
+            ApiError::LeaseNotFound
+        );
         assert_eq!(m.current_rev(), 5);
         assert_eq!(range(&*m, &rr("y", "")).unwrap().count, 0);
     }
@@ -628,11 +680,76 @@ mod tests {
             }),
             ..Default::default()
         };
-        let WriteResponse::Put(p) = apply(&mut s, req).unwrap() else {
+        let WriteResponse::Put(p) = apply(&mut s, &mut book(), req).unwrap() else {
             panic!("put response");
         };
         assert_eq!(p.prev_kv.unwrap().value, b("9"));
         let kv = &range(&*m, &rr("a", "")).unwrap().kvs[0];
         assert_eq!((kv.value.clone(), kv.version), (b("9"), 3));
+    }
+
+    #[test]
+    fn leases_grant_attach_and_revoke_their_keys_in_one_revision() {
+        let (_dir, mut s) = store();
+        let m = s.mvcc().clone();
+        let mut leases = book();
+        let grant = |id, ttl| InternalRequest {
+            lease_grant: Some(pb::LeaseGrantRequest { id, ttl }),
+            ..Default::default()
+        };
+        let Ok(WriteResponse::LeaseGrant(g)) = apply(&mut s, &mut leases, grant(7, 1)) else {
+            panic!("grant");
+        };
+        assert_eq!((g.id, g.ttl), (7, 2), "raised to the minimum TTL");
+        let again = apply(&mut s, &mut leases, grant(7, 10));
+        assert_eq!(again.unwrap_err(), ApiError::LeaseExists);
+        let huge = apply(&mut s, &mut leases, grant(8, MAX_LEASE_TTL + 1));
+        assert_eq!(huge.unwrap_err(), ApiError::LeaseTtlTooLarge);
+        let leased = |k: &str, lease| InternalRequest {
+            put: Some(pb::PutRequest {
+                key: b(k),
+                value: b("v"),
+                lease,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            apply(&mut s, &mut leases, leased("x", 9)).unwrap_err(),
+            ApiError::LeaseNotFound
+        );
+        for k in ["l1", "l2", "l3"] {
+            apply(&mut s, &mut leases, leased(k, 7)).unwrap();
+        }
+        // Put without the lease detaches l3; l2 goes by delete; ignore_lease keeps l1's.
+        apply(&mut s, &mut leases, leased("l3", 0)).unwrap();
+        apply(&mut s, &mut leases, del_req("l2", "")).unwrap();
+        let keep = InternalRequest {
+            put: Some(pb::PutRequest {
+                key: b("l1"),
+                value: b("w"),
+                ignore_lease: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        apply(&mut s, &mut leases, keep).unwrap();
+        let lease = leases.shared.get(7).unwrap();
+        assert_eq!(lease.keys(), [b("l1")]);
+        let before = m.current_rev();
+        let revoke = InternalRequest {
+            lease_revoke: Some(pb::LeaseRevokeRequest { id: 7 }),
+            ..Default::default()
+        };
+        apply(&mut s, &mut leases, revoke.clone()).unwrap();
+        assert_eq!(m.current_rev(), before + 1, "one revision");
+        assert!(range(&*m, &rr("l1", "")).unwrap().kvs.is_empty());
+        assert_eq!(range(&*m, &rr("l3", "")).unwrap().count, 1);
+        assert!(!leases.shared.exists(7));
+        assert!(s.leases().is_empty());
+        assert_eq!(
+            apply(&mut s, &mut leases, revoke).unwrap_err(),
+            ApiError::LeaseNotFound
+        );
     }
 }

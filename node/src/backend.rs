@@ -21,10 +21,13 @@ use crate::raft_core::{Proposal, RaftStatus};
 
 /// How long a write may wait for raft before "request timed out" (etcd: 7 s by default).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
+/// etcd's quota estimate of what a lease grant adds (`leaseOverhead`).
+const LEASE_OVERHEAD_BYTES: usize = 64;
 
 pub struct NodeBackend {
     pub mvcc: Arc<Mvcc>,
     pub watch: Arc<crate::watch::WatchContext>,
+    pub leases: Arc<crate::lease::Leases>,
     pub status: Arc<RaftStatus>,
     pub proposals: Sender<Proposal>,
     pub member_id: u64,
@@ -42,6 +45,14 @@ impl NodeBackend {
             WriteRequest::Txn(t) => ir.txn = Some(t),
             WriteRequest::Compact(c) => ir.compaction = Some(c),
             WriteRequest::Alarm(a) => ir.alarm = Some(a),
+            WriteRequest::LeaseGrant(mut g) => {
+                // No ID given: the server picks one (etcd's reqIDGen, positive).
+                if g.id == 0 {
+                    g.id = self.leases.generate_id();
+                }
+                ir.lease_grant = Some(g)
+            }
+            WriteRequest::LeaseRevoke(r) => ir.lease_revoke = Some(r),
         }
         let data = ir.encode_to_vec();
         if data.len() > self.cfg.max_request_bytes {
@@ -56,6 +67,7 @@ impl NodeBackend {
         let cost = match req {
             WriteRequest::Put(p) => apply::put_cost_bytes(p),
             WriteRequest::Txn(t) => apply::txn_cost_bytes(t),
+            WriteRequest::LeaseGrant(_) => LEASE_OVERHEAD_BYTES,
             _ => return Ok(()),
         };
         let Some(quota) = self.cfg.quota_backend_bytes else {
@@ -250,5 +262,45 @@ impl Backend for NodeBackend {
 
     fn watch(&self, requests: keel_net::WatchRequests) -> keel_net::WatchResponses {
         crate::watch::serve(self.watch.clone(), requests)
+    }
+
+    fn lease_keep_alive(&self, id: i64) -> pb::LeaseKeepAliveResponse {
+        pb::LeaseKeepAliveResponse {
+            header: Some(self.header(0)),
+            id,
+            ttl: self.leases.renew(id),
+        }
+    }
+
+    fn lease_time_to_live(&self, req: pb::LeaseTimeToLiveRequest) -> pb::LeaseTimeToLiveResponse {
+        let header = Some(self.header(0));
+        match self.leases.remaining(req.id) {
+            // etcd answers an unknown lease with TTL -1, not an error.
+            None => pb::LeaseTimeToLiveResponse {
+                header,
+                id: req.id,
+                ttl: -1,
+                ..Default::default()
+            },
+            Some((lease, left)) => pb::LeaseTimeToLiveResponse {
+                header,
+                id: req.id,
+                ttl: left,
+                granted_ttl: lease.ttl,
+                keys: if req.keys { lease.keys() } else { Vec::new() },
+            },
+        }
+    }
+
+    fn lease_leases(&self) -> pb::LeaseLeasesResponse {
+        pb::LeaseLeasesResponse {
+            header: Some(self.header(0)),
+            leases: self
+                .leases
+                .list()
+                .into_iter()
+                .map(|id| pb::LeaseStatus { id })
+                .collect(),
+        }
     }
 }

@@ -30,6 +30,7 @@ use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
 use crate::apply;
+use crate::lease::LeaseBook;
 
 pub type Responder = oneshot::Sender<Result<WriteResponse, ApiError>>;
 
@@ -73,6 +74,8 @@ pub struct RaftStatus {
 pub struct RaftCore {
     node: RawNode<RaftLog>,
     store: Store,
+    leases: LeaseBook,
+    last_expiry_scan: Instant,
     status: Arc<RaftStatus>,
     rx: Receiver<Proposal>,
     pending: HashMap<u64, Responder>,
@@ -95,6 +98,7 @@ impl RaftCore {
     pub fn new(
         log: RaftLog,
         store: Store,
+        leases: LeaseBook,
         status: Arc<RaftStatus>,
         rx: Receiver<Proposal>,
         cfg: &crate::config::Config,
@@ -133,6 +137,8 @@ impl RaftCore {
         Ok(RaftCore {
             node,
             store,
+            leases,
+            last_expiry_scan: Instant::now(),
             status,
             rx,
             pending: HashMap::new(),
@@ -149,7 +155,7 @@ impl RaftCore {
 
     /// Runs the ready loop until every proposal sender is gone.
     pub fn run(mut self) {
-        const IDLE_COLLECT_AFTER: Duration = Duration::from_millis(300);
+        const IDLE_COLLECT_AFTER: Duration = Duration::from_millis(100);
         let mut next_tick = Instant::now() + self.tick;
         loop {
             self.on_ready();
@@ -180,10 +186,14 @@ impl RaftCore {
                     // mimalloc purges what this thread freed only when it allocates again, so
                     // a burst's garbage would sit in RSS for as long as the node idles.
                     // SAFETY: mi_collect only releases memory mimalloc holds free.
-                    unsafe { libmimalloc_sys::mi_collect(false) };
+                    unsafe { libmimalloc_sys::mi_collect(true) };
                     self.collected = true;
                 }
                 self.node.tick();
+                if self.last_expiry_scan.elapsed() >= crate::lease::EXPIRY_SCAN {
+                    self.last_expiry_scan = Instant::now();
+                    self.revoke_expired();
+                }
                 next_tick += self.tick;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + self.tick;
@@ -215,6 +225,24 @@ impl RaftCore {
             Ok(p) => Ok(Some(p)),
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err(()),
+        }
+    }
+
+    /// Proposes the revocation of every expired lease (the leader's job, as etcd's).
+    fn revoke_expired(&mut self) {
+        if self.node.raft.state != StateRole::Leader {
+            return;
+        }
+        for id in self.leases.shared.take_expired() {
+            let req = InternalRequest {
+                lease_revoke: Some(keel_proto::pb::LeaseRevokeRequest { id }),
+                ..Default::default()
+            };
+            let (tx, _) = oneshot::channel();
+            self.propose(Proposal {
+                data: req.encode_to_vec(),
+                tx,
+            });
         }
     }
 
@@ -269,7 +297,7 @@ impl RaftCore {
                     .map(u64::from_le_bytes)
                     .ok();
                 let result = match InternalRequest::decode(e.data.clone()) {
-                    Ok(req) => apply::apply(&mut self.store, req),
+                    Ok(req) => apply::apply(&mut self.store, &mut self.leases, req),
                     Err(err) => Err(ApiError::Internal(format!(
                         "raft entry {} does not decode: {err}",
                         e.index

@@ -963,6 +963,11 @@ impl WriteTxn<'_> {
     pub fn compact_rev(&self) -> i64 {
         self.mvcc.compact_rev()
     }
+
+    /// The changes made so far, in order.
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
 }
 
 #[cfg(test)]

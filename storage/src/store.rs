@@ -52,6 +52,24 @@ const META_CURRENT_REV: &[u8] = b"m/current_rev";
 const META_COMPACT_REV: &[u8] = b"m/compact_rev";
 const META_ALARMS: &[u8] = b"m/alarms";
 const META_FINISHED_COMPACT_REV: &[u8] = b"m/finished_compact_rev";
+/// Lease records: `l` + lease ID (8 bytes, big-endian) -> `ttl i64 | remaining_ttl i64`
+/// (little-endian; remaining 0: none checkpointed).
+const LEASE_PREFIX: u8 = b'l';
+
+/// A lease as the state machine keeps it (etcd's leasepb.Lease).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseRecord {
+    /// The granted TTL, seconds.
+    pub ttl: i64,
+    /// The remaining TTL at the last checkpoint (0: none).
+    pub remaining_ttl: i64,
+}
+
+fn lease_key(id: i64) -> [u8; 9] {
+    let mut k = [LEASE_PREFIX; 9];
+    k[1..].copy_from_slice(&(id as u64).to_be_bytes());
+    k
+}
 /// Keys per compaction chunk and the pause after each (etcd's compaction batch limit and
 /// sleep interval defaults).
 const COMPACTION_KEYS_PER_CHUNK: usize = 1000;
@@ -94,6 +112,9 @@ struct Pending {
     since: Option<Instant>,
 }
 
+/// Lease changes not yet in the backend (None: revoked).
+type LeaseChanges = std::collections::BTreeMap<i64, Option<LeaseRecord>>;
+
 /// Work for the committer thread.
 enum Job {
     Batch(Batch),
@@ -112,6 +133,7 @@ struct Batch {
     pending: Pending,
     /// The alarms, when they changed since the last batch.
     alarms: Option<Vec<Alarm>>,
+    leases: LeaseChanges,
     applied: (u64, u64),
     current_rev: i64,
     compact_rev: i64,
@@ -152,6 +174,11 @@ pub struct Store {
     /// Bumped at every alarm change, so watchers of the alarms compare a number.
     alarms_epoch: u64,
     sink: Option<Box<dyn EventSink>>,
+    /// Leases (state-machine state), and their changes since the last batch.
+    leases: std::collections::BTreeMap<i64, LeaseRecord>,
+    lease_changes: LeaseChanges,
+    /// (key, lease) of every live key with a lease, found at open (taken by the lessor).
+    recovered_lease_keys: Vec<(Vec<u8>, i64)>,
 }
 
 impl Drop for Store {
@@ -207,6 +234,29 @@ impl Store {
             None => Vec::new(),
         };
         let mut failed = None;
+        let mut leases = std::collections::BTreeMap::new();
+        snap.range(&[LEASE_PREFIX], Some(&[LEASE_PREFIX + 1]), |k, v| {
+            let id = k.get(1..9).and_then(|b| b.try_into().ok());
+            let rec = (v.len() == 16).then(|| LeaseRecord {
+                ttl: i64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
+                remaining_ttl: i64::from_le_bytes(v[8..].try_into().expect("8 bytes")),
+            });
+            match (id, rec) {
+                (Some(id), Some(rec)) => {
+                    leases.insert(u64::from_be_bytes(id) as i64, rec);
+                    true
+                }
+                _ => {
+                    failed = Some(bad_meta(k));
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // The lease of each key's latest version (records come in revision order).
+        let mut lease_of: std::collections::HashMap<Vec<u8>, i64> = Default::default();
         snap.range(b"r", Some(b"s"), |k, v| {
             let main = k.get(1..9).unwrap_or(&[]).try_into();
             let sub = k.get(9..17).unwrap_or(&[]).try_into();
@@ -223,6 +273,11 @@ impl Store {
                 u64::from_be_bytes(sub) as i64,
             );
             mvcc.insert_recovered(rec.key, main, sub, &rec);
+            if rec.version == 0 || rec.lease == 0 {
+                lease_of.remove(rec.key);
+            } else {
+                lease_of.insert(rec.key.to_vec(), rec.lease);
+            }
             true
         })?;
         if let Some(e) = failed {
@@ -285,6 +340,9 @@ impl Store {
             alarms_changed: false,
             alarms_epoch: 0,
             sink: None,
+            leases,
+            lease_changes: Default::default(),
+            recovered_lease_keys: lease_of.into_iter().collect(),
         })
     }
 
@@ -315,6 +373,31 @@ impl Store {
             }
             Err(_) => false,
         }
+    }
+
+    /// The leases.
+    pub fn leases(&self) -> &std::collections::BTreeMap<i64, LeaseRecord> {
+        &self.leases
+    }
+
+    /// Adds or updates a lease (persisted with the next batch).
+    pub fn put_lease(&mut self, id: i64, rec: LeaseRecord) {
+        self.leases.insert(id, rec);
+        self.lease_changes.insert(id, Some(rec));
+        self.pending.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Removes a lease (persisted with the next batch).
+    pub fn delete_lease(&mut self, id: i64) {
+        if self.leases.remove(&id).is_some() {
+            self.lease_changes.insert(id, None);
+            self.pending.since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// (key, lease) of every live key attached to a lease when the store opened; once.
+    pub fn take_recovered_lease_keys(&mut self) -> Vec<(Vec<u8>, i64)> {
+        std::mem::take(&mut self.recovered_lease_keys)
     }
 
     /// A number that changes whenever the alarms do.
@@ -391,6 +474,9 @@ impl Store {
                 self.pending = b.pending;
                 self.handed = handed;
                 self.alarms_changed |= b.alarms.is_some();
+                let mut leases = b.leases;
+                leases.append(&mut self.lease_changes);
+                self.lease_changes = leases;
                 Ok(false)
             }
             Err(_) => Err(committer_gone()),
@@ -421,6 +507,7 @@ impl Store {
         let alarms = std::mem::take(&mut self.alarms_changed).then(|| self.alarms.clone());
         Batch {
             alarms,
+            leases: std::mem::take(&mut self.lease_changes),
             pending: std::mem::take(&mut self.pending),
             applied: self.applied,
             current_rev: self.mvcc.current_rev(),
@@ -687,6 +774,19 @@ fn write_batch(db: &mut Backend<MmapFile>, batch: &Batch) -> Result<()> {
     txn.put(META_COMPACT_REV, &batch.compact_rev.to_le_bytes())?;
     if let Some(alarms) = &batch.alarms {
         txn.put(META_ALARMS, &encode_alarms(alarms))?;
+    }
+    for (id, rec) in &batch.leases {
+        match rec {
+            Some(r) => {
+                let mut v = [0u8; 16];
+                v[..8].copy_from_slice(&r.ttl.to_le_bytes());
+                v[8..].copy_from_slice(&r.remaining_ttl.to_le_bytes());
+                txn.put(&lease_key(*id), &v)?;
+            }
+            None => {
+                txn.delete(&lease_key(*id))?;
+            }
+        }
     }
     txn.commit()
 }
@@ -1035,5 +1135,50 @@ mod tests {
         let s = Store::open(&dir.path().join("db"), opts).unwrap();
         assert_eq!(s.applied(), (40, 2));
         assert_eq!(s.mvcc().current_rev(), 12);
+    }
+
+    #[test]
+    fn leases_and_the_keys_attached_to_them_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let mut s = Store::open(&path, StoreOptions::default()).unwrap();
+            let rec = |ttl| LeaseRecord {
+                ttl,
+                remaining_ttl: 0,
+            };
+            s.put_lease(7, rec(10));
+            s.put_lease(-3, rec(20));
+            s.put_lease(9, rec(30));
+            s.commit().unwrap();
+            s.delete_lease(9);
+            s.put_lease(
+                7,
+                LeaseRecord {
+                    ttl: 10,
+                    remaining_ttl: 4,
+                },
+            );
+            // put() attaches each key to a lease of its length.
+            put(&mut s, "a", "1"); // lease 1
+            put(&mut s, "bb", "1"); // lease 2
+            put(&mut s, "ccc", "1"); // lease 3
+            let mut t = s.write();
+            t.put(b"bb", Bytes::from_static(b"2"), 0); // detached
+            t.commit();
+            let mut t = s.write();
+            t.delete_range(KeyRange::Single(b"ccc")); // gone
+            t.commit();
+            s.commit().unwrap();
+        }
+        let mut s = Store::open(&path, StoreOptions::default()).unwrap();
+        let leases: Vec<(i64, i64, i64)> = s
+            .leases()
+            .iter()
+            .map(|(id, r)| (*id, r.ttl, r.remaining_ttl))
+            .collect();
+        assert_eq!(leases, [(-3, 20, 0), (7, 10, 4)]);
+        assert_eq!(s.take_recovered_lease_keys(), [(b"a".to_vec(), 1)]);
+        assert!(s.take_recovered_lease_keys().is_empty());
     }
 }

@@ -108,9 +108,9 @@ async fn kv_txn_and_status(url_form: bool) {
     assert_eq!(c.hash().await.unwrap().hash(), h1);
     c.put("after-hash", "1", None).await.unwrap();
     assert_ne!(c.hash().await.unwrap().hash(), h1);
-    let e = c.lease_grant(10, None).await.unwrap_err().to_string();
+    let e = c.user_list().await.unwrap_err().to_string();
     assert!(
-        e.contains("keel: etcdserverpb.Lease/LeaseGrant is not implemented yet"),
+        e.contains("keel: etcdserverpb.Auth/UserList is not implemented yet"),
         "{e}"
     );
 }
@@ -157,16 +157,16 @@ async fn unserved_calls_name_themselves() {
             "keel: etcdserverpb.KV/RangeStream is not implemented yet",
         ),
         (
-            "/etcdserverpb.Lease/LeaseTimeToLive",
-            "keel: etcdserverpb.Lease/LeaseTimeToLive is not implemented yet",
+            "/etcdserverpb.Auth/AuthStatus",
+            "keel: etcdserverpb.Auth/AuthStatus is not implemented yet",
         ),
         (
             "/v3electionpb.Election/Campaign",
             "keel: v3electionpb.Election/Campaign is not implemented yet",
         ),
         (
-            "/etcdserverpb.Watch/Nope",
-            "unknown method Nope for service etcdserverpb.Watch",
+            "/etcdserverpb.Auth/Nope",
+            "unknown method Nope for service etcdserverpb.Auth",
         ),
         ("/no.Such/Call", "unknown service no.Such"),
     ] {

@@ -11,6 +11,7 @@ mod errors;
 mod etcdctl;
 #[cfg(feature = "failpoints")]
 mod fatal;
+mod lease;
 mod recovery;
 mod wal_io;
 mod watch;

@@ -1,0 +1,323 @@
+//! Leases, with etcd's semantics (etcd `server/lease/lessor.go`).
+//!
+//! What a lease is (its ID and granted TTL) is state-machine state: granted and revoked through
+//! raft, persisted in the store. When it expires is the leader's own soft state: a deadline
+//! per lease that keep-alives push forward on whichever net core the stream lives (no raft
+//! round, as etcd's), and that restarts at a full TTL (plus an election timeout) when the node
+//! starts leading. The raft core looks for expired leases every `EXPIRY_SCAN` and proposes their
+//! revocation; a revocation deletes the lease's keys in one revision.
+//!
+//! Sharing: `Leases` (a lock-free map of lease -> deadline, TTL and attached keys) is read by
+//! the net cores and changed only by the raft core's apply, except deadlines. Which key belongs
+//! to which lease is also kept on the raft core alone (`LeaseBook::key_lease`), so a put or
+//! delete learns the key's old lease without reading the store.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_skiplist::SkipMap;
+use keel_net::ApiError;
+use keel_storage::mvcc::Change;
+use keel_storage::store::{LeaseRecord, Store};
+
+/// etcd's MaxLeaseTTL: 9,000,000,000 seconds.
+pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
+/// How often the raft core looks for expired leases (etcd: 500 ms).
+pub const EXPIRY_SCAN: Duration = Duration::from_millis(500);
+/// Revocations proposed per scan (etcd revokes at most 1000 leases a second).
+const REVOKES_PER_SCAN: usize = 500;
+/// An expired lease whose revocation has not applied yet is proposed again after this.
+const REVOKE_RETRY: Duration = Duration::from_secs(3);
+const SUFFIX_MASK: u64 = (1 << 48) - 1;
+
+pub struct Lease {
+    /// The granted TTL, seconds.
+    pub ttl: i64,
+    /// When it expires, in µs on the lessor's clock.
+    deadline_us: AtomicI64,
+    keys: Mutex<BTreeSet<Bytes>>,
+}
+
+impl Lease {
+    pub fn keys(&self) -> Vec<Bytes> {
+        self.keys
+            .lock()
+            .expect("lease keys lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// The node's leases, shared by every core.
+pub struct Leases {
+    map: SkipMap<i64, Arc<Lease>>,
+    clock: Instant,
+    /// etcd's minimum TTL: ceil(1.5 election timeouts), seconds.
+    pub min_ttl: i64,
+    /// etcd's request ID generator for granted IDs: the member ID's low 16 bits, then a
+    /// 48-bit suffix started from the time (ms << 8) and counted up.
+    id_prefix: u64,
+    id_suffix: AtomicU64,
+}
+
+impl Leases {
+    pub fn new(member_id: u64, heartbeat_ms: u64, election_ms: u64) -> Leases {
+        let election_ticks = election_ms / heartbeat_ms.max(1);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Leases {
+            map: SkipMap::new(),
+            clock: Instant::now(),
+            min_ttl: ((3 * election_ticks / 2) * heartbeat_ms).div_ceil(1000) as i64,
+            id_prefix: (member_id & 0xffff) << 48,
+            id_suffix: AtomicU64::new((now_ms << 8) & SUFFIX_MASK),
+        }
+    }
+
+    fn now_us(&self) -> i64 {
+        self.clock.elapsed().as_micros() as i64
+    }
+
+    /// A new lease ID as etcd makes them: positive, unique per member and across restarts.
+    pub fn generate_id(&self) -> i64 {
+        loop {
+            let suffix = self.id_suffix.fetch_add(1, Ordering::Relaxed) + 1;
+            let id = (self.id_prefix | (suffix & SUFFIX_MASK)) & (i64::MAX as u64);
+            if id != 0 {
+                return id as i64;
+            }
+        }
+    }
+
+    pub fn get(&self, id: i64) -> Option<Arc<Lease>> {
+        self.map.get(&id).map(|e| e.value().clone())
+    }
+
+    pub fn exists(&self, id: i64) -> bool {
+        self.map.contains_key(&id)
+    }
+
+    /// A keep-alive: the lease's TTL, or 0 if it does not exist or has already expired (its
+    /// revocation is under way), as etcd answers.
+    pub fn renew(&self, id: i64) -> i64 {
+        let Some(l) = self.get(id) else { return 0 };
+        let now = self.now_us();
+        if l.deadline_us.load(Ordering::Acquire) <= now {
+            return 0;
+        }
+        l.deadline_us
+            .store(now + l.ttl * 1_000_000, Ordering::Release);
+        l.ttl
+    }
+
+    /// Whole seconds left (etcd truncates), or None if there is no such lease.
+    pub fn remaining(&self, id: i64) -> Option<(Arc<Lease>, i64)> {
+        let l = self.get(id)?;
+        let left = (l.deadline_us.load(Ordering::Acquire) - self.now_us()).max(0) / 1_000_000;
+        Some((l, left))
+    }
+
+    /// Every lease ID, soonest to expire first (etcd's order).
+    pub fn list(&self) -> Vec<i64> {
+        let mut all: Vec<(i64, i64)> = self
+            .map
+            .iter()
+            .map(|e| (e.value().deadline_us.load(Ordering::Acquire), *e.key()))
+            .collect();
+        all.sort_unstable();
+        all.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Expired leases to revoke now (at most `REVOKES_PER_SCAN`); each is held off for
+    /// `REVOKE_RETRY` in case its revocation is lost.
+    pub fn take_expired(&self) -> Vec<i64> {
+        let now = self.now_us();
+        let mut out = Vec::new();
+        for e in self.map.iter() {
+            let l = e.value();
+            if l.deadline_us.load(Ordering::Acquire) <= now {
+                l.deadline_us
+                    .store(now + REVOKE_RETRY.as_micros() as i64, Ordering::Release);
+                out.push(*e.key());
+                if out.len() == REVOKES_PER_SCAN {
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The raft core's side of leases: the state-machine operations apply calls.
+pub struct LeaseBook {
+    pub shared: Arc<Leases>,
+    /// The lease of every live key that has one.
+    key_lease: HashMap<Bytes, i64>,
+}
+
+impl LeaseBook {
+    /// A book with no leases.
+    pub fn new(shared: Arc<Leases>) -> LeaseBook {
+        LeaseBook {
+            shared,
+            key_lease: HashMap::new(),
+        }
+    }
+
+    /// The leases of an opened store, each given a full TTL plus `extend` from now (etcd's
+    /// Promote: the new leader cannot know how long the old one had left).
+    pub fn recover(shared: Arc<Leases>, store: &mut Store, extend: Duration) -> LeaseBook {
+        let now = shared.now_us();
+        for (id, rec) in store.leases() {
+            let ttl = if rec.remaining_ttl > 0 {
+                rec.remaining_ttl
+            } else {
+                rec.ttl
+            };
+            shared.map.insert(
+                *id,
+                Arc::new(Lease {
+                    ttl: rec.ttl,
+                    deadline_us: AtomicI64::new(now + ttl * 1_000_000 + extend.as_micros() as i64),
+                    keys: Mutex::new(BTreeSet::new()),
+                }),
+            );
+        }
+        let mut book = LeaseBook::new(shared);
+        for (key, lease) in store.take_recovered_lease_keys() {
+            book.attach(Bytes::from(key), lease);
+        }
+        book
+    }
+
+    /// Grants a lease (etcd's lessor.Grant): the TTL is raised to the minimum.
+    pub fn grant(&mut self, store: &mut Store, id: i64, ttl: i64) -> Result<i64, ApiError> {
+        if id == 0 {
+            return Err(ApiError::LeaseNotFound);
+        }
+        if ttl > MAX_LEASE_TTL {
+            return Err(ApiError::LeaseTtlTooLarge);
+        }
+        if self.shared.exists(id) {
+            return Err(ApiError::LeaseExists);
+        }
+        let ttl = ttl.max(self.shared.min_ttl);
+        store.put_lease(
+            id,
+            LeaseRecord {
+                ttl,
+                remaining_ttl: 0,
+            },
+        );
+        let deadline = self.shared.now_us() + ttl * 1_000_000;
+        self.shared.map.insert(
+            id,
+            Arc::new(Lease {
+                ttl,
+                deadline_us: AtomicI64::new(deadline),
+                keys: Mutex::new(BTreeSet::new()),
+            }),
+        );
+        Ok(ttl)
+    }
+
+    /// Revokes a lease: its keys go in one revision (in key order, as etcd's), then the lease.
+    pub fn revoke(&mut self, store: &mut Store, id: i64) -> Result<(), ApiError> {
+        let Some(lease) = self.shared.get(id) else {
+            return Err(ApiError::LeaseNotFound);
+        };
+        let keys = lease.keys();
+        if !keys.is_empty() {
+            let mut t = store.write();
+            for k in &keys {
+                t.delete_range(keel_storage::mvcc::KeyRange::Single(k));
+            }
+            self.track(t.changes());
+            t.commit();
+        }
+        store.delete_lease(id);
+        self.shared.map.remove(&id);
+        Ok(())
+    }
+
+    /// Follows a write's changes: a put attaches its key to its lease (and detaches it from
+    /// the one it had), a delete detaches it.
+    pub fn track(&mut self, changes: &[Change]) {
+        for (_, kv) in changes {
+            let lease = if kv.version == 0 { 0 } else { kv.lease };
+            self.attach(kv.key.clone(), lease);
+        }
+    }
+
+    fn attach(&mut self, key: Bytes, lease: i64) {
+        let old = if lease == 0 {
+            self.key_lease.remove(&key)
+        } else {
+            self.key_lease.insert(key.clone(), lease)
+        };
+        if old == Some(lease) {
+            return;
+        }
+        if let Some(l) = old.and_then(|old| self.shared.get(old)) {
+            l.keys.lock().expect("lease keys lock").remove(&key);
+        }
+        if lease != 0 {
+            if let Some(l) = self.shared.get(lease) {
+                l.keys.lock().expect("lease keys lock").insert(key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_ttl_and_ids_follow_etcd() {
+        // etcd's default election timeout (1 s): 1.5 s, rounded up to 2 s.
+        let l = Leases::new(0x8e9e05c52164694d, 100, 1000);
+        assert_eq!(l.min_ttl, 2);
+        assert_eq!(Leases::new(1, 100, 5000).min_ttl, 8);
+        assert_eq!(Leases::new(1, 300, 1000).min_ttl, 2, "3 ticks: 4 x 300 ms");
+        let a = l.generate_id();
+        let b = l.generate_id();
+        assert!(a > 0 && b == a + 1);
+        assert_eq!((a as u64) >> 48, 0x694d);
+    }
+
+    #[test]
+    fn expiry_renewal_and_order() {
+        let l = Leases::new(1, 100, 1000);
+        let add = |id: i64, deadline: i64| {
+            l.map.insert(
+                id,
+                Arc::new(Lease {
+                    ttl: 5,
+                    deadline_us: AtomicI64::new(deadline),
+                    keys: Mutex::new(BTreeSet::new()),
+                }),
+            );
+        };
+        let now = l.now_us();
+        add(1, now + 60_000_000);
+        add(2, now - 1);
+        add(3, now + 30_000_000);
+        assert_eq!(l.list(), [2, 3, 1]);
+        assert_eq!(l.renew(2), 0, "expired: being revoked");
+        assert_eq!(l.renew(9), 0, "no such lease");
+        assert_eq!(l.renew(1), 5);
+        assert_eq!(l.remaining(1).unwrap().1, 4);
+        assert_eq!(l.take_expired(), [2]);
+        assert!(
+            l.take_expired().is_empty(),
+            "held off while its revocation runs"
+        );
+    }
+}
