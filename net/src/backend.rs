@@ -7,6 +7,7 @@ use std::pin::Pin;
 use futures::Stream;
 
 use keel_proto::pb;
+use keel_proto::{v3electionpb as epb, v3lockpb as lpb};
 
 use crate::error::ApiError;
 
@@ -49,6 +50,10 @@ pub type WatchRequests = Pin<Box<dyn Stream<Item = pb::WatchRequest> + Send>>;
 /// A Watch stream's responses; an error ends the stream with that status.
 pub type WatchResponses = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, ApiError>> + Send>>;
 
+/// Election.Observe's responses.
+pub type ObserveResponses =
+    Pin<Box<dyn Stream<Item = Result<keel_proto::v3electionpb::LeaderResponse, ApiError>> + Send>>;
+
 pub trait Backend: Send + Sync + 'static {
     fn limits(&self) -> Limits;
 
@@ -90,4 +95,33 @@ pub trait Backend: Send + Sync + 'static {
     fn lease_time_to_live(&self, req: pb::LeaseTimeToLiveRequest) -> pb::LeaseTimeToLiveResponse;
 
     fn lease_leases(&self) -> pb::LeaseLeasesResponse;
+
+    fn lock(
+        &self,
+        req: lpb::LockRequest,
+    ) -> impl Future<Output = Result<lpb::LockResponse, ApiError>> + Send;
+
+    fn unlock(
+        &self,
+        req: lpb::UnlockRequest,
+    ) -> impl Future<Output = Result<lpb::UnlockResponse, ApiError>> + Send;
+
+    fn campaign(
+        &self,
+        req: epb::CampaignRequest,
+    ) -> impl Future<Output = Result<epb::CampaignResponse, ApiError>> + Send;
+
+    fn proclaim(
+        &self,
+        req: epb::ProclaimRequest,
+    ) -> impl Future<Output = Result<epb::ProclaimResponse, ApiError>> + Send;
+
+    fn resign(
+        &self,
+        req: epb::ResignRequest,
+    ) -> impl Future<Output = Result<epb::ResignResponse, ApiError>> + Send;
+
+    fn leader(&self, req: epb::LeaderRequest) -> Result<epb::LeaderResponse, ApiError>;
+
+    fn observe(&self, req: epb::LeaderRequest) -> ObserveResponses;
 }

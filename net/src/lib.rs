@@ -3,6 +3,7 @@
 
 pub mod authority;
 pub mod backend;
+pub mod concurrency;
 pub mod error;
 pub mod lease;
 pub mod serve;
@@ -12,7 +13,7 @@ pub mod validate;
 pub mod watch;
 
 pub use backend::{
-    Backend, Limits, WatchRequests, WatchResponses, WriteRequest, WriteResponse,
+    Backend, Limits, ObserveResponses, WatchRequests, WatchResponses, WriteRequest, WriteResponse,
     GRPC_OVERHEAD_BYTES,
 };
 pub use error::ApiError;

@@ -10,6 +10,7 @@ use tokio_stream::StreamExt;
 
 use crate::authority::AuthorityFix;
 use crate::backend::Backend;
+use crate::concurrency::{ElectionService, LockService};
 use crate::lease::LeaseService;
 use crate::service::{decode_limit_bytes, ClusterService, KvService, MaintenanceService};
 use crate::unserved;
@@ -81,6 +82,16 @@ pub async fn serve<B: Backend>(
         )
         .add_service(
             pb::maintenance_server::MaintenanceServer::new(MaintenanceService::new(
+                backend.clone(),
+            ))
+            .max_decoding_message_size(limit),
+        )
+        .add_service(
+            keel_proto::v3lockpb::lock_server::LockServer::new(LockService::new(backend.clone()))
+                .max_decoding_message_size(limit),
+        )
+        .add_service(
+            keel_proto::v3electionpb::election_server::ElectionServer::new(ElectionService::new(
                 backend.clone(),
             ))
             .max_decoding_message_size(limit),

@@ -11,6 +11,7 @@ use keel_net::{ApiError, Backend, Limits, WriteRequest, WriteResponse};
 use keel_proto::keelpb::InternalRequest;
 use keel_proto::pb;
 use keel_proto::prost::Message;
+use keel_proto::{v3electionpb as epb, v3lockpb as lpb};
 use keel_storage::mvcc::Mvcc;
 use keel_storage::store::StoreHandle;
 use tokio::sync::oneshot;
@@ -59,6 +60,14 @@ impl NodeBackend {
             return Err(ApiError::RequestTooLarge);
         }
         Ok(data)
+    }
+
+    /// Proposes a write nobody waits for (fire and forget; dropped if the queue is full).
+    pub fn propose_detached(&self, req: WriteRequest) {
+        if let Ok(data) = self.encode(req) {
+            let (tx, _) = oneshot::channel();
+            let _ = self.proposals.try_send(Proposal { data, tx });
+        }
     }
 
     /// etcd's quota check at the edge: a write that would take the backend to its quota
@@ -290,6 +299,49 @@ impl Backend for NodeBackend {
                 keys: if req.keys { lease.keys() } else { Vec::new() },
             },
         }
+    }
+
+    fn lock(
+        &self,
+        req: lpb::LockRequest,
+    ) -> impl std::future::Future<Output = Result<lpb::LockResponse, ApiError>> + Send {
+        self.v3_lock(req)
+    }
+
+    fn unlock(
+        &self,
+        req: lpb::UnlockRequest,
+    ) -> impl std::future::Future<Output = Result<lpb::UnlockResponse, ApiError>> + Send {
+        self.v3_unlock(req)
+    }
+
+    fn campaign(
+        &self,
+        req: epb::CampaignRequest,
+    ) -> impl std::future::Future<Output = Result<epb::CampaignResponse, ApiError>> + Send {
+        self.v3_campaign(req)
+    }
+
+    fn proclaim(
+        &self,
+        req: epb::ProclaimRequest,
+    ) -> impl std::future::Future<Output = Result<epb::ProclaimResponse, ApiError>> + Send {
+        self.v3_proclaim(req)
+    }
+
+    fn resign(
+        &self,
+        req: epb::ResignRequest,
+    ) -> impl std::future::Future<Output = Result<epb::ResignResponse, ApiError>> + Send {
+        self.v3_resign(req)
+    }
+
+    fn leader(&self, req: epb::LeaderRequest) -> Result<epb::LeaderResponse, ApiError> {
+        self.v3_leader(&req)
+    }
+
+    fn observe(&self, req: epb::LeaderRequest) -> keel_net::ObserveResponses {
+        crate::concurrency::observe(self.watch.clone(), req)
     }
 
     fn lease_leases(&self) -> pb::LeaseLeasesResponse {

@@ -6,6 +6,7 @@
 mod apply;
 mod autocompact;
 mod backend;
+mod concurrency;
 mod config;
 mod ids;
 mod lease;

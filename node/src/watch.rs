@@ -100,7 +100,7 @@ pub struct WatchContext {
 }
 
 impl WatchContext {
-    fn header(&self, revision: i64) -> pb::ResponseHeader {
+    pub fn header(&self, revision: i64) -> pb::ResponseHeader {
         pb::ResponseHeader {
             cluster_id: self.cluster_id,
             member_id: self.member_id,

@@ -161,8 +161,8 @@ async fn unserved_calls_name_themselves() {
             "keel: etcdserverpb.Auth/AuthStatus is not implemented yet",
         ),
         (
-            "/v3electionpb.Election/Campaign",
-            "keel: v3electionpb.Election/Campaign is not implemented yet",
+            "/etcdserverpb.Auth/RoleGet",
+            "keel: etcdserverpb.Auth/RoleGet is not implemented yet",
         ),
         (
             "/etcdserverpb.Auth/Nope",

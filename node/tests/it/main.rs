@@ -5,6 +5,7 @@ mod harness;
 
 mod cas;
 mod client;
+mod concurrency;
 mod config;
 mod crash;
 mod errors;
