@@ -220,7 +220,7 @@ impl NodeBackend {
             ],
         };
         let resp = self.txn(t).await?;
-        let header = resp.header.clone().unwrap_or_default();
+        let header = resp.header.unwrap_or_default();
         let my_rev = if resp.succeeded {
             header.revision
         } else {
@@ -265,7 +265,7 @@ impl NodeBackend {
             failure: vec![op(Request::RequestRange(get(&key)))],
         };
         let resp = self.txn(t).await?;
-        let header = resp.header.clone().unwrap_or_default();
+        let header = resp.header.unwrap_or_default();
         let mut leader = epb::LeaderKey {
             name: r.name.clone(),
             key: key.to_vec().into(),
