@@ -50,6 +50,10 @@ pub type WatchRequests = Pin<Box<dyn Stream<Item = pb::WatchRequest> + Send>>;
 /// A Watch stream's responses; an error ends the stream with that status.
 pub type WatchResponses = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, ApiError>> + Send>>;
 
+/// RangeStream's chunks.
+pub type RangeChunks =
+    Pin<Box<dyn Stream<Item = Result<pb::RangeStreamResponse, ApiError>> + Send>>;
+
 /// Election.Observe's responses.
 pub type ObserveResponses =
     Pin<Box<dyn Stream<Item = Result<keel_proto::v3electionpb::LeaderResponse, ApiError>> + Send>>;
@@ -65,6 +69,9 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         req: pb::RangeRequest,
     ) -> impl Future<Output = Result<pb::RangeResponse, ApiError>> + Send;
+
+    /// etcd 3.7's RangeStream: the range in chunks, all at one revision, in bounded memory.
+    fn range_stream(&self, req: pb::RangeRequest) -> RangeChunks;
 
     fn write(
         &self,

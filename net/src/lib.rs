@@ -13,7 +13,7 @@ pub mod validate;
 pub mod watch;
 
 pub use backend::{
-    Backend, Limits, ObserveResponses, WatchRequests, WatchResponses, WriteRequest, WriteResponse,
-    GRPC_OVERHEAD_BYTES,
+    Backend, Limits, ObserveResponses, RangeChunks, WatchRequests, WatchResponses, WriteRequest,
+    WriteResponse, GRPC_OVERHEAD_BYTES,
 };
 pub use error::ApiError;

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use keel_proto::pb;
 use keel_proto::prost::Message;
 use tonic::{Request, Response, Status};
@@ -12,6 +13,8 @@ use crate::error::ApiError;
 use crate::validate;
 
 type Reply<T> = Result<Response<T>, Status>;
+type RangeChunks =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RangeStreamResponse, Status>> + Send>>;
 
 /// The gRPC decode limit we give tonic: above etcd's, so that a message between etcd's limit
 /// and this one gets etcd's own answer from `check_size` rather than tonic's.
@@ -62,6 +65,30 @@ impl<B: Backend> pb::kv_server::Kv for KvService<B> {
         let mut resp = self.backend.range(r).await?;
         resp.header = self.header(&resp.header);
         Ok(Response::new(resp))
+    }
+
+    type RangeStreamStream = RangeChunks;
+
+    async fn range_stream(&self, req: Request<pb::RangeRequest>) -> Reply<RangeChunks> {
+        use pb::range_request::{SortOrder, SortTarget};
+        let r = req.into_inner();
+        check_size(&r, self.backend.limits())?;
+        validate::check_range(&r)?;
+        // As etcd 3.7: a sorted range cannot stream (use Range).
+        let natural = matches!(
+            SortOrder::try_from(r.sort_order),
+            Ok(SortOrder::None | SortOrder::Ascend)
+        ) && r.sort_target == SortTarget::Key as i32;
+        if !natural {
+            return Err(Status::unimplemented(
+                "etcdserver: RangeStream does not support sorting; use Range",
+            ));
+        }
+        let chunks = self
+            .backend
+            .range_stream(r)
+            .map(|c| c.map_err(Status::from));
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Reply<pb::PutResponse> {

@@ -27,20 +27,14 @@ const NOT_YET: &[(&str, &[&str])] = &[(
     ],
 )];
 
-/// Methods of services Keel serves that are not served yet (etcd 3.7's streaming range).
-/// They need routes of their own: the service's generated router would answer them with an
-/// empty message.
-const NOT_YET_METHODS: &[&str] = &["/etcdserverpb.KV/RangeStream"];
-
 /// The Unimplemented message for a call to `path` (`/package.Service/Method`).
 pub fn message(path: &str) -> String {
     let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
         return format!("malformed method name: {path:?}");
     };
-    let not_yet = NOT_YET_METHODS.contains(&path)
-        || NOT_YET
-            .iter()
-            .any(|(s, methods)| *s == service && methods.contains(&method));
+    let not_yet = NOT_YET
+        .iter()
+        .any(|(s, methods)| *s == service && methods.contains(&method));
     if not_yet {
         format!("keel: {service}/{method} is not implemented yet")
     } else if NOT_YET.iter().any(|(s, _)| *s == service) {
@@ -56,10 +50,7 @@ async fn answer(uri: http::Uri) -> http::Response<tonic::body::Body> {
 
 /// Routes every call the router does not serve to `answer`.
 pub fn route(router: &mut axum::Router) {
-    let mut r = std::mem::take(router);
-    for path in NOT_YET_METHODS {
-        r = r.route(path, axum::routing::any(answer));
-    }
+    let r = std::mem::take(router);
     *router = r.fallback(answer);
 }
 
@@ -74,8 +65,8 @@ mod tests {
             "keel: etcdserverpb.Auth/UserList is not implemented yet"
         );
         assert_eq!(
-            message("/etcdserverpb.KV/RangeStream"),
-            "keel: etcdserverpb.KV/RangeStream is not implemented yet"
+            message("/etcdserverpb.Auth/RoleList"),
+            "keel: etcdserverpb.Auth/RoleList is not implemented yet"
         );
         assert_eq!(
             message("/etcdserverpb.Auth/Nope"),

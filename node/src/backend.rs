@@ -269,6 +269,10 @@ impl Backend for NodeBackend {
         })
     }
 
+    fn range_stream(&self, req: pb::RangeRequest) -> keel_net::RangeChunks {
+        crate::range_stream::serve(self.watch.clone(), req)
+    }
+
     fn watch(&self, requests: keel_net::WatchRequests) -> keel_net::WatchResponses {
         crate::watch::serve(self.watch.clone(), requests)
     }

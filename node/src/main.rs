@@ -12,6 +12,7 @@ mod ids;
 mod lease;
 mod placement;
 mod raft_core;
+mod range_stream;
 mod watch;
 
 use std::fs::OpenOptions;

@@ -321,6 +321,14 @@ impl Mvcc {
         self.db.as_ref()
     }
 
+    /// Drops the backend map's resident pages from this process's RSS (a long read, such as
+    /// a streamed range, calls it as it goes so the pages it read do not pile up).
+    pub fn release_map(&self) {
+        if let Some(db) = &self.db {
+            db.release_map();
+        }
+    }
+
     /// Drops the in-memory copy of a version's value (it is in the published backend).
     pub fn forget_value(&self, kr: &KeyRev) {
         if let Some(e) = self.map.get(kr) {
@@ -732,7 +740,7 @@ impl Mvcc {
                 e = v.next();
                 found.push(v);
             }
-            if found.len() > 2 * max {
+            if found.len() > max.saturating_mul(2) {
                 cut(&mut found, &mut bound);
             }
             if let KeyRange::Single(_) = range {

@@ -41,6 +41,9 @@ const FORMAT: u8 = 1;
 
 /// Applied entries kept in memory beyond the applied index, for followers catching up.
 pub const KEEP_APPLIED_ENTRIES: u64 = 5000;
+/// ... and at most this many bytes of them (large values would otherwise keep 5000 large
+/// entries in memory).
+pub const KEEP_APPLIED_BYTES: usize = 64 << 20;
 
 /// Who this member is; fixed when the member is created and read back from the WAL after.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +73,8 @@ pub struct RaftLog {
     offset_index: u64,
     offset_term: u64,
     entries: VecDeque<Entry>,
+    /// The data bytes of `entries`.
+    entries_bytes: usize,
 }
 
 impl RaftLog {
@@ -103,6 +108,7 @@ impl RaftLog {
             offset_index,
             offset_term,
             entries: VecDeque::new(),
+            entries_bytes: 0,
         };
         if fresh {
             log.hard_state.term = offset_term;
@@ -331,24 +337,31 @@ impl RaftLog {
             self.offset_index
         );
         let keep = (first - self.offset_index - 1) as usize;
+        for e in self.entries.range(keep.min(self.entries.len())..) {
+            self.entries_bytes -= e.data.len();
+        }
         self.entries.truncate(keep);
         assert_eq!(
             self.offset_index + self.entries.len() as u64 + 1,
             first,
             "raft log gap"
         );
+        self.entries_bytes += entries.iter().map(|e| e.data.len()).sum::<usize>();
         self.entries.extend(entries);
     }
 
-    /// Drops in-memory entries up to `applied - KEEP_APPLIED_ENTRIES`.
+    /// Drops in-memory entries up to `applied - KEEP_APPLIED_ENTRIES`, and older applied ones
+    /// while they hold more than `KEEP_APPLIED_BYTES`.
     pub fn compact_applied(&mut self, applied: u64) {
         let upto = applied.saturating_sub(KEEP_APPLIED_ENTRIES);
         while let Some(e) = self.entries.front() {
-            if e.index > upto {
+            let too_big = self.entries_bytes > KEEP_APPLIED_BYTES && e.index <= applied;
+            if e.index > upto && !too_big {
                 break;
             }
             self.offset_index = e.index;
             self.offset_term = e.term;
+            self.entries_bytes -= e.data.len();
             self.entries.pop_front();
         }
     }
@@ -663,6 +676,27 @@ mod tests {
         assert!(log
             .entries(50, 60, None, GetEntriesContext::empty(false))
             .is_err());
+    }
+
+    #[test]
+    fn compacting_memory_bounds_the_bytes_of_applied_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) =
+            RaftLog::open(dir.path(), WalOptions::default(), meta(), (0, 0)).unwrap();
+        let big = "x".repeat(1 << 20);
+        let ents: Vec<Entry> = (2..=101).map(|i| entry(i, 2, &big)).collect();
+        log.append(&ents, None).unwrap();
+        // Only applied entries go: with 90 applied, the 10 unapplied (10 MiB) stay.
+        log.compact_applied(90);
+        let kept = KEEP_APPLIED_BYTES >> 20;
+        assert_eq!(log.first_index().unwrap(), 102 - kept as u64);
+        assert!(log.entries_bytes <= KEEP_APPLIED_BYTES);
+        log.compact_applied(20);
+        assert_eq!(
+            log.first_index().unwrap(),
+            102 - kept as u64,
+            "nothing more to drop"
+        );
     }
 
     /// A WAL record as (type, payload).

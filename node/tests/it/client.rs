@@ -153,8 +153,8 @@ async fn unserved_calls_name_themselves() {
     let ch = crate::harness::channel(&k.url()).await;
     for (path, want) in [
         (
-            "/etcdserverpb.KV/RangeStream",
-            "keel: etcdserverpb.KV/RangeStream is not implemented yet",
+            "/etcdserverpb.Auth/UserGet",
+            "keel: etcdserverpb.Auth/UserGet is not implemented yet",
         ),
         (
             "/etcdserverpb.Auth/AuthStatus",

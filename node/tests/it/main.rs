@@ -13,6 +13,7 @@ mod etcdctl;
 #[cfg(feature = "failpoints")]
 mod fatal;
 mod lease;
+mod range_stream;
 mod recovery;
 mod wal_io;
 mod watch;

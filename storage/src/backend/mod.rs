@@ -184,6 +184,12 @@ impl<F: PageFile> Reader<F> {
     pub fn snapshot(&self) -> Arc<Snapshot<F>> {
         self.current.load_full()
     }
+
+    /// Drops the map's resident pages from RSS (see `PageFile::release`); safe beside
+    /// readers, which fault what they touch back in.
+    pub fn release_map(&self) {
+        F::release(&self.current.load().view);
+    }
 }
 
 /// Space accounting, for Status' db size and quota.
