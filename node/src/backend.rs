@@ -20,6 +20,20 @@ use crate::apply;
 use crate::config::{Config, ETCD_API_VERSION};
 use crate::raft_core::{Proposal, RaftStatus};
 
+thread_local! {
+    /// Requests this (net core) thread has served: its idle memory collection watches it.
+    static SERVED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn served_one() {
+    SERVED.with(|s| s.set(s.get() + 1));
+}
+
+/// Requests served on the calling thread so far.
+pub fn requests_served() -> u64 {
+    SERVED.with(|s| s.get())
+}
+
 /// How long a write may wait for raft before "request timed out" (etcd: 7 s by default).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
 /// etcd's quota estimate of what a lease grant adds (`leaseOverhead`).
@@ -145,6 +159,7 @@ impl Backend for NodeBackend {
         // client hears back, so reading the published state is linearizable. ReadIndex comes
         // with the cluster issue.
         fail::fail_point!("backend-range");
+        served_one();
         let result = apply::range(&*self.mvcc, &req);
         std::future::ready(result)
     }
@@ -153,6 +168,7 @@ impl Backend for NodeBackend {
         &self,
         req: WriteRequest,
     ) -> impl std::future::Future<Output = Result<WriteResponse, ApiError>> + Send {
+        served_one();
         // etcd answers a physical compaction once it is carried out.
         let physical = match &req {
             WriteRequest::Compact(c) if c.physical => Some(c.revision),
@@ -278,6 +294,7 @@ impl Backend for NodeBackend {
     }
 
     fn lease_keep_alive(&self, id: i64) -> pb::LeaseKeepAliveResponse {
+        served_one();
         pb::LeaseKeepAliveResponse {
             header: Some(self.header(0)),
             id,

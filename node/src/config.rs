@@ -8,7 +8,12 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-pub const ETCD_API_VERSION: &str = "3.5.0";
+/// The etcd version Status reports, and so what clients may rely on (kube-apiserver turns on
+/// consistent reads from its watch cache only for a version whose progress requests work: at
+/// least 3.4.31, 3.5.13, or 3.6). Keel serves etcd 3.6's watch semantics (progress requests
+/// answered once every watcher is synced), leases, lock and election, and 3.7's RangeStream;
+/// README says why it is this number. The one place it is kept.
+pub const ETCD_API_VERSION: &str = "3.6.0";
 const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
 /// etcd warns above this quota ("exceeds maximum recommended quota").
 pub const MAX_RECOMMENDED_QUOTA_BYTES: u64 = 8 << 30;

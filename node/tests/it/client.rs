@@ -96,7 +96,7 @@ async fn kv_txn_and_status(url_form: bool) {
     assert_eq!(c.get("never", None).await.unwrap().count(), 0);
 
     let s = c.status().await.unwrap();
-    assert_eq!(s.version(), "3.5.0");
+    assert_eq!(s.version(), "3.6.0");
     assert_eq!(s.leader(), s.header().unwrap().member_id());
     assert!(s.raft_index() >= s.raft_applied_index() && s.raft_applied_index() > 0);
     let m = c.member_list().await.unwrap();

@@ -32,7 +32,7 @@ fn version_flag_prints_keels_version() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with(&format!("keel Version: {}\n", env!("CARGO_PKG_VERSION"))));
-    assert!(text.contains("etcd API Version: 3.5.0"));
+    assert!(text.contains("etcd API Version: 3.6.0"));
 }
 
 #[test]

@@ -142,7 +142,7 @@ fn endpoint_status_health_and_member_list() {
             .unwrap_or_else(|| panic!("{table}"));
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         // | ENDPOINT | ID | VERSION | DB SIZE | IS LEADER | IS LEARNER | TERM | INDEX | APPLIED |
-        assert_eq!(cells[3], "3.5.0");
+        assert_eq!(cells[3], "3.6.0");
         assert_eq!(cells[5], "true", "{row}");
         assert_eq!(cells[6], "false", "{row}");
         assert_eq!(

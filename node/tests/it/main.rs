@@ -12,6 +12,7 @@ mod errors;
 mod etcdctl;
 #[cfg(feature = "failpoints")]
 mod fatal;
+mod kube;
 mod lease;
 mod range_stream;
 mod recovery;

@@ -520,3 +520,269 @@ async fn etcd_client_crate_watch() {
     assert!(r.canceled());
     assert_eq!(r.compact_revision(), 3);
 }
+
+/// One expected or received event: (revision, key, value; None for a delete).
+type Ev = (i64, String, Option<String>);
+
+/// A watcher of the model test: its range and start, and what it was sent.
+struct ModelWatcher {
+    key: String,
+    /// "": the key alone; "\0": every key from `key` on.
+    end: String,
+    start: i64,
+}
+
+impl ModelWatcher {
+    fn contains(&self, k: &str) -> bool {
+        match self.end.as_str() {
+            "" => k == self.key,
+            "\0" => k >= self.key.as_str(),
+            end => k >= self.key.as_str() && k < end,
+        }
+    }
+
+    fn create(&self, id: i64, start: i64) -> pb::WatchCreateRequest {
+        let mut c = create(&self.key, &self.end);
+        c.watch_id = id;
+        c.start_revision = start;
+        c
+    }
+}
+
+/// Writes random puts, deletes and multi-put txns over keys w00..w19; returns the events
+/// each revision made, in order.
+async fn random_writes(
+    c: &mut Kv,
+    rng: &mut impl rand::Rng,
+    n: usize,
+    live: &mut std::collections::BTreeSet<String>,
+) -> Vec<Ev> {
+    let mut evs = Vec::new();
+    for i in 0..n {
+        let k = format!("w{:02}", rng.gen_range(0..20));
+        match rng.gen_range(0..10) {
+            0..=5 => {
+                let v = format!("v{i}");
+                let rev = put(c, &k, &v).await;
+                live.insert(k.clone());
+                evs.push((rev, k, Some(v)));
+            }
+            6..=7 => {
+                let end = format!("w{:02}", rng.gen_range(0..21));
+                let r = c
+                    .delete_range(pb::DeleteRangeRequest {
+                        key: Bytes::copy_from_slice(k.as_bytes()),
+                        range_end: Bytes::copy_from_slice(end.as_bytes()),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let doomed: Vec<String> = live
+                    .iter()
+                    .filter(|x| x.as_str() >= k.as_str() && x.as_str() < end.as_str())
+                    .cloned()
+                    .collect();
+                assert_eq!(r.deleted as usize, doomed.len());
+                for d in doomed {
+                    live.remove(&d);
+                    evs.push((r.header.unwrap().revision, d, None));
+                }
+            }
+            _ => {
+                let mut keys: Vec<String> = (0..3)
+                    .map(|_| format!("w{:02}", rng.gen_range(0..20)))
+                    .collect();
+                keys.sort();
+                keys.dedup();
+                let ops = keys
+                    .iter()
+                    .map(|k| pb::RequestOp {
+                        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                            key: Bytes::copy_from_slice(k.as_bytes()),
+                            value: Bytes::from(format!("t{i}")),
+                            ..Default::default()
+                        })),
+                    })
+                    .collect();
+                let r = c
+                    .txn(pb::TxnRequest {
+                        success: ops,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                for k in keys {
+                    live.insert(k.clone());
+                    evs.push((r.header.unwrap().revision, k, Some(format!("t{i}"))));
+                }
+            }
+        }
+    }
+    evs
+}
+
+/// Reads every stream's responses into `got[watch_id]` until each watcher has `want[id]`
+/// events (or 20 s pass); returns the compact revisions of canceled watchers.
+async fn collect(
+    sessions: &mut [Session],
+    got: &mut std::collections::HashMap<i64, Vec<Ev>>,
+    want: &std::collections::HashMap<i64, usize>,
+) -> std::collections::HashMap<i64, i64> {
+    let mut canceled = std::collections::HashMap::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let done = want
+            .iter()
+            .all(|(id, n)| canceled.contains_key(id) || got.get(id).map_or(0, |g| g.len()) >= *n);
+        if done || tokio::time::Instant::now() > until {
+            return canceled;
+        }
+        for s in sessions.iter_mut() {
+            while let Some(r) = s.next(Duration::from_millis(20)).await {
+                if r.canceled {
+                    canceled.insert(r.watch_id, r.compact_revision);
+                }
+                let evs = got.entry(r.watch_id).or_default();
+                for e in &r.events {
+                    let kv = e.kv.as_ref().unwrap();
+                    let key = String::from_utf8(kv.key.to_vec()).unwrap();
+                    let value =
+                        (e.r#type == 0).then(|| String::from_utf8(kv.value.to_vec()).unwrap());
+                    evs.push((kv.mod_revision, key, value));
+                }
+            }
+        }
+    }
+}
+
+/// 100 watchers at random start revisions over random ranges, while random writes go on;
+/// then every stream reconnects from the revision its progress response vouched for, after a
+/// compaction; and late watchers from below the compaction are canceled with it. Each
+/// watcher's events equal the model's for its range, in order, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_see_exactly_the_history_across_compaction_and_reconnect() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
+    let url = k.url();
+    let mut c = kv(&url);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let mut live = std::collections::BTreeSet::new();
+    let mut model = random_writes(&mut c, &mut rng, 150, &mut live).await;
+    let first_rev = model.last().unwrap().0;
+    let watchers: Vec<ModelWatcher> = (0..100)
+        .map(|_| {
+            let a = rng.gen_range(0..20);
+            let (key, end) = match rng.gen_range(0..4) {
+                0 => (format!("w{a:02}"), String::new()),
+                1 => (
+                    format!("w{a:02}"),
+                    format!("w{:02}", rng.gen_range(a + 1..=20)),
+                ),
+                2 => (format!("w{a:02}"), "\0".to_string()),
+                _ => ("w".to_string(), "x".to_string()),
+            };
+            ModelWatcher {
+                key,
+                end,
+                start: rng.gen_range(1..first_rev + 20),
+            }
+        })
+        .collect();
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        sessions.push(Session::open(&url).await);
+    }
+    for (i, w) in watchers.iter().enumerate() {
+        sessions[i % 4]
+            .create(w.create(i as i64 + 1, w.start))
+            .await;
+    }
+    model.extend(random_writes(&mut c, &mut rng, 150, &mut live).await);
+    let expected = |w: &ModelWatcher, from: i64, model: &[Ev]| -> Vec<Ev> {
+        model
+            .iter()
+            .filter(|e| e.0 >= from && w.contains(&e.1))
+            .cloned()
+            .collect()
+    };
+    let want: std::collections::HashMap<i64, usize> = watchers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (i as i64 + 1, expected(w, w.start, &model).len()))
+        .collect();
+    let mut got = std::collections::HashMap::new();
+    let canceled = collect(&mut sessions, &mut got, &want).await;
+    assert!(canceled.is_empty(), "{canceled:?}");
+    // Each stream's progress: every event at or below it has been sent.
+    let mut progress = Vec::new();
+    for s in sessions.iter_mut() {
+        s.progress().await;
+        let r = loop {
+            let r = s.next(Duration::from_secs(5)).await.expect("progress");
+            if r.watch_id == -1 {
+                break r;
+            }
+            assert!(r.events.is_empty(), "all events were read already");
+        };
+        progress.push(r.header.unwrap().revision);
+    }
+    let now = model.last().unwrap().0;
+    assert!(progress.iter().all(|p| *p == now), "{progress:?} vs {now}");
+    // Compact, write more, reconnect every watcher from progress + 1.
+    c.compact(pb::CompactionRequest {
+        revision: now - 10,
+        physical: false,
+    })
+    .await
+    .unwrap();
+    drop(sessions);
+    model.extend(random_writes(&mut c, &mut rng, 150, &mut live).await);
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        sessions.push(Session::open(&url).await);
+    }
+    for (i, w) in watchers.iter().enumerate() {
+        let from = w.start.max(progress[i % 4] + 1);
+        sessions[i % 4].create(w.create(i as i64 + 1, from)).await;
+    }
+    // Late watchers from below the compaction: canceled with it.
+    for (i, w) in watchers.iter().take(5).enumerate() {
+        sessions[0]
+            .create(w.create(1000 + i as i64, now - 20))
+            .await;
+    }
+    let mut want2: std::collections::HashMap<i64, usize> = watchers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let from = w.start.max(progress[i % 4] + 1);
+            (i as i64 + 1, expected(w, from, &model).len())
+        })
+        .collect();
+    want2.extend((0..5).map(|i| (1000 + i, 1)));
+    let mut got2 = std::collections::HashMap::new();
+    let canceled = collect(&mut sessions, &mut got2, &want2).await;
+    for i in 0..5 {
+        assert_eq!(
+            canceled.get(&(1000 + i)),
+            Some(&(now - 10)),
+            "late watcher {i}"
+        );
+    }
+    for (i, w) in watchers.iter().enumerate() {
+        let id = i as i64 + 1;
+        let mut all = got.remove(&id).unwrap_or_default();
+        all.extend(got2.remove(&id).unwrap_or_default());
+        assert_eq!(
+            all,
+            expected(w, w.start, &model),
+            "watcher {id} {}..{:?} from {}",
+            w.key,
+            w.end,
+            w.start
+        );
+    }
+}

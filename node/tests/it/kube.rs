@@ -1,0 +1,330 @@
+//! Kubernetes-style traffic, as kube-apiserver drives its store: optimistic updates (txn on
+//! mod_revision, else read the key), paginated lists at one revision with continuation, a
+//! prefix watch from rev+1 with prev_kv and progress requests, and the compaction loop (CAS on
+//! compact_rev_key, then Compact). Checked against a model: no update lost or duplicated,
+//! the watcher's view is the history, every list is consistent at its revision.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel_proto::pb;
+use keel_proto::pb::compare::{CompareResult, CompareTarget, TargetUnion};
+use keel_proto::pb::request_op::Request;
+use keel_proto::pb::response_op::Response;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::harness::{channel, kv, Keel};
+
+type Kv = pb::kv_client::KvClient<tonic::transport::Channel>;
+
+const OBJECTS: usize = 8;
+const PREFIX: &str = "/registry/pods/default/";
+
+fn key(i: usize) -> Bytes {
+    Bytes::from(format!("{PREFIX}p{i}"))
+}
+
+fn op(r: Request) -> pb::RequestOp {
+    pb::RequestOp { request: Some(r) }
+}
+
+/// kube's OptimisticPut: if the key's mod_revision is still `rev`, write; else read it back.
+/// Returns the new (value, mod_revision) on success, or the current ones.
+async fn optimistic_put(c: &mut Kv, k: Bytes, rev: i64, value: i64) -> (bool, i64, i64) {
+    let r = c
+        .txn(pb::TxnRequest {
+            compare: vec![pb::Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Mod as i32,
+                key: k.clone(),
+                target_union: Some(TargetUnion::ModRevision(rev)),
+                ..Default::default()
+            }],
+            success: vec![op(Request::RequestPut(pb::PutRequest {
+                key: k.clone(),
+                value: Bytes::from(value.to_string()),
+                ..Default::default()
+            }))],
+            failure: vec![op(Request::RequestRange(pb::RangeRequest {
+                key: k,
+                ..Default::default()
+            }))],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    if r.succeeded {
+        return (true, value, r.header.unwrap().revision);
+    }
+    let Some(Response::ResponseRange(rr)) = &r.responses[0].response else {
+        panic!("else branch reads the key");
+    };
+    let kv = &rr.kvs[0];
+    let v = String::from_utf8(kv.value.to_vec())
+        .unwrap()
+        .parse()
+        .unwrap();
+    (false, v, kv.mod_revision)
+}
+
+/// A paginated list of the prefix, 3 per page, all at the first page's revision; restarts if
+/// a compaction overtakes it (kube's "continue token expired"). Checks it against one Range
+/// at the same revision.
+async fn paginated_list(c: &mut Kv) -> usize {
+    'again: loop {
+        let mut rev = 0;
+        let mut from = Bytes::from(PREFIX);
+        let mut items = Vec::new();
+        let mut count = None;
+        loop {
+            let page = c
+                .range(pb::RangeRequest {
+                    key: from.clone(),
+                    range_end: Bytes::from("/registry/pods/default0"),
+                    limit: 3,
+                    revision: rev,
+                    ..Default::default()
+                })
+                .await;
+            let page = match page {
+                Ok(p) => p.into_inner(),
+                Err(e) if e.message().contains("compacted") => continue 'again,
+                Err(e) => panic!("{e}"),
+            };
+            if rev == 0 {
+                rev = page.header.unwrap().revision;
+                count = Some(page.count);
+            }
+            items.extend(page.kvs.iter().cloned());
+            if !page.more {
+                break;
+            }
+            let mut next = page.kvs.last().unwrap().key.to_vec();
+            next.push(0);
+            from = Bytes::from(next);
+        }
+        let whole = match c
+            .range(pb::RangeRequest {
+                key: Bytes::from(PREFIX),
+                range_end: Bytes::from("/registry/pods/default0"),
+                revision: rev,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(w) => w.into_inner(),
+            Err(e) if e.message().contains("compacted") => continue 'again,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            items, whole.kvs,
+            "a paginated list at {rev} equals one range"
+        );
+        assert_eq!(count, Some(whole.count));
+        return items.len();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_style_traffic_against_a_model() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
+    let url = k.url();
+    let mut c = kv(&url);
+    let mut start = 0;
+    for i in 0..OBJECTS {
+        let r = c
+            .put(pb::PutRequest {
+                key: key(i),
+                value: Bytes::from("0"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        start = r.into_inner().header.unwrap().revision;
+    }
+    // The watch cache: from start+1, with prev_kv and progress notify.
+    let (wtx, wrx) = mpsc::channel(16);
+    let mut wc = pb::watch_client::WatchClient::new(channel(&url).await);
+    wtx.send(pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key: Bytes::from(PREFIX),
+                range_end: Bytes::from("/registry/pods/default0"),
+                start_revision: start + 1,
+                prev_kv: true,
+                progress_notify: true,
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let mut events = wc
+        .watch(ReceiverStream::new(wrx))
+        .await
+        .unwrap()
+        .into_inner();
+    let updates = Arc::new(std::sync::Mutex::new(vec![0i64; OBJECTS]));
+    let mut tasks = Vec::new();
+    for u in 0..4u64 {
+        let (url, updates) = (url.clone(), updates.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = kv(&url);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(u);
+            for _ in 0..60 {
+                let i = rng.gen_range(0..OBJECTS);
+                let got = c
+                    .range(pb::RangeRequest {
+                        key: key(i),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let kv = &got.kvs[0];
+                let (mut v, mut rev) = (
+                    String::from_utf8(kv.value.to_vec())
+                        .unwrap()
+                        .parse::<i64>()
+                        .unwrap(),
+                    kv.mod_revision,
+                );
+                loop {
+                    let (ok, nv, nrev) = optimistic_put(&mut c, key(i), rev, v + 1).await;
+                    if ok {
+                        updates.lock().unwrap()[i] += 1;
+                        break;
+                    }
+                    (v, rev) = (nv, nrev);
+                }
+            }
+        }));
+    }
+    // Lists, and the compaction loop, while updates run.
+    let lister = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut c = kv(&url);
+            for _ in 0..30 {
+                assert_eq!(paginated_list(&mut c).await, OBJECTS);
+            }
+        })
+    };
+    let compactor = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut c = kv(&url);
+            let (mut version, mut last) = (0i64, 0i64);
+            for _ in 0..8 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let cur = c
+                    .range(pb::RangeRequest {
+                        key: Bytes::from("compact_rev_key"),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .header
+                    .unwrap()
+                    .revision;
+                let r = c
+                    .txn(pb::TxnRequest {
+                        compare: vec![pb::Compare {
+                            result: CompareResult::Equal as i32,
+                            target: CompareTarget::Version as i32,
+                            key: Bytes::from("compact_rev_key"),
+                            target_union: Some(TargetUnion::Version(version)),
+                            ..Default::default()
+                        }],
+                        success: vec![op(Request::RequestPut(pb::PutRequest {
+                            key: Bytes::from("compact_rev_key"),
+                            value: Bytes::from(cur.to_string()),
+                            ..Default::default()
+                        }))],
+                        failure: vec![],
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(r.succeeded, "only this loop writes compact_rev_key");
+                version += 1;
+                if last > 0 {
+                    c.compact(pb::CompactionRequest {
+                        revision: last,
+                        physical: false,
+                    })
+                    .await
+                    .unwrap();
+                }
+                last = cur;
+            }
+        })
+    };
+    for t in tasks {
+        t.await.unwrap();
+    }
+    lister.await.unwrap();
+    compactor.await.unwrap();
+    let totals = updates.lock().unwrap().clone();
+    assert_eq!(totals.iter().sum::<i64>(), 240);
+    // The store: each object's value is the number of its successful updates.
+    for (i, n) in totals.iter().enumerate() {
+        let got = c
+            .range(pb::RangeRequest {
+                key: key(i),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.kvs[0].value, n.to_string().as_bytes(), "object {i}");
+    }
+    // The watcher: every update of every object once, in order, with its previous value;
+    // progress vouches for what came before it.
+    let mut seen = vec![0i64; OBJECTS];
+    let mut last_rev = start;
+    let mut progress_asked = false;
+    loop {
+        let r = match tokio::time::timeout(Duration::from_secs(5), events.message()).await {
+            Ok(r) => r.unwrap().unwrap(),
+            Err(_) => panic!("watch stalled: seen {seen:?} of {totals:?}"),
+        };
+        if r.watch_id == -1 {
+            assert_eq!(seen, totals, "progress came before events it covers");
+            assert!(r.header.unwrap().revision >= last_rev);
+            break;
+        }
+        for e in &r.events {
+            let kv = e.kv.as_ref().unwrap();
+            assert!(kv.mod_revision > last_rev, "in order, once");
+            last_rev = kv.mod_revision;
+            let i: usize = std::str::from_utf8(&kv.key[PREFIX.len() + 1..])
+                .unwrap()
+                .parse()
+                .unwrap();
+            let v: i64 = std::str::from_utf8(&kv.value).unwrap().parse().unwrap();
+            assert_eq!(v, seen[i] + 1, "object {i}: every update once, in order");
+            // prev_kv may be gone if the compaction loop overtook the event (as in etcd).
+            if let Some(p) = &e.prev_kv {
+                let prev: i64 = std::str::from_utf8(&p.value).unwrap().parse().unwrap();
+                assert_eq!(prev, seen[i], "object {i}'s previous value");
+            }
+            seen[i] = v;
+        }
+        if seen == totals && !progress_asked {
+            progress_asked = true;
+            wtx.send(pb::WatchRequest {
+                request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
+                    pb::WatchProgressRequest {},
+                )),
+            })
+            .await
+            .unwrap();
+        }
+    }
+}
