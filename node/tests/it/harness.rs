@@ -158,6 +158,7 @@ impl Keel {
 
     /// Waits up to `limit` for keel to exit by itself; its status, or None if still running.
     #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    #[allow(dead_code)] // the failpoints binary's
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
@@ -172,6 +173,7 @@ impl Keel {
 
     /// Drops the extra environment (fail points) for the next restart.
     #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    #[allow(dead_code)] // the failpoints binary's
     pub fn clear_env(&mut self) {
         self.env.clear();
     }

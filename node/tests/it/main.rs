@@ -10,8 +10,6 @@ mod config;
 mod crash;
 mod errors;
 mod etcdctl;
-#[cfg(feature = "failpoints")]
-mod fatal;
 mod kube;
 mod lease;
 mod range_stream;

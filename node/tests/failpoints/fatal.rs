@@ -31,11 +31,13 @@ fn panics_and_exits(failpoint: &str, args: &[&str], thread: &str) {
 
 #[test]
 fn a_panic_on_the_raft_core_stops_the_process() {
+    let _serial = crate::serial();
     panics_and_exits("raft-apply", &["put", "a", "1"], "keel-raft");
 }
 
 #[test]
 fn a_panic_on_a_net_core_stops_the_process() {
+    let _serial = crate::serial();
     panics_and_exits("backend-range", &["get", "a"], "keel-net-0");
 }
 
@@ -131,12 +133,14 @@ fn crash_at(site: &str, after: u32, extra: &[&str]) {
 
 #[test]
 fn crash_before_and_after_a_wal_write() {
+    let _serial = crate::serial();
     crash_at("wal-before-write", 200, &[]);
     crash_at("wal-after-write", 200, &[]);
 }
 
 #[test]
 fn crash_around_a_backend_commit_and_its_meta_flip() {
+    let _serial = crate::serial();
     crash_at("backend-before-commit", 3, &[]);
     crash_at("backend-before-meta", 3, &[]);
     crash_at("backend-after-commit", 3, &[]);
@@ -144,6 +148,7 @@ fn crash_around_a_backend_commit_and_its_meta_flip() {
 
 #[test]
 fn crash_while_releasing_wal_segments() {
+    let _serial = crate::serial();
     let small = [
         "--snapshot-count",
         "200",
@@ -157,6 +162,7 @@ fn crash_while_releasing_wal_segments() {
 
 #[test]
 fn crash_during_compaction_and_defragmentation() {
+    let _serial = crate::serial();
     crash_at("compaction-chunk", 0, &[]);
     crash_at("defrag-copy", 0, &[]);
     crash_at("defrag-switch", 0, &[]);
