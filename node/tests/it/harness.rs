@@ -242,6 +242,30 @@ pub fn kv(url: &str) -> pb::kv_client::KvClient<tonic::transport::Channel> {
     pb::kv_client::KvClient::new(ch).max_decoding_message_size(usize::MAX)
 }
 
+/// One txn that puts every (key, value), in order.
+pub async fn txn_put(
+    c: &mut pb::kv_client::KvClient<tonic::transport::Channel>,
+    kvs: impl IntoIterator<Item = (bytes::Bytes, bytes::Bytes)>,
+) -> pb::TxnResponse {
+    let success = kvs
+        .into_iter()
+        .map(|(key, value)| pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                key,
+                value,
+                ..Default::default()
+            })),
+        })
+        .collect();
+    c.txn(pb::TxnRequest {
+        success,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 /// A real etcd (Debian's 3.4) on free loopback ports, for side-by-side checks. scripts/setup.sh
 /// installs it: a machine without it fails the tests that use it rather than skip them.
 pub struct LiveEtcd {

@@ -30,6 +30,18 @@ fn op(r: Request) -> pb::RequestOp {
     pb::RequestOp { request: Some(r) }
 }
 
+async fn get(c: &mut Kv, i: usize) -> keel_proto::mvccpb::KeyValue {
+    let r = c
+        .range(pb::RangeRequest {
+            key: key(i),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.kvs.into_iter().next().expect("the object exists")
+}
+
 /// kube's OptimisticPut: if the key's mod_revision is still `rev`, write; else read it back.
 /// Returns the new (value, mod_revision) on success, or the current ones.
 async fn optimistic_put(c: &mut Kv, k: Bytes, rev: i64, value: i64) -> (bool, i64, i64) {
@@ -177,15 +189,7 @@ async fn kubernetes_style_traffic_against_a_model() {
             let mut rng = rand::rngs::StdRng::seed_from_u64(u);
             for _ in 0..60 {
                 let i = rng.gen_range(0..OBJECTS);
-                let got = c
-                    .range(pb::RangeRequest {
-                        key: key(i),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                let kv = &got.kvs[0];
+                let kv = get(&mut c, i).await;
                 let (mut v, mut rev) = (
                     String::from_utf8(kv.value.to_vec())
                         .unwrap()
@@ -274,15 +278,11 @@ async fn kubernetes_style_traffic_against_a_model() {
     assert_eq!(totals.iter().sum::<i64>(), 240);
     // The store: each object's value is the number of its successful updates.
     for (i, n) in totals.iter().enumerate() {
-        let got = c
-            .range(pb::RangeRequest {
-                key: key(i),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(got.kvs[0].value, n.to_string().as_bytes(), "object {i}");
+        assert_eq!(
+            get(&mut c, i).await.value,
+            n.to_string().as_bytes(),
+            "object {i}"
+        );
     }
     // The watcher: every update of every object once, in order, with its previous value;
     // progress vouches for what came before it.

@@ -4,30 +4,19 @@
 
 use bytes::Bytes;
 use keel_proto::pb;
-use keel_proto::pb::request_op::Request;
 
-use crate::harness::{channel, kv, Keel};
+use crate::harness::{channel, kv, txn_put, Keel};
 
 type Kv = pb::kv_client::KvClient<tonic::transport::Channel>;
 
 /// Puts `n` keys `k000000`.. with values of `size` bytes, 100 per txn.
 async fn load(c: &mut Kv, n: usize, size: usize) {
     for start in (0..n).step_by(100) {
-        let ops = (start..(start + 100).min(n))
-            .map(|i| pb::RequestOp {
-                request: Some(Request::RequestPut(pb::PutRequest {
-                    key: Bytes::from(format!("k{i:06}")),
-                    value: Bytes::from(vec![b'a' + (i % 26) as u8; size + i % 7]),
-                    ..Default::default()
-                })),
-            })
-            .collect();
-        c.txn(pb::TxnRequest {
-            success: ops,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        let kvs = (start..(start + 100).min(n)).map(|i| {
+            let value = vec![b'a' + (i % 26) as u8; size + i % 7];
+            (Bytes::from(format!("k{i:06}")), Bytes::from(value))
+        });
+        txn_put(c, kvs).await;
     }
 }
 

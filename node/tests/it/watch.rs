@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-use crate::harness::{channel, etcdctl, kv, Keel, LiveEtcd};
+use crate::harness::{channel, etcdctl, kv, txn_put, Keel, LiveEtcd};
 
 type Kv = pb::kv_client::KvClient<tonic::transport::Channel>;
 
@@ -71,9 +71,11 @@ impl Session {
     /// The next response, or None after `wait` without one.
     async fn next(&mut self, wait: Duration) -> Option<pb::WatchResponse> {
         if let Some(call) = self.call.take() {
-            match tokio::time::timeout(wait, call).await {
+            // The call itself is not what `wait` times: give it time on a loaded machine.
+            let limit = wait.max(Duration::from_secs(10));
+            match tokio::time::timeout(limit, call).await {
                 Ok(rx) => self.rx = Some(rx.expect("watch call")),
-                Err(_) => panic!("the watch call was not answered in {wait:?}"),
+                Err(_) => panic!("the watch call was not answered in {limit:?}"),
             }
         }
         let rx = self.rx.as_mut().expect("set above");
@@ -167,22 +169,8 @@ async fn script(url: &str) -> Vec<Vec<String>> {
     put(&mut c, "b", "1").await;
     del(&mut c, "a", "").await;
     del(&mut c, "p", "q").await;
-    let ops = ["x1", "x2", "y"]
-        .iter()
-        .map(|k| pb::RequestOp {
-            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
-                key: Bytes::copy_from_slice(k.as_bytes()),
-                value: Bytes::from_static(b"t"),
-                ..Default::default()
-            })),
-        })
-        .collect();
-    c.txn(pb::TxnRequest {
-        success: ops,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let kvs = ["x1", "x2", "y"].map(|k| (Bytes::from(k), Bytes::from_static(b"t")));
+    txn_put(&mut c, kvs).await;
     phases.push(phase(s.settle().await));
 
     s.cancel(1).await;
@@ -595,24 +583,9 @@ async fn random_writes(
                     .collect();
                 keys.sort();
                 keys.dedup();
-                let ops = keys
-                    .iter()
-                    .map(|k| pb::RequestOp {
-                        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
-                            key: Bytes::copy_from_slice(k.as_bytes()),
-                            value: Bytes::from(format!("t{i}")),
-                            ..Default::default()
-                        })),
-                    })
-                    .collect();
-                let r = c
-                    .txn(pb::TxnRequest {
-                        success: ops,
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let value = Bytes::from(format!("t{i}"));
+                let kvs = keys.iter().map(|k| (Bytes::from(k.clone()), value.clone()));
+                let r = txn_put(c, kvs).await;
                 for k in keys {
                     live.insert(k.clone());
                     evs.push((r.header.unwrap().revision, k, Some(format!("t{i}"))));
