@@ -27,6 +27,72 @@ const NOT_YET: &[(&str, &[&str])] = &[(
     ],
 )];
 
+/// The services Keel serves and their methods: a call to another method of one of them gets
+/// grpc-go's "unknown method" text (tonic's generated routers answer it with no message).
+const SERVED: &[(&str, &[&str])] = &[
+    (
+        "etcdserverpb.KV",
+        &[
+            "Range",
+            "Put",
+            "DeleteRange",
+            "Txn",
+            "Compact",
+            "RangeStream",
+        ],
+    ),
+    ("etcdserverpb.Watch", &["Watch"]),
+    (
+        "etcdserverpb.Lease",
+        &[
+            "LeaseGrant",
+            "LeaseRevoke",
+            "LeaseKeepAlive",
+            "LeaseTimeToLive",
+            "LeaseLeases",
+        ],
+    ),
+    (
+        "etcdserverpb.Cluster",
+        &[
+            "MemberAdd",
+            "MemberRemove",
+            "MemberUpdate",
+            "MemberList",
+            "MemberPromote",
+        ],
+    ),
+    (
+        "etcdserverpb.Maintenance",
+        &[
+            "Alarm",
+            "Status",
+            "Defragment",
+            "Hash",
+            "HashKV",
+            "Snapshot",
+            "MoveLeader",
+            "Downgrade",
+        ],
+    ),
+    ("v3lockpb.Lock", &["Lock", "Unlock"]),
+    (
+        "v3electionpb.Election",
+        &["Campaign", "Proclaim", "Leader", "Observe", "Resign"],
+    ),
+    ("grpc.health.v1.Health", &["Check", "Watch"]),
+];
+
+/// Whether `path` names a method of a served service that it does not have.
+fn unknown_method_of_served(path: &str) -> bool {
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return false;
+    };
+    SERVED
+        .iter()
+        .any(|(s, methods)| *s == service && !methods.contains(&method))
+}
+
 /// The Unimplemented message for a call to `path` (`/package.Service/Method`).
 pub fn message(path: &str) -> String {
     let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
@@ -37,7 +103,7 @@ pub fn message(path: &str) -> String {
         .any(|(s, methods)| *s == service && methods.contains(&method));
     if not_yet {
         format!("keel: {service}/{method} is not implemented yet")
-    } else if NOT_YET.iter().any(|(s, _)| *s == service) {
+    } else if NOT_YET.iter().chain(SERVED).any(|(s, _)| *s == service) {
         format!("unknown method {method} for service {service}")
     } else {
         format!("unknown service {service}")
@@ -48,10 +114,25 @@ async fn answer(uri: http::Uri) -> http::Response<tonic::body::Body> {
     tonic::Status::unimplemented(message(uri.path())).into_http()
 }
 
-/// Routes every call the router does not serve to `answer`.
+async fn reject_unknown_methods(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if unknown_method_of_served(req.uri().path()) {
+        let answer: http::Response<axum::body::Body> =
+            tonic::Status::unimplemented(message(req.uri().path())).into_http();
+        return answer;
+    }
+    next.run(req).await
+}
+
+/// Routes every call the router does not serve to `answer`, and answers unknown methods of
+/// served services the same way.
 pub fn route(router: &mut axum::Router) {
     let r = std::mem::take(router);
-    *router = r.fallback(answer);
+    *router = r
+        .fallback(answer)
+        .layer(axum::middleware::from_fn(reject_unknown_methods));
 }
 
 #[cfg(test)]
@@ -73,6 +154,13 @@ mod tests {
             "unknown method Nope for service etcdserverpb.Auth"
         );
         assert_eq!(message("/foo.Bar/Baz"), "unknown service foo.Bar");
+        assert_eq!(
+            message("/etcdserverpb.Watch/Nope"),
+            "unknown method Nope for service etcdserverpb.Watch"
+        );
+        assert!(unknown_method_of_served("/etcdserverpb.KV/Nope"));
+        assert!(!unknown_method_of_served("/etcdserverpb.KV/Range"));
+        assert!(!unknown_method_of_served("/etcdserverpb.Auth/UserList"));
         assert_eq!(message("/nothing"), "malformed method name: \"/nothing\"");
     }
 }

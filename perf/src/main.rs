@@ -60,6 +60,10 @@ pub struct Args {
     /// Write an SVG plot (latency over time, latency CDF) to this file.
     #[arg(long, global = true)]
     plot: Option<std::path::PathBuf>,
+    /// Before the workload, open this many watchers on every key, each on its own
+    /// connection, that never read again (slow consumers running beside the workload).
+    #[arg(long, global = true, default_value_t = 0)]
+    slow_watchers: usize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -565,6 +569,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("connect {ep}"))?,
         );
     }
+    let _slow = streams::stalled_watchers(&eps, args.slow_watchers).await?;
     let metrics_before = scrape_all(&eps).await;
     let cpu0 = cpu_seconds();
     let (outcomes, seconds) = match &args.cmd {

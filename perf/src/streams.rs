@@ -72,6 +72,38 @@ async fn open_watchers(
     Ok(w)
 }
 
+/// `n` watchers on every key that are never read again, each on its own connection (a stream
+/// nobody reads holds its connection's flow-control window): slow consumers, for a workload
+/// to run beside. They stay until the returned value is dropped.
+pub async fn stalled_watchers(
+    eps: &[String],
+    n: usize,
+) -> anyhow::Result<Vec<(Conn, Bidi<pb::WatchRequest, pb::WatchResponse>)>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let conn = Conn::connect(&eps[i % eps.len()]).await?;
+        let mut w = conn
+            .bidi::<pb::WatchRequest, pb::WatchResponse>(WATCH)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code_name(), s.message))?;
+        w.send(&pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                pb::WatchCreateRequest {
+                    key: Bytes::from_static(b"\0"),
+                    range_end: Bytes::from_static(b"\0"),
+                    ..Default::default()
+                },
+            )),
+        })
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code_name(), s.message))?;
+        match tokio::time::timeout(Duration::from_secs(10), w.recv()).await {
+            Ok(Ok(Some(r))) if r.created => out.push((conn, w)),
+            other => anyhow::bail!("slow watcher {i} not created: {other:?}"),
+        }
+    }
+    Ok(out)
+}
+
 pub struct WatchPlan {
     pub streams: usize,
     pub watchers_per_stream: usize,

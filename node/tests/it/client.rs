@@ -168,6 +168,14 @@ async fn unserved_calls_name_themselves() {
             "/etcdserverpb.Auth/Nope",
             "unknown method Nope for service etcdserverpb.Auth",
         ),
+        (
+            "/etcdserverpb.Watch/Nope",
+            "unknown method Nope for service etcdserverpb.Watch",
+        ),
+        (
+            "/etcdserverpb.KV/Nope",
+            "unknown method Nope for service etcdserverpb.KV",
+        ),
         ("/no.Such/Call", "unknown service no.Such"),
     ] {
         let mut g = tonic::client::Grpc::new(ch.clone());
