@@ -84,6 +84,21 @@ impl NodeBackend {
         }
     }
 
+    /// Proposes a write nobody waits for, waiting up to a second for room in the queue.
+    pub fn propose_detached_wait(&self, req: WriteRequest) {
+        if let Ok(data) = self.encode(req) {
+            let (tx, _) = oneshot::channel();
+            let p = Proposal { data, tx };
+            if self
+                .proposals
+                .send_timeout(p, Duration::from_secs(1))
+                .is_err()
+            {
+                tracing::warn!("could not propose a lock give-up: the proposal queue stayed full");
+            }
+        }
+    }
+
     /// etcd's quota check at the edge: a write that would take the backend to its quota
     /// raises NOSPACE (through raft, without waiting) and is refused.
     fn check_quota(&self, req: &WriteRequest) -> Result<(), ApiError> {
@@ -105,10 +120,7 @@ impl NodeBackend {
             member_id: self.member_id,
             alarm: apply::NOSPACE,
         });
-        if let Ok(data) = self.encode(raise) {
-            let (tx, _) = oneshot::channel();
-            let _ = self.proposals.try_send(Proposal { data, tx });
-        }
+        self.propose_detached(raise);
         Err(ApiError::NoSpace)
     }
 

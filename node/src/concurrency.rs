@@ -163,8 +163,9 @@ impl NodeBackend {
         }
     }
 
-    /// Waits for every earlier key under `prefix`, then checks that `key` and its lease are
-    /// still there. A wait cut short (the caller went away) gives up the key.
+    /// Waits for every earlier key under `prefix`, then checks that `key` is still the one
+    /// queued (same create revision) and its lease has not expired. A wait cut short (the
+    /// caller went away) gives up the key.
     async fn queue(
         &self,
         prefix: &[u8],
@@ -180,7 +181,8 @@ impl NodeBackend {
         self.wait_deletes(prefix, my_rev - 1).await?;
         give_up.armed = false;
         let r = self.get_now(&get(key))?;
-        if r.kvs.is_empty() || !self.leases.exists(lease) {
+        let ours = r.kvs.first().is_some_and(|kv| kv.create_revision == my_rev);
+        if !ours || !self.leases.alive(lease) {
             return Err(ApiError::Internal(SESSION_EXPIRED.into()));
         }
         Ok(r.header.unwrap_or_default())
@@ -370,11 +372,13 @@ struct GiveUp<'a> {
 impl Drop for GiveUp<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.backend
-                .propose_detached(WriteRequest::DeleteRange(pb::DeleteRangeRequest {
-                    key: self.key.clone(),
-                    ..Default::default()
-                }));
+            // Waits for room in the proposal queue (the raft core drains it constantly): a
+            // dropped give-up would leave a key that blocks the lock for its lease's life.
+            let delete = WriteRequest::DeleteRange(pb::DeleteRangeRequest {
+                key: self.key.clone(),
+                ..Default::default()
+            });
+            self.backend.propose_detached_wait(delete);
         }
     }
 }
@@ -401,7 +405,12 @@ pub fn observe(ctx: Arc<WatchContext>, r: epb::LeaderRequest) -> keel_net::Obser
                 None => {
                     let from = first.header.map_or(0, |h| h.revision);
                     let span = prefix_end(&prefix);
-                    match next_put(&ctx, &mut ring, KeyRange::Span(&prefix, &span), from).await {
+                    let first_put = tokio::select! {
+                        r = next_put(&ctx, &mut ring, KeyRange::Span(&prefix, &span), from) => r,
+                        // The observer went away while nobody campaigned.
+                        _ = tx.closed() => return,
+                    };
+                    match first_put {
                         Ok(kv) => (kv.mod_revision, kv),
                         Err(e) => {
                             let _ = tx.send(Err(e)).await;

@@ -36,8 +36,11 @@ const SUFFIX_MASK: u64 = (1 << 48) - 1;
 pub struct Lease {
     /// The granted TTL, seconds.
     pub ttl: i64,
-    /// When it expires, in µs on the lessor's clock.
+    /// When it expires, in µs on the lessor's clock. Once passed, the lease cannot be renewed:
+    /// its revocation is under way.
     deadline_us: AtomicI64,
+    /// When its revocation may be proposed again (0: not proposed yet).
+    retry_us: AtomicI64,
     keys: Mutex<BTreeSet<Bytes>>,
 }
 
@@ -103,6 +106,12 @@ impl Leases {
         self.map.contains_key(&id)
     }
 
+    /// Exists and has not expired (an expired lease is only waiting for its revocation).
+    pub fn alive(&self, id: i64) -> bool {
+        self.get(id)
+            .is_some_and(|l| l.deadline_us.load(Ordering::Acquire) > self.now_us())
+    }
+
     /// A keep-alive: the lease's TTL, or 0 if it does not exist or has already expired (its
     /// revocation is under way), as etcd answers.
     pub fn renew(&self, id: i64) -> i64 {
@@ -134,15 +143,17 @@ impl Leases {
         all.into_iter().map(|(_, id)| id).collect()
     }
 
-    /// Expired leases to revoke now (at most `REVOKES_PER_SCAN`); each is held off for
-    /// `REVOKE_RETRY` in case its revocation is lost.
+    /// Expired leases to revoke now (at most `REVOKES_PER_SCAN`); each is proposed again after
+    /// `REVOKE_RETRY` in case its revocation is lost. Their deadlines stay passed, so no
+    /// keep-alive can bring them back meanwhile (etcd answers those "not found").
     pub fn take_expired(&self) -> Vec<i64> {
         let now = self.now_us();
         let mut out = Vec::new();
         for e in self.map.iter() {
             let l = e.value();
-            if l.deadline_us.load(Ordering::Acquire) <= now {
-                l.deadline_us
+            let expired = l.deadline_us.load(Ordering::Acquire) <= now;
+            if expired && l.retry_us.load(Ordering::Acquire) <= now {
+                l.retry_us
                     .store(now + REVOKE_RETRY.as_micros() as i64, Ordering::Release);
                 out.push(*e.key());
                 if out.len() == REVOKES_PER_SCAN {
@@ -185,6 +196,7 @@ impl LeaseBook {
                 Arc::new(Lease {
                     ttl: rec.ttl,
                     deadline_us: AtomicI64::new(now + ttl * 1_000_000 + extend.as_micros() as i64),
+                    retry_us: AtomicI64::new(0),
                     keys: Mutex::new(BTreeSet::new()),
                 }),
             );
@@ -221,6 +233,7 @@ impl LeaseBook {
             Arc::new(Lease {
                 ttl,
                 deadline_us: AtomicI64::new(deadline),
+                retry_us: AtomicI64::new(0),
                 keys: Mutex::new(BTreeSet::new()),
             }),
         );
@@ -301,6 +314,7 @@ mod tests {
                 Arc::new(Lease {
                     ttl: 5,
                     deadline_us: AtomicI64::new(deadline),
+                    retry_us: AtomicI64::new(0),
                     keys: Mutex::new(BTreeSet::new()),
                 }),
             );
@@ -320,5 +334,8 @@ mod tests {
             l.take_expired().is_empty(),
             "held off while its revocation runs"
         );
+        assert_eq!(l.renew(2), 0, "a keep-alive cannot bring it back meanwhile");
+        assert_eq!(l.remaining(2).unwrap().1, 0);
+        assert!(!l.alive(2) && l.alive(1));
     }
 }

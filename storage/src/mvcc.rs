@@ -695,7 +695,8 @@ impl Mvcc {
     /// events are made of (a tombstone's key-value holds only the key and its mod revision,
     /// as etcd's delete events). Stops at the end of the revision where `max` changes are
     /// reached (one revision's changes are never split): returns the changes and the last
-    /// revision they cover. Memory stays within about twice `max` changes however many match.
+    /// revision they cover. Memory stays within about twice `max` changes (or twice the
+    /// largest revision) however many match.
     pub fn changes(
         &self,
         range: KeyRange<'_>,
@@ -709,6 +710,7 @@ impl Mvcc {
         }
         let mut bound = to;
         let mut found = Vec::new();
+        let mut cut_at = max.saturating_mul(2);
         // Keeps the changes of the first `max` (plus the rest of the last revision) and lowers
         // `bound` to the last revision kept.
         let cut = |found: &mut Vec<Entry<'_, KeyRev, Version>>, bound: &mut i64| {
@@ -739,9 +741,13 @@ impl Mvcc {
                 }
                 e = v.next();
                 found.push(v);
-            }
-            if found.len() > max.saturating_mul(2) {
-                cut(&mut found, &mut bound);
+                // Cut when twice what was kept at the last cut: amortised, even when one
+                // revision holds more than `max` changes (a big delete) and cuts cannot
+                // shrink below it, or one key has a long history.
+                if found.len() > cut_at {
+                    cut(&mut found, &mut bound);
+                    cut_at = found.len().max(max).saturating_mul(2);
+                }
             }
             if let KeyRange::Single(_) = range {
                 break;
@@ -1359,5 +1365,36 @@ mod tests {
         let (after, _) = m.changes(all, cur / 2 + 1, cur, usize::MAX).unwrap();
         let want = log.iter().filter(|e| e.0 > cur / 2).count();
         assert_eq!(after.len(), want);
+    }
+
+    #[test]
+    fn changes_keep_a_revision_larger_than_the_limit_whole() {
+        let m = Mvcc::new();
+        for i in 0..3000 {
+            put(&m, &format!("b{i:04}"), "v");
+        }
+        put(&m, "a", "before");
+        del(&m, "b", "c"); // one revision, 3000 deletes
+        let del_rev = m.current_rev();
+        put(&m, "c", "after");
+        let all = KeyRange::Span(b"", b"");
+        let (got, last) = m.changes(all, del_rev - 1, m.current_rev(), 10).unwrap();
+        assert_eq!(last, del_rev, "cut after the big revision, not inside it");
+        assert_eq!(got.len(), 3001);
+        assert_eq!(got[0].1.key, &b"a"[..]);
+        assert!(got[1..]
+            .iter()
+            .all(|(kr, kv)| kr.main == del_rev && kv.version == 0));
+        let subs: Vec<i64> = got[1..].iter().map(|(kr, _)| kr.sub).collect();
+        assert_eq!(subs, (0..3000).collect::<Vec<i64>>());
+        // One key's long history is cut too, at whole revisions.
+        for i in 0..500 {
+            put(&m, "hot", &i.to_string());
+        }
+        let first = m.current_rev() - 499;
+        let (got, last) = m
+            .changes(KeyRange::Single(b"hot"), first, m.current_rev(), 100)
+            .unwrap();
+        assert_eq!((got.len() as i64, last), (100, first + 99));
     }
 }
