@@ -74,15 +74,22 @@ impl<B: Backend> pb::kv_server::Kv for KvService<B> {
         let r = req.into_inner();
         check_size(&r, self.backend.limits())?;
         validate::check_range(&r)?;
-        // As etcd 3.7: a sorted range cannot stream (use Range).
-        let natural = matches!(
-            SortOrder::try_from(r.sort_order),
-            Ok(SortOrder::None | SortOrder::Ascend)
-        ) && r.sort_target == SortTarget::Key as i32;
+        // etcd 3.7's checkRangeStreamRequest: only key order streams (NONE, whatever the
+        // target, or ASCEND by key), and no revision filters; clients fall back to Range.
+        let order = r.sort_order;
+        let natural = order == SortOrder::None as i32
+            || (order == SortOrder::Ascend as i32 && r.sort_target == SortTarget::Key as i32);
         if !natural {
-            return Err(Status::unimplemented(
-                "etcdserver: RangeStream does not support sorting; use Range",
-            ));
+            let msg = "RangeStream does not support custom sort orders";
+            return Err(Status::unimplemented(msg));
+        }
+        let filtered = r.min_mod_revision != 0
+            || r.max_mod_revision != 0
+            || r.min_create_revision != 0
+            || r.max_create_revision != 0;
+        if filtered {
+            let msg = "RangeStream does not support revision filters";
+            return Err(Status::unimplemented(msg));
         }
         let chunks = self
             .backend

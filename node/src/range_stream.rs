@@ -51,12 +51,6 @@ async fn stream(
     let now = ctx.mvcc.current_rev();
     let rev = if r.revision > 0 { r.revision } else { now };
     let limit = r.limit.max(0) as usize;
-    let filtered = |kv: &keel_proto::mvccpb::KeyValue| {
-        !(r.max_mod_revision != 0 && kv.mod_revision > r.max_mod_revision
-            || r.min_mod_revision != 0 && kv.mod_revision < r.min_mod_revision
-            || r.max_create_revision != 0 && kv.create_revision > r.max_create_revision
-            || r.min_create_revision != 0 && kv.create_revision < r.min_create_revision)
-    };
     let mut cursor = r.key.clone();
     let mut keys = FIRST_CHUNK_KEYS;
     let mut count = None;
@@ -83,7 +77,8 @@ async fn stream(
         }
         let last = resp.kvs.last().map(|kv| kv.key.clone());
         let rest = resp.more && !r.range_end.is_empty();
-        let mut kvs: Vec<_> = resp.kvs.into_iter().filter(|kv| filtered(kv)).collect();
+        // (Revision filters and sorting are refused before a stream starts, as etcd's.)
+        let mut kvs = resp.kvs;
         let mut more = false;
         if limit > 0 && sent + kvs.len() > limit {
             kvs.truncate(limit - sent);
