@@ -176,6 +176,7 @@ impl NodeBackend {
         let mut give_up = GiveUp {
             backend: self,
             key: key.clone(),
+            rev: my_rev,
             armed: true,
         };
         self.wait_deletes(prefix, my_rev - 1).await?;
@@ -366,6 +367,9 @@ impl NodeBackend {
 struct GiveUp<'a> {
     backend: &'a NodeBackend,
     key: Bytes,
+    /// The key's create revision: only that incarnation of it is deleted (as etcd's Resign
+    /// compares), never one a later call of the same lease queued again.
+    rev: i64,
     armed: bool,
 }
 
@@ -374,9 +378,13 @@ impl Drop for GiveUp<'_> {
         if self.armed {
             // Waits for room in the proposal queue (the raft core drains it constantly): a
             // dropped give-up would leave a key that blocks the lock for its lease's life.
-            let delete = WriteRequest::DeleteRange(pb::DeleteRangeRequest {
-                key: self.key.clone(),
-                ..Default::default()
+            let delete = WriteRequest::Txn(pb::TxnRequest {
+                compare: vec![create_rev_is(&self.key, self.rev)],
+                success: vec![op(Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                    key: self.key.clone(),
+                    ..Default::default()
+                }))],
+                failure: vec![],
             });
             self.backend.propose_detached_wait(delete);
         }

@@ -122,6 +122,29 @@ async fn lock_service_through_the_etcd_client_crate() {
         r.is_err(),
         "a lock whose lease expired is never held: {r:?}"
     );
+    // A waiter whose client gives up (its call is cancelled) leaves no key in the queue.
+    let l4 = c.lease_grant(30, None).await.unwrap().id();
+    let blocker = c
+        .lock("gate", Some(LockOptions::new().with_lease(l1)))
+        .await
+        .unwrap();
+    let mut c4 = c.clone();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        c4.lock("gate", Some(LockOptions::new().with_lease(l4))),
+    )
+    .await;
+    assert!(gave_up.is_err(), "it waits behind the holder");
+    let queued = format!("gate/{l4:x}");
+    let started = Instant::now();
+    while !c.get(queued.clone(), None).await.unwrap().kvs().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the waiter's key stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.unlock(blocker.key()).await.unwrap();
     // A third contender with a live lease gets it at once.
     let l3 = c.lease_grant(30, None).await.unwrap().id();
     let r = tokio::time::timeout(
