@@ -83,11 +83,7 @@ impl<B: Backend> pb::kv_server::Kv for KvService<B> {
             let msg = "RangeStream does not support custom sort orders";
             return Err(Status::unimplemented(msg));
         }
-        let filtered = r.min_mod_revision != 0
-            || r.max_mod_revision != 0
-            || r.min_create_revision != 0
-            || r.max_create_revision != 0;
-        if filtered {
+        if validate::has_revision_filters(&r) {
             let msg = "RangeStream does not support revision filters";
             return Err(Status::unimplemented(msg));
         }

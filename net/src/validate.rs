@@ -9,6 +9,14 @@ use keel_proto::pb::request_op::Request;
 
 use crate::error::ApiError;
 
+/// Whether a range asks for any of the min/max mod/create revision filters.
+pub fn has_revision_filters(r: &pb::RangeRequest) -> bool {
+    r.min_mod_revision != 0
+        || r.max_mod_revision != 0
+        || r.min_create_revision != 0
+        || r.max_create_revision != 0
+}
+
 pub fn check_range(r: &pb::RangeRequest) -> Result<(), ApiError> {
     if r.key.is_empty() {
         return Err(ApiError::EmptyKey);

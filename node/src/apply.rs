@@ -204,10 +204,7 @@ fn delete_range(
 pub fn range(view: &impl ReadView, r: &pb::RangeRequest) -> Result<pb::RangeResponse, ApiError> {
     let sort_order = SortOrder::try_from(r.sort_order).unwrap_or(SortOrder::None);
     let sort_target = SortTarget::try_from(r.sort_target).unwrap_or(SortTarget::Key);
-    let filtered = r.min_mod_revision != 0
-        || r.max_mod_revision != 0
-        || r.min_create_revision != 0
-        || r.max_create_revision != 0;
+    let filtered = keel_net::validate::has_revision_filters(r);
     let mut limit = r.limit;
     if sort_order != SortOrder::None || filtered {
         limit = 0;

@@ -46,7 +46,6 @@ pub struct NodeBackend {
     pub status: Arc<RaftStatus>,
     pub proposals: Sender<Proposal>,
     pub member_id: u64,
-    pub cluster_id: u64,
     pub cfg: Arc<Config>,
     pub store: StoreHandle,
 }
@@ -76,27 +75,16 @@ impl NodeBackend {
         Ok(data)
     }
 
-    /// Proposes a write nobody waits for (fire and forget; dropped if the queue is full).
-    pub fn propose_detached(&self, req: WriteRequest) {
-        if let Ok(data) = self.encode(req) {
-            let (tx, _) = oneshot::channel();
-            let _ = self.proposals.try_send(Proposal { data, tx });
-        }
-    }
-
-    /// Proposes a write nobody waits for, waiting up to a second for room in the queue.
-    pub fn propose_detached_wait(&self, req: WriteRequest) {
-        if let Ok(data) = self.encode(req) {
-            let (tx, _) = oneshot::channel();
-            let p = Proposal { data, tx };
-            if self
-                .proposals
-                .send_timeout(p, Duration::from_secs(1))
-                .is_err()
-            {
-                tracing::warn!("could not propose a lock give-up: the proposal queue stayed full");
-            }
-        }
+    /// Proposes a write nobody waits for, waiting up to `wait` for room in the proposal
+    /// queue (zero: only if there is room now); whether it went in.
+    pub fn propose_detached(&self, req: WriteRequest, wait: Duration) -> bool {
+        let Ok(data) = self.encode(req) else {
+            return false;
+        };
+        let (tx, _) = oneshot::channel();
+        self.proposals
+            .send_timeout(Proposal { data, tx }, wait)
+            .is_ok()
     }
 
     /// etcd's quota check at the edge: a write that would take the backend to its quota
@@ -120,7 +108,7 @@ impl NodeBackend {
             member_id: self.member_id,
             alarm: apply::NOSPACE,
         });
-        self.propose_detached(raise);
+        self.propose_detached(raise, Duration::ZERO);
         Err(ApiError::NoSpace)
     }
 
@@ -151,16 +139,12 @@ impl Backend for NodeBackend {
     }
 
     fn header(&self, revision: i64) -> pb::ResponseHeader {
-        pb::ResponseHeader {
-            cluster_id: self.cluster_id,
-            member_id: self.member_id,
-            revision: if revision == 0 {
-                self.mvcc.current_rev()
-            } else {
-                revision
-            },
-            raft_term: self.status.term.load(Ordering::Acquire),
-        }
+        let revision = if revision == 0 {
+            self.mvcc.current_rev()
+        } else {
+            revision
+        };
+        self.watch.header(revision)
     }
 
     fn range(

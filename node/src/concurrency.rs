@@ -7,6 +7,7 @@
 //! election is reported only if its key still exists *and* its lease is still alive.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use keel_net::{ApiError, Backend, WriteRequest, WriteResponse};
@@ -18,7 +19,7 @@ use keel_proto::pb::request_op::Request;
 use keel_proto::pb::response_op::Response;
 use keel_proto::{v3electionpb as epb, v3lockpb as lpb};
 use keel_storage::mvcc::KeyRange;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::backend::NodeBackend;
 use crate::watch::WatchContext;
@@ -126,28 +127,11 @@ impl NodeBackend {
     }
 
     /// Waits until `key` is deleted at or after revision `from`.
-    async fn wait_delete(&self, key: &[u8], mut from: i64) -> Result<(), ApiError> {
+    async fn wait_delete(&self, key: &[u8], from: i64) -> Result<(), ApiError> {
         let mut ring = self.watch.hub.subscribe();
-        loop {
-            let now = self.mvcc.current_rev();
-            while from <= now {
-                let (changes, last) = self
-                    .mvcc
-                    .changes(KeyRange::Single(key), from, now, 1000)
-                    .map_err(crate::apply::storage_err)?;
-                if changes.iter().any(|(_, kv)| kv.version == 0) {
-                    return Ok(());
-                }
-                from = last + 1;
-            }
-            // Anything committed from here on wakes us; then the store is read again.
-            match ring.recv().await {
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    return Err(ApiError::Stopped)
-                }
-            }
-        }
+        let deleted = |kv: &KeyValue| kv.version == 0;
+        first_change(&self.watch, &mut ring, KeyRange::Single(key), from, deleted).await?;
+        Ok(())
     }
 
     /// etcd's waitDeletes: until no key under `prefix` has a create revision at or below
@@ -386,7 +370,12 @@ impl Drop for GiveUp<'_> {
                 }))],
                 failure: vec![],
             });
-            self.backend.propose_detached_wait(delete);
+            if !self
+                .backend
+                .propose_detached(delete, Duration::from_secs(1))
+            {
+                tracing::warn!("could not propose a lock give-up: the proposal queue stayed full");
+            }
         }
     }
 }
@@ -413,8 +402,9 @@ pub fn observe(ctx: Arc<WatchContext>, r: epb::LeaderRequest) -> keel_net::Obser
                 None => {
                     let from = first.header.map_or(0, |h| h.revision);
                     let span = prefix_end(&prefix);
+                    let put = |kv: &KeyValue| kv.version != 0;
                     let first_put = tokio::select! {
-                        r = next_put(&ctx, &mut ring, KeyRange::Span(&prefix, &span), from) => r,
+                        r = first_change(&ctx, &mut ring, KeyRange::Span(&prefix, &span), from, put) => r,
                         // The observer went away while nobody campaigned.
                         _ = tx.closed() => return,
                     };
@@ -468,7 +458,7 @@ pub fn observe(ctx: Arc<WatchContext>, r: epb::LeaderRequest) -> keel_net::Obser
                 }
                 tokio::select! {
                     m = ring.recv() => {
-                        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = m {
+                        if let Err(broadcast::error::RecvError::Closed) = m {
                             return;
                         }
                     }
@@ -480,12 +470,14 @@ pub fn observe(ctx: Arc<WatchContext>, r: epb::LeaderRequest) -> keel_net::Obser
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// The first put in `range` at or after `from`.
-async fn next_put(
+/// The first change in `range` at or after revision `from` that `want` accepts: read from the
+/// store up to now, then again whenever the hub says something was committed.
+async fn first_change(
     ctx: &WatchContext,
-    ring: &mut tokio::sync::broadcast::Receiver<Arc<crate::watch::Revision>>,
+    ring: &mut broadcast::Receiver<Arc<crate::watch::Revision>>,
     range: KeyRange<'_>,
     mut from: i64,
+    want: impl Fn(&KeyValue) -> bool,
 ) -> Result<KeyValue, ApiError> {
     loop {
         let now = ctx.mvcc.current_rev();
@@ -494,12 +486,13 @@ async fn next_put(
                 .mvcc
                 .changes(range, from, now, 1000)
                 .map_err(crate::apply::storage_err)?;
-            if let Some((_, kv)) = changes.into_iter().find(|(_, kv)| kv.version != 0) {
+            if let Some((_, kv)) = changes.into_iter().find(|(_, kv)| want(kv)) {
                 return Ok(kv);
             }
             from = last + 1;
         }
-        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = ring.recv().await {
+        // A lag only means more to read from the store.
+        if let Err(broadcast::error::RecvError::Closed) = ring.recv().await {
             return Err(ApiError::Stopped);
         }
     }

@@ -45,6 +45,15 @@ pub struct Lease {
 }
 
 impl Lease {
+    fn new(ttl: i64, deadline_us: i64) -> Arc<Lease> {
+        Arc::new(Lease {
+            ttl,
+            deadline_us: AtomicI64::new(deadline_us),
+            retry_us: AtomicI64::new(0),
+            keys: Mutex::new(BTreeSet::new()),
+        })
+    }
+
     pub fn keys(&self) -> Vec<Bytes> {
         self.keys
             .lock()
@@ -87,6 +96,11 @@ impl Leases {
         self.clock.elapsed().as_micros() as i64
     }
 
+    /// `secs` from now, on the lessor's clock.
+    fn after(&self, secs: i64) -> i64 {
+        self.now_us() + secs * 1_000_000
+    }
+
     /// A new lease ID as etcd makes them: positive, unique per member and across restarts.
     pub fn generate_id(&self) -> i64 {
         loop {
@@ -120,8 +134,7 @@ impl Leases {
         if l.deadline_us.load(Ordering::Acquire) <= now {
             return 0;
         }
-        l.deadline_us
-            .store(now + l.ttl * 1_000_000, Ordering::Release);
+        l.deadline_us.store(self.after(l.ttl), Ordering::Release);
         l.ttl
     }
 
@@ -184,22 +197,14 @@ impl LeaseBook {
     /// The leases of an opened store, each given a full TTL plus `extend` from now (etcd's
     /// Promote: the new leader cannot know how long the old one had left).
     pub fn recover(shared: Arc<Leases>, store: &mut Store, extend: Duration) -> LeaseBook {
-        let now = shared.now_us();
         for (id, rec) in store.leases() {
-            let ttl = if rec.remaining_ttl > 0 {
+            let left = if rec.remaining_ttl > 0 {
                 rec.remaining_ttl
             } else {
                 rec.ttl
             };
-            shared.map.insert(
-                *id,
-                Arc::new(Lease {
-                    ttl: rec.ttl,
-                    deadline_us: AtomicI64::new(now + ttl * 1_000_000 + extend.as_micros() as i64),
-                    retry_us: AtomicI64::new(0),
-                    keys: Mutex::new(BTreeSet::new()),
-                }),
-            );
+            let deadline = shared.after(left) + extend.as_micros() as i64;
+            shared.map.insert(*id, Lease::new(rec.ttl, deadline));
         }
         let mut book = LeaseBook::new(shared);
         for (key, lease) in store.take_recovered_lease_keys() {
@@ -227,16 +232,8 @@ impl LeaseBook {
                 remaining_ttl: 0,
             },
         );
-        let deadline = self.shared.now_us() + ttl * 1_000_000;
-        self.shared.map.insert(
-            id,
-            Arc::new(Lease {
-                ttl,
-                deadline_us: AtomicI64::new(deadline),
-                retry_us: AtomicI64::new(0),
-                keys: Mutex::new(BTreeSet::new()),
-            }),
-        );
+        let deadline = self.shared.after(ttl);
+        self.shared.map.insert(id, Lease::new(ttl, deadline));
         Ok(ttl)
     }
 
@@ -309,15 +306,7 @@ mod tests {
     fn expiry_renewal_and_order() {
         let l = Leases::new(1, 100, 1000);
         let add = |id: i64, deadline: i64| {
-            l.map.insert(
-                id,
-                Arc::new(Lease {
-                    ttl: 5,
-                    deadline_us: AtomicI64::new(deadline),
-                    retry_us: AtomicI64::new(0),
-                    keys: Mutex::new(BTreeSet::new()),
-                }),
-            );
+            l.map.insert(id, Lease::new(5, deadline));
         };
         let now = l.now_us();
         add(1, now + 60_000_000);

@@ -254,8 +254,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     }
     // Recovery read the retained WAL and the backend's records through temporary buffers:
     // hand what they freed back to the OS now rather than carry it in RSS.
-    // SAFETY: mi_collect only releases memory mimalloc holds free.
-    unsafe { libmimalloc_sys::mi_collect(true) };
+    return_freed_memory();
     let meta = log.meta().clone();
     let irq_cpu = placement::disk_irq_cpu(&cfg.wal_dir);
     let (raft_cpu, net_cpus) = placement::plan(cfg.cores, irq_cpu);
@@ -334,7 +333,6 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         status,
         proposals: tx,
         member_id: meta.member_id,
-        cluster_id: meta.cluster_id,
         cfg: cfg.clone(),
         store: store_handle,
     });
@@ -416,6 +414,13 @@ fn notify_systemd() {
     }
 }
 
+/// Hands what the calling thread's heap holds free back to the OS now (mimalloc otherwise
+/// purges it only when the thread allocates again).
+pub fn return_freed_memory() {
+    // SAFETY: mi_collect only releases memory mimalloc holds free.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 /// Hands the memory this thread's heap holds free back to the OS once the core goes idle (no
 /// request for a 25 ms tick). mimalloc purges freed pages only when the thread allocates
 /// again, so the buffers of connections that went away stayed in RSS while the core idled
@@ -431,8 +436,7 @@ async fn release_freed_memory() {
         if now != last {
             (last, collected) = (now, false);
         } else if !collected {
-            // SAFETY: mi_collect only releases memory mimalloc holds free.
-            unsafe { libmimalloc_sys::mi_collect(true) };
+            return_freed_memory();
             collected = true;
         }
     }

@@ -185,8 +185,7 @@ impl RaftCore {
                 if !self.collected && self.last_proposal.elapsed() >= IDLE_COLLECT_AFTER {
                     // mimalloc purges what this thread freed only when it allocates again, so
                     // a burst's garbage would sit in RSS for as long as the node idles.
-                    // SAFETY: mi_collect only releases memory mimalloc holds free.
-                    unsafe { libmimalloc_sys::mi_collect(true) };
+                    crate::return_freed_memory();
                     self.collected = true;
                 }
                 self.node.tick();

@@ -150,6 +150,17 @@ impl Watcher {
         }
     }
 
+    /// Unsynced and not canceled by a compaction: the catch-up path owes it history.
+    fn catching_up(&self) -> bool {
+        !self.synced && !self.compacted
+    }
+
+    /// Has been sent everything at or below `delivered` and wants nothing below its start:
+    /// a progress response may vouch for it (etcd's progressIfSync).
+    fn progress_ready(&self, delivered: i64) -> bool {
+        self.synced && !self.compacted && self.start_rev <= delivered
+    }
+
     fn wants(&self, ev: &Event) -> bool {
         let Some(kv) = &ev.kv else { return false };
         let delete = ev.r#type == EventType::Delete as i32;
@@ -190,7 +201,7 @@ async fn run(
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut requests_open = true;
     loop {
-        let catching_up = s.watchers.values().any(|w| !w.synced && !w.compacted);
+        let catching_up = s.watchers.values().any(Watcher::catching_up);
         let out = s.out.clone();
         let step = tokio::select! {
             r = requests.next(), if requests_open => match r {
@@ -249,7 +260,8 @@ impl WatchStream {
                 // stream is synced and past its start revision, else not at all (the client
                 // asks again); a stream without watchers gets nothing either.
                 self.drain(ring).await?;
-                let ready = |w: &Watcher| w.synced && !w.compacted && w.start_rev <= self.delivered;
+                let delivered = self.delivered;
+                let ready = |w: &Watcher| w.progress_ready(delivered);
                 if !self.watchers.is_empty() && self.watchers.values().all(ready) {
                     self.send_progress(NO_WATCH_ID).await?;
                 }
@@ -377,7 +389,7 @@ impl WatchStream {
             .watchers
             .range(self.catch_up_from..)
             .chain(self.watchers.range(..self.catch_up_from))
-            .find(|(_, w)| !w.synced && !w.compacted)
+            .find(|(_, w)| w.catching_up())
             .map(|(id, _)| *id);
         let Some(id) = next else { return Ok(()) };
         self.catch_up_from = id + 1;
@@ -518,8 +530,7 @@ impl WatchStream {
         let mut ids = Vec::new();
         for (id, w) in self.watchers.iter_mut() {
             let quiet = !std::mem::take(&mut w.sent_since_tick);
-            let ready = w.synced && !w.compacted && w.start_rev <= delivered;
-            if w.progress_notify && quiet && ready {
+            if w.progress_notify && quiet && w.progress_ready(delivered) {
                 ids.push(*id);
             }
         }
