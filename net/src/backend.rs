@@ -96,10 +96,17 @@ pub trait Backend: Send + Sync + 'static {
     /// Serves one Watch stream (etcd's semantics live in the node's watch hub).
     fn watch(&self, requests: WatchRequests) -> WatchResponses;
 
-    /// One keep-alive of a lease (leader-local, no raft round, as etcd's).
-    fn lease_keep_alive(&self, id: i64) -> pb::LeaseKeepAliveResponse;
+    /// One keep-alive of a lease (no raft round, as etcd's: the leader renews it; a follower
+    /// forwards it to the leader).
+    fn lease_keep_alive(
+        &self,
+        id: i64,
+    ) -> impl Future<Output = Result<pb::LeaseKeepAliveResponse, ApiError>> + Send;
 
-    fn lease_time_to_live(&self, req: pb::LeaseTimeToLiveRequest) -> pb::LeaseTimeToLiveResponse;
+    fn lease_time_to_live(
+        &self,
+        req: pb::LeaseTimeToLiveRequest,
+    ) -> impl Future<Output = Result<pb::LeaseTimeToLiveResponse, ApiError>> + Send;
 
     fn lease_leases(&self) -> pb::LeaseLeasesResponse;
 

@@ -39,6 +39,8 @@ pub enum ApiError {
     Stopped,
     #[error("etcdserver: request timed out")]
     Timeout,
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
     #[error("etcdserver: member not found")]
     MemberNotFound,
     #[error("etcdserver: not capable")]
@@ -60,7 +62,7 @@ impl ApiError {
             LeaseExists => Code::FailedPrecondition,
             NoSpace | TooManyRequests | MessageTooLarge { .. } => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            NoLeader | Stopped | Timeout | NotCapable => Code::Unavailable,
+            NoLeader | Stopped | Timeout | LeaderChanged | NotCapable => Code::Unavailable,
             Internal(_) => Code::Unknown,
         }
     }

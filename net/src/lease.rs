@@ -75,7 +75,16 @@ impl<B: Backend> pb::lease_server::Lease for LeaseService<B> {
             .into_inner()
             .take_while(|r| futures::future::ready(r.is_ok()))
             .filter_map(|r| futures::future::ready(r.ok()))
-            .map(move |r| Ok(backend.lease_keep_alive(r.id)));
+            .then(move |r| {
+                let backend = backend.clone();
+                async move { backend.lease_keep_alive(r.id).await.map_err(Status::from) }
+            })
+            // An error ends the stream (etcd returns it from the handler).
+            .scan(false, |failed, r| {
+                let item = (!*failed).then_some(r);
+                *failed = item.as_ref().is_some_and(|r| r.is_err());
+                futures::future::ready(item)
+            });
         Ok(Response::new(Box::pin(answers)))
     }
 
@@ -84,7 +93,7 @@ impl<B: Backend> pb::lease_server::Lease for LeaseService<B> {
         req: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Reply<pb::LeaseTimeToLiveResponse> {
         Ok(Response::new(
-            self.backend.lease_time_to_live(req.into_inner()),
+            self.backend.lease_time_to_live(req.into_inner()).await?,
         ))
     }
 

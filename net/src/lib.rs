@@ -6,6 +6,7 @@ pub mod backend;
 pub mod concurrency;
 pub mod error;
 pub mod lease;
+pub mod peer;
 pub mod serve;
 pub mod service;
 pub mod unserved;

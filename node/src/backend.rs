@@ -40,6 +40,12 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
 const LEASE_OVERHEAD_BYTES: usize = 64;
 
 pub struct NodeBackend {
+    /// More than one voter: linearizable reads need a ReadIndex round, lease calls go to the
+    /// leader.
+    pub cluster: bool,
+    pub control: Sender<crate::raft_core::Control>,
+    pub membership: Arc<crate::cluster::Membership>,
+    pub forwarder: Arc<crate::cluster::LeaseForwarder>,
     pub mvcc: Arc<Mvcc>,
     pub watch: Arc<crate::watch::WatchContext>,
     pub leases: Arc<crate::lease::Leases>,
@@ -51,6 +57,46 @@ pub struct NodeBackend {
 }
 
 impl NodeBackend {
+    /// Waits until this member has applied everything committed now (a ReadIndex round,
+    /// shared with every read waiting at the same moment): what it then reads is
+    /// linearizable. A lone voter has nothing to wait for: every acknowledged write is
+    /// applied and published before its client hears back.
+    pub fn linearize(&self) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
+        let asked = if self.cluster {
+            let (tx, rx) = oneshot::channel();
+            match self
+                .control
+                .try_send(crate::raft_core::Control::ReadIndex(tx))
+            {
+                Ok(()) => Some(Ok(rx)),
+                Err(TrySendError::Full(_)) => Some(Err(ApiError::TooManyRequests)),
+                Err(TrySendError::Disconnected(_)) => Some(Err(ApiError::Stopped)),
+            }
+        } else {
+            None
+        };
+        async move {
+            let Some(asked) = asked else { return Ok(()) };
+            match tokio::time::timeout(WRITE_TIMEOUT, asked?).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(ApiError::Stopped),
+                Err(_) => Err(ApiError::Timeout),
+            }
+        }
+    }
+
+    /// The leader to forward a lease call to, if it is another member.
+    fn lease_leader(&self) -> Result<Option<u64>, ApiError> {
+        if !self.cluster {
+            return Ok(None);
+        }
+        match self.status.leader_id.load(Ordering::Acquire) {
+            0 => Err(ApiError::NoLeader),
+            l if l == self.member_id => Ok(None),
+            l => Ok(Some(l)),
+        }
+    }
+
     fn encode(&self, req: WriteRequest) -> Result<Vec<u8>, ApiError> {
         let mut ir = InternalRequest::default();
         match req {
@@ -151,13 +197,20 @@ impl Backend for NodeBackend {
         &self,
         req: pb::RangeRequest,
     ) -> impl std::future::Future<Output = Result<pb::RangeResponse, ApiError>> + Send {
-        // One voter: every acknowledged write is already applied and published before its
-        // client hears back, so reading the published state is linearizable. ReadIndex comes
-        // with the cluster issue.
         fail::fail_point!("backend-range");
         served_one();
-        let result = apply::range(&*self.mvcc, &req);
-        std::future::ready(result)
+        if !self.cluster || req.serializable {
+            return futures::future::Either::Left(std::future::ready(apply::range(
+                &*self.mvcc,
+                &req,
+            )));
+        }
+        let ready = self.linearize();
+        let mvcc = self.mvcc.clone();
+        futures::future::Either::Right(async move {
+            ready.await?;
+            apply::range(&*mvcc, &req)
+        })
     }
 
     fn write(
@@ -231,13 +284,7 @@ impl Backend for NodeBackend {
     }
 
     fn members(&self) -> Vec<pb::Member> {
-        vec![pb::Member {
-            id: self.member_id,
-            name: self.cfg.name.clone(),
-            peer_ur_ls: self.cfg.initial_advertise_peer_urls.clone(),
-            client_ur_ls: self.cfg.advertise_client_urls.clone(),
-            is_learner: false,
-        }]
+        self.membership.list()
     }
 
     fn alarms(&self) -> Vec<pb::AlarmMember> {
@@ -289,32 +336,70 @@ impl Backend for NodeBackend {
         crate::watch::serve(self.watch.clone(), requests)
     }
 
-    fn lease_keep_alive(&self, id: i64) -> pb::LeaseKeepAliveResponse {
+    fn lease_keep_alive(
+        &self,
+        id: i64,
+    ) -> impl std::future::Future<Output = Result<pb::LeaseKeepAliveResponse, ApiError>> + Send
+    {
         served_one();
-        pb::LeaseKeepAliveResponse {
-            header: Some(self.header(0)),
-            id,
-            ttl: self.leases.renew(id),
+        let header = Some(self.header(0));
+        let local = match self.lease_leader() {
+            Ok(None) => Ok(Some(self.leases.renew(id))),
+            Ok(Some(_)) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let leader = self.lease_leader().ok().flatten();
+        let forwarder = self.forwarder.clone();
+        async move {
+            let ttl = match local? {
+                Some(ttl) => ttl,
+                None => {
+                    let leader = leader.ok_or(ApiError::NoLeader)?;
+                    forwarder.call(leader, id, false).await?.ttl
+                }
+            };
+            Ok(pb::LeaseKeepAliveResponse { header, id, ttl })
         }
     }
 
-    fn lease_time_to_live(&self, req: pb::LeaseTimeToLiveRequest) -> pb::LeaseTimeToLiveResponse {
+    fn lease_time_to_live(
+        &self,
+        req: pb::LeaseTimeToLiveRequest,
+    ) -> impl std::future::Future<Output = Result<pb::LeaseTimeToLiveResponse, ApiError>> + Send
+    {
         let header = Some(self.header(0));
-        match self.leases.remaining(req.id) {
-            // etcd answers an unknown lease with TTL -1, not an error.
-            None => pb::LeaseTimeToLiveResponse {
-                header,
-                id: req.id,
-                ttl: -1,
-                ..Default::default()
-            },
-            Some((lease, left)) => pb::LeaseTimeToLiveResponse {
-                header,
-                id: req.id,
-                ttl: left,
-                granted_ttl: lease.ttl,
-                keys: if req.keys { lease.keys() } else { Vec::new() },
-            },
+        let leader = self.lease_leader();
+        let local = self.leases.remaining(req.id);
+        let forwarder = self.forwarder.clone();
+        async move {
+            // The keys are state-machine state (the same on every member); the time left is
+            // the leader's.
+            let (ttl, granted) = match leader? {
+                None => match &local {
+                    Some((lease, left)) => (*left, lease.ttl),
+                    None => (-1, 0),
+                },
+                Some(leader) => {
+                    let r = forwarder.call(leader, req.id, true).await?;
+                    (r.ttl, r.granted_ttl)
+                }
+            };
+            Ok(match local {
+                // etcd answers an unknown lease with TTL -1, not an error.
+                Some((lease, _)) if ttl >= 0 => pb::LeaseTimeToLiveResponse {
+                    header,
+                    id: req.id,
+                    ttl,
+                    granted_ttl: granted,
+                    keys: if req.keys { lease.keys() } else { Vec::new() },
+                },
+                _ => pb::LeaseTimeToLiveResponse {
+                    header,
+                    id: req.id,
+                    ttl: -1,
+                    ..Default::default()
+                },
+            })
         }
     }
 

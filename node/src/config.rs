@@ -158,8 +158,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub wal_dir: PathBuf,
     pub listen_client: Vec<SocketAddr>,
+    pub listen_peer: Vec<SocketAddr>,
     pub advertise_client_urls: Vec<String>,
-    pub initial_advertise_peer_urls: Vec<String>,
     /// (name, peer urls) for every initial member.
     pub initial_cluster: Vec<(String, Vec<String>)>,
     pub initial_cluster_state: String,
@@ -438,13 +438,27 @@ impl Config {
                 f.name
             );
         }
-        if initial_cluster.len() > 1 {
+        // etcd checks that this member's own entry matches what it advertises.
+        let listed: Vec<String> = initial_cluster
+            .iter()
+            .filter(|(n, _)| n == &f.name)
+            .flat_map(|(_, u)| u.iter().cloned())
+            .collect();
+        let (mut a, mut b) = (listed.clone(), peer_urls.clone());
+        a.sort();
+        b.sort();
+        if a != b {
             anyhow::bail!(
-                "--initial-cluster names {} members: multi-node clusters come with the cluster \
-                 issue; run a single member for now",
-                initial_cluster.len()
+                "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={}",
+                f.name,
+                listed.join(","),
+                peer_urls.join(",")
             );
         }
+        let listen_peer = split_urls(&f.listen_peer_urls)
+            .iter()
+            .map(|u| listen_addr(u))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         match f.initial_cluster_state.as_str() {
             "new" | "existing" => {}
             s => anyhow::bail!("invalid value {s:?} for --initial-cluster-state"),
@@ -481,8 +495,8 @@ impl Config {
             data_dir,
             wal_dir,
             listen_client,
+            listen_peer,
             advertise_client_urls: split_urls(&f.advertise_client_urls),
-            initial_advertise_peer_urls: peer_urls,
             initial_cluster,
             initial_cluster_state: f.initial_cluster_state,
             initial_cluster_token: f.initial_cluster_token,

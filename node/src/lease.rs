@@ -13,7 +13,7 @@
 //! delete learns the key's old lease without reading the store.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,8 @@ pub struct Lease {
     deadline_us: AtomicI64,
     /// When its revocation may be proposed again (0: not proposed yet).
     retry_us: AtomicI64,
+    /// The remaining TTL last checkpointed (0: none): where a new leader restarts it.
+    checkpoint: AtomicI64,
     keys: Mutex<BTreeSet<Bytes>>,
 }
 
@@ -50,6 +52,7 @@ impl Lease {
             ttl,
             deadline_us: AtomicI64::new(deadline_us),
             retry_us: AtomicI64::new(0),
+            checkpoint: AtomicI64::new(0),
             keys: Mutex::new(BTreeSet::new()),
         })
     }
@@ -74,7 +77,13 @@ pub struct Leases {
     /// 48-bit suffix started from the time (ms << 8) and counted up.
     id_prefix: u64,
     id_suffix: AtomicU64,
+    /// This member leads: deadlines run. A follower's leases never expire (etcd's demoted
+    /// lessor); they start running when it leads (`promote`).
+    primary: AtomicBool,
 }
+
+/// A deadline that never comes (a follower's).
+const FOREVER: i64 = i64::MAX;
 
 impl Leases {
     pub fn new(member_id: u64, heartbeat_ms: u64, election_ms: u64) -> Leases {
@@ -89,6 +98,41 @@ impl Leases {
             min_ttl: ((3 * election_ticks / 2) * heartbeat_ms).div_ceil(1000) as i64,
             id_prefix: (member_id & 0xffff) << 48,
             id_suffix: AtomicU64::new((now_ms << 8) & SUFFIX_MASK),
+            primary: AtomicBool::new(false),
+        }
+    }
+
+    /// This member leads from now: every lease runs again from its remaining TTL (its last
+    /// checkpoint, else its full TTL) plus `extend` (etcd's Promote: the old leader's clock
+    /// is lost; the extension covers the election).
+    pub fn promote(&self, extend: Duration) {
+        self.primary.store(true, Ordering::Release);
+        for e in self.map.iter() {
+            let l = e.value();
+            let left = match l.checkpoint.load(Ordering::Acquire) {
+                0 => l.ttl,
+                c => c,
+            };
+            let deadline = self.after(left) + extend.as_micros() as i64;
+            l.deadline_us.store(deadline, Ordering::Release);
+            l.retry_us.store(0, Ordering::Release);
+        }
+    }
+
+    /// This member stopped leading: no lease expires here (etcd's Demote).
+    pub fn demote(&self) {
+        self.primary.store(false, Ordering::Release);
+        for e in self.map.iter() {
+            e.value().deadline_us.store(FOREVER, Ordering::Release);
+        }
+    }
+
+    /// The deadline of a lease granted or renewed now for `secs`.
+    fn deadline(&self, secs: i64) -> i64 {
+        if self.primary.load(Ordering::Acquire) {
+            self.after(secs)
+        } else {
+            FOREVER
         }
     }
 
@@ -134,7 +178,7 @@ impl Leases {
         if l.deadline_us.load(Ordering::Acquire) <= now {
             return 0;
         }
-        l.deadline_us.store(self.after(l.ttl), Ordering::Release);
+        l.deadline_us.store(self.deadline(l.ttl), Ordering::Release);
         l.ttl
     }
 
@@ -198,13 +242,12 @@ impl LeaseBook {
     /// Promote: the new leader cannot know how long the old one had left).
     pub fn recover(shared: Arc<Leases>, store: &mut Store, extend: Duration) -> LeaseBook {
         for (id, rec) in store.leases() {
-            let left = if rec.remaining_ttl > 0 {
-                rec.remaining_ttl
-            } else {
-                rec.ttl
-            };
-            let deadline = shared.after(left) + extend.as_micros() as i64;
-            shared.map.insert(*id, Lease::new(rec.ttl, deadline));
+            let l = Lease::new(rec.ttl, FOREVER);
+            l.checkpoint.store(rec.remaining_ttl, Ordering::Release);
+            shared.map.insert(*id, l);
+        }
+        if shared.primary.load(Ordering::Acquire) {
+            shared.promote(extend);
         }
         let mut book = LeaseBook::new(shared);
         for (key, lease) in store.take_recovered_lease_keys() {
@@ -232,7 +275,7 @@ impl LeaseBook {
                 remaining_ttl: 0,
             },
         );
-        let deadline = self.shared.after(ttl);
+        let deadline = self.shared.deadline(ttl);
         self.shared.map.insert(id, Lease::new(ttl, deadline));
         Ok(ttl)
     }
@@ -305,6 +348,7 @@ mod tests {
     #[test]
     fn expiry_renewal_and_order() {
         let l = Leases::new(1, 100, 1000);
+        l.promote(Duration::ZERO);
         let add = |id: i64, deadline: i64| {
             l.map.insert(id, Lease::new(5, deadline));
         };
@@ -326,5 +370,28 @@ mod tests {
         assert_eq!(l.renew(2), 0, "a keep-alive cannot bring it back meanwhile");
         assert_eq!(l.remaining(2).unwrap().1, 0);
         assert!(!l.alive(2) && l.alive(1));
+    }
+
+    #[test]
+    fn only_a_leader_runs_deadlines() {
+        let l = Leases::new(1, 100, 1000);
+        l.map.insert(1, Lease::new(10, FOREVER));
+        l.map.insert(2, Lease::new(10, FOREVER));
+        l.get(2).unwrap().checkpoint.store(3, Ordering::Release);
+        assert_eq!(l.renew(1), 10);
+        assert!(
+            l.remaining(1).unwrap().1 > MAX_LEASE_TTL,
+            "a follower's never expire"
+        );
+        l.promote(Duration::from_secs(1));
+        assert_eq!(
+            l.remaining(1).unwrap().1,
+            10,
+            "full TTL plus the extension, truncated"
+        );
+        assert_eq!(l.remaining(2).unwrap().1, 3, "from its checkpoint");
+        l.demote();
+        assert!(l.take_expired().is_empty());
+        assert!(l.remaining(2).unwrap().1 > MAX_LEASE_TTL);
     }
 }

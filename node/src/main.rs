@@ -6,6 +6,7 @@
 mod apply;
 mod autocompact;
 mod backend;
+mod cluster;
 mod concurrency;
 mod config;
 mod ids;
@@ -163,9 +164,9 @@ fn lock_data_dir(cfg: &Config) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-fn member_meta(cfg: &Config) -> MemberMeta {
-    let ids: Vec<(String, u64)> = cfg
-        .initial_cluster
+/// (name, member ID) of every initial member, in `--initial-cluster` order.
+fn initial_ids(cfg: &Config) -> Vec<(String, u64)> {
+    cfg.initial_cluster
         .iter()
         .map(|(name, urls)| {
             (
@@ -173,7 +174,11 @@ fn member_meta(cfg: &Config) -> MemberMeta {
                 ids::member_id(urls, &cfg.initial_cluster_token),
             )
         })
-        .collect();
+        .collect()
+}
+
+fn member_meta(cfg: &Config) -> MemberMeta {
+    let ids = initial_ids(cfg);
     let member_id = ids
         .iter()
         .find(|(n, _)| n == &cfg.name)
@@ -276,6 +281,20 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let hub = watch::hub();
     let mut store = store;
     store.set_event_sink(Box::new(watch::HubSink(hub.clone())));
+    let members = match store.members() {
+        Some(b) => cluster::Membership::decode(b).context("the stored membership")?,
+        None => {
+            let mut m = cluster::Membership::initial(&cfg, &initial_ids(&cfg));
+            if let [only] = m.as_mut_slice() {
+                // A lone member need not wait for its own publication to list its URLs.
+                only.client_urls = cfg.advertise_client_urls.clone();
+            }
+            store.set_members(cluster::Membership::encode(&m));
+            m
+        }
+    };
+    let membership = Arc::new(cluster::Membership::new(members));
+    let multi = meta.voters.len() > 1;
     let leases = Arc::new(lease::Leases::new(
         meta.member_id,
         cfg.heartbeat_ms,
@@ -289,7 +308,48 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         Duration::from_millis(cfg.election_ms),
     );
     let (tx, rx) = crossbeam_channel::bounded(PROPOSAL_QUEUE_MAX);
-    let core = RaftCore::new(log, store, book, status.clone(), rx, &cfg)?;
+    let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(raft_core::CONTROL_QUEUE_MAX);
+    let forwarder = Arc::new(cluster::LeaseForwarder::new());
+    let peers = if multi {
+        let inbound = Arc::new(cluster::PeerInbound {
+            control: ctl_tx.clone(),
+            leases: leases.clone(),
+            status: status.clone(),
+            member_id: meta.member_id,
+            forwarder: forwarder.clone(),
+            peers: std::sync::OnceLock::new(),
+        });
+        let peers = start_peers(&cfg, &meta, inbound.clone())?;
+        let _ = inbound.peers.set(peers.clone());
+        let _ = forwarder.peers.set(peers.clone());
+        for m in membership.get().iter().filter(|m| m.id != meta.member_id) {
+            peers.connect(m.id, m.peer_urls.clone());
+        }
+        Some(peers)
+    } else {
+        None
+    };
+    // What this member must have applied before it serves: everything in its WAL when it is
+    // alone; everything known committed when it is one of several (the rest comes from the
+    // leader, whom clients may wait for).
+    let replay_to = if multi {
+        log.initial_state()?.hard_state.commit
+    } else {
+        last_index
+    };
+    let core = RaftCore::new(
+        log,
+        store,
+        book,
+        status.clone(),
+        rx,
+        raft_core::Links {
+            control: (ctl_tx.clone(), ctl_rx),
+            peers,
+            membership: membership.clone(),
+        },
+        &cfg,
+    )?;
     let raft_thread = std::thread::Builder::new()
         .name("keel-raft".into())
         .spawn(move || {
@@ -299,9 +359,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             core.run()
         })?;
 
-    // Serve only after replay: everything in the WAL is applied and we lead.
-    while status.applied_index.load(Ordering::Acquire) < last_index
-        || status.leader_id.load(Ordering::Acquire) != meta.member_id
+    // Serve only after replay (and, alone, once leading).
+    while status.applied_index.load(Ordering::Acquire) < replay_to
+        || (!multi && status.leader_id.load(Ordering::Acquire) != meta.member_id)
     {
         if raft_thread.is_finished() {
             anyhow::bail!("raft core stopped during start-up");
@@ -327,6 +387,10 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             .max(Duration::from_millis(100)),
     });
     let backend = Arc::new(NodeBackend {
+        cluster: multi,
+        control: ctl_tx,
+        membership,
+        forwarder,
         mvcc,
         watch,
         leases,
@@ -349,16 +413,91 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             .name("keel-autocompact".into())
             .spawn(move || auto_compact(mode, backend))?;
     }
-    drop(backend);
     tracing::info!(
         addrs = ?cfg.listen_client,
         cores = cfg.cores,
         "ready to serve client requests"
     );
-    notify_systemd();
+    std::thread::Builder::new()
+        .name("keel-publish".into())
+        .spawn(move || publish_attributes(backend))?;
     // Nothing here returns while the node is healthy: a core that stops is fatal.
     let _ = raft_thread.join();
     fatal(FATAL_EXIT_CODE, "raft core stopped");
+}
+
+/// Starts the peer transport on a thread of its own, listening on `--listen-peer-urls`.
+fn start_peers(
+    cfg: &Config,
+    meta: &MemberMeta,
+    inbound: Arc<cluster::PeerInbound>,
+) -> anyhow::Result<Arc<keel_net::peer::Peers>> {
+    let mut listeners = Vec::new();
+    for addr in &cfg.listen_peer {
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("listen tcp {addr} (peer)"))?;
+        listeners.push(l);
+    }
+    let (htx, hrx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("keel-peer".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime for the peer transport");
+            let _ = htx.send(rt.handle().clone());
+            rt.block_on(std::future::pending::<()>());
+        })?;
+    let handle = hrx.recv().context("start the peer transport")?;
+    let peers =
+        keel_net::peer::Peers::start(handle, meta.member_id, meta.cluster_id, listeners, inbound)?;
+    tracing::info!(addrs = ?cfg.listen_peer, "listening for peers");
+    Ok(peers)
+}
+
+/// Publishes this member's name and client URLs through raft (etcd's publish), retrying
+/// until it applies; then tells systemd the member is ready, as etcd does.
+fn publish_attributes(backend: Arc<NodeBackend>) {
+    use keel_proto::prost::Message;
+    let attrs = keel_proto::keelpb::MemberAttributes {
+        member_id: backend.member_id,
+        name: backend.cfg.name.clone(),
+        client_urls: backend.cfg.advertise_client_urls.clone(),
+    };
+    let data = keel_proto::keelpb::InternalRequest {
+        member_attributes: Some(attrs),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    loop {
+        if backend.status.leader_id.load(Ordering::Acquire) != 0 {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let proposal = raft_core::Proposal {
+                data: data.clone(),
+                tx,
+            };
+            if backend.proposals.send(proposal).is_err() {
+                return;
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("runtime for publishing");
+            let done =
+                rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), rx).await });
+            if let Ok(Ok(Ok(_))) = done {
+                tracing::info!(
+                    name = %backend.cfg.name,
+                    client_urls = ?backend.cfg.advertise_client_urls,
+                    "published local member to cluster through raft"
+                );
+                notify_systemd();
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Proposes compactions as `--auto-compaction-*` says, while this member leads.

@@ -5,10 +5,18 @@
 //! One turn of the loop (raft-rs's documented `Ready` order):
 //! 1. wait for a proposal or the next tick, then drain *every* waiting proposal (group commit:
 //!    they share one raft batch, one WAL write and one fdatasync);
-//! 2. `ready()`: send messages (none with one voter; the peer transport comes with the
-//!    cluster issue), apply committed entries, persist entries + HardState in one WAL record,
-//!    send persisted messages, `advance`, then the LightReady's commit and committed entries,
-//!    `advance_apply`.
+//! 2. `ready()`: send messages to peers (a leader's appends go out before its own WAL write,
+//!    so followers write in parallel), apply committed entries, persist entries + HardState in
+//!    one WAL record, send persisted messages (a follower's acks: only once durable),
+//!    `advance`, then the LightReady's commit, messages and committed entries, `advance_apply`.
+//!
+//! Besides proposals, a control channel brings raft messages from peers, linearizable reads
+//! (all reads waiting at one moment share one ReadIndex round) and lost peers.
+//!
+//! When the leader changes, nothing waits blindly: reads still waiting for a read index get
+//! etcd's "leader changed"; a proposal made under an older term is answered as soon as it
+//! applies, or, once the new leader's first entry has applied and a short grace has passed
+//! without it, with "leader changed" (it was lost with the old leader).
 //!
 //! Proposals carry no ID inside the request: the raft core stamps each entry's `context` with
 //! a cluster-unique ID (member ID prefix + counter) so a member recognises its own entries at
@@ -19,26 +27,68 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::collections::BTreeMap;
+
+use crossbeam_channel::{Receiver, Sender};
+use keel_net::peer::Peers;
 use keel_net::{ApiError, WriteResponse};
 use keel_proto::keelpb::InternalRequest;
 use keel_proto::prost::Message;
 use keel_storage::raftlog::RaftLog;
 use keel_storage::store::Store;
-use raft::eraftpb::{Entry, EntryType};
-use raft::{RawNode, StateRole};
+use raft::eraftpb::{Entry, EntryType, MessageType};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::oneshot;
 
 use crate::apply;
+use crate::cluster::Membership;
 use crate::lease::LeaseBook;
 
 pub type Responder = oneshot::Sender<Result<WriteResponse, ApiError>>;
+
+/// What wakes the raft core.
+enum Input {
+    Propose(Proposal),
+    Control(Control),
+}
 
 /// A write on its way to raft: the encoded `InternalRequest` and who waits for the result.
 pub struct Proposal {
     pub data: Vec<u8>,
     pub tx: Responder,
 }
+
+/// A linearizable read waiting for its go-ahead.
+pub type Reader = oneshot::Sender<Result<(), ApiError>>;
+
+/// How the raft core reaches the rest of the cluster.
+pub struct Links {
+    /// Its control channel (both ends: it keeps a sender so the channel never disconnects).
+    pub control: (Sender<Control>, Receiver<Control>),
+    /// The peer transport (none for a lone member).
+    pub peers: Option<Arc<Peers>>,
+    pub membership: Arc<Membership>,
+}
+
+/// What else reaches the raft core (over its control channel).
+pub enum Control {
+    /// A raft message from a peer.
+    Step(Box<raft::eraftpb::Message>),
+    /// A linearizable read: answered once this member has applied everything committed when
+    /// the read arrived (ReadIndex), or with why not.
+    ReadIndex(Reader),
+    /// The transport lost a peer: raft probes it instead of streaming appends into the void.
+    Unreachable(u64),
+}
+
+/// Control messages waiting at most (raft messages beyond are dropped; raft resends).
+pub const CONTROL_QUEUE_MAX: usize = 64 * 1024;
+/// A ReadIndex round that got no answer is asked again after this (a new leader drops reads
+/// until it has committed an entry of its term).
+const READ_INDEX_RETRY: Duration = Duration::from_millis(200);
+/// After a leader change, how long an older term's proposal may still show up in the new
+/// leader's log (forwarded late) before it is given up as lost.
+const ORPHAN_GRACE: Duration = Duration::from_millis(300);
 
 /// Most proposals drained into one batch (bounds one WAL record and one turn's latency).
 const BATCH_PROPOSALS_MAX: usize = 8192;
@@ -78,7 +128,27 @@ pub struct RaftCore {
     last_expiry_scan: Instant,
     status: Arc<RaftStatus>,
     rx: Receiver<Proposal>,
-    pending: HashMap<u64, Responder>,
+    ctl: Receiver<Control>,
+    /// Keeps `ctl` connected whoever else holds a sender.
+    _ctl_tx: Sender<Control>,
+    peers: Option<Arc<Peers>>,
+    membership: Arc<Membership>,
+    /// Waiting proposals: the term they were made in and who waits.
+    pending: HashMap<u64, (u64, Responder)>,
+    /// Reads collected this turn, asked together in one ReadIndex round.
+    read_batch: Vec<Reader>,
+    /// ReadIndex rounds asked: context -> (when, readers).
+    reads_asked: HashMap<u64, (Instant, Vec<Reader>)>,
+    /// Reads with a read index, waiting for apply to reach it.
+    reads_ready: BTreeMap<u64, Vec<Reader>>,
+    next_read: u64,
+    /// (term, leader) last published; a change answers what waited on the old leader.
+    seen: (u64, u64),
+    was_leader: bool,
+    /// Set at a leader change: look for lost proposals once the new term's first entry has
+    /// applied and this instant has passed.
+    orphan_sweep: Option<Instant>,
+    election_timeout: Duration,
     next_id: u64,
     tick: Duration,
     last_proposal: Instant,
@@ -101,6 +171,7 @@ impl RaftCore {
         leases: LeaseBook,
         status: Arc<RaftStatus>,
         rx: Receiver<Proposal>,
+        links: Links,
         cfg: &crate::config::Config,
     ) -> anyhow::Result<RaftCore> {
         let (heartbeat_ms, election_ms) = (cfg.heartbeat_ms, cfg.election_ms);
@@ -141,7 +212,19 @@ impl RaftCore {
             last_expiry_scan: Instant::now(),
             status,
             rx,
+            ctl: links.control.1,
+            _ctl_tx: links.control.0,
+            peers: links.peers,
+            membership: links.membership,
             pending: HashMap::new(),
+            read_batch: Vec::new(),
+            reads_asked: HashMap::new(),
+            reads_ready: BTreeMap::new(),
+            next_read: 1,
+            seen: (0, 0),
+            was_leader: false,
+            orphan_sweep: None,
+            election_timeout: Duration::from_millis(election_ms),
             next_id: ((meta.member_id & 0xffff) << 48) | ((now_ms << 8) & ((1 << 48) - 1)),
             tick: Duration::from_millis(heartbeat_ms),
             last_proposal: Instant::now(),
@@ -162,12 +245,16 @@ impl RaftCore {
             self.commit_backend_if_due();
             let mut batch_bytes = 0;
             match self.wait(next_tick) {
-                Ok(Some(p)) => {
+                Ok(Some(Input::Propose(p))) => {
                     batch_bytes += p.data.len();
                     self.propose(p);
                 }
+                Ok(Some(Input::Control(c))) => self.control(c),
                 Ok(None) => {}
                 Err(()) => return,
+            }
+            while let Ok(c) = self.ctl.try_recv() {
+                self.control(c);
             }
             for _ in 1..BATCH_PROPOSALS_MAX {
                 if batch_bytes > BATCH_BYTES_MAX {
@@ -181,6 +268,7 @@ impl RaftCore {
                     Err(_) => break,
                 }
             }
+            self.ask_read_index();
             if Instant::now() >= next_tick {
                 if !self.collected && self.last_proposal.elapsed() >= IDLE_COLLECT_AFTER {
                     // mimalloc purges what this thread freed only when it allocates again, so
@@ -193,6 +281,8 @@ impl RaftCore {
                     self.last_expiry_scan = Instant::now();
                     self.revoke_expired();
                 }
+                self.retry_reads();
+                self.sweep_orphans();
                 next_tick += self.tick;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + self.tick;
@@ -201,8 +291,9 @@ impl RaftCore {
         }
     }
 
-    /// Waits for a proposal until `deadline`; spins briefly first. Err when disconnected.
-    fn wait(&self, deadline: Instant) -> Result<Option<Proposal>, ()> {
+    /// Waits for a proposal or a control message until `deadline`; spins briefly first. Err
+    /// when the proposal senders are gone.
+    fn wait(&self, deadline: Instant) -> Result<Option<Input>, ()> {
         let now = Instant::now();
         let spin = if now.duration_since(self.last_proposal) < BUSY_WINDOW {
             SPIN_BEFORE_PARK
@@ -211,19 +302,104 @@ impl RaftCore {
         };
         let spin_until = now + spin;
         while Instant::now() < spin_until.min(deadline) {
+            if let Ok(c) = self.ctl.try_recv() {
+                return Ok(Some(Input::Control(c)));
+            }
             match self.rx.try_recv() {
-                Ok(p) => return Ok(Some(p)),
+                Ok(p) => return Ok(Some(Input::Propose(p))),
                 Err(crossbeam_channel::TryRecvError::Empty) => std::hint::spin_loop(),
                 Err(crossbeam_channel::TryRecvError::Disconnected) => return Err(()),
             }
         }
-        match self
-            .rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            Ok(p) => Ok(Some(p)),
-            Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => Err(()),
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        crossbeam_channel::select! {
+            recv(self.rx) -> p => match p {
+                Ok(p) => Ok(Some(Input::Propose(p))),
+                Err(_) => Err(()),
+            },
+            recv(self.ctl) -> c => Ok(c.ok().map(Input::Control)),
+            default(timeout) => Ok(None),
+        }
+    }
+
+    fn control(&mut self, c: Control) {
+        match c {
+            Control::Step(m) => {
+                // Messages from unknown or removed members, or stale ones, are refused by
+                // raft; nothing to do about them here.
+                let _ = self.node.step(*m);
+            }
+            Control::ReadIndex(tx) => self.read_batch.push(tx),
+            Control::Unreachable(peer) => self.node.report_unreachable(peer),
+        }
+    }
+
+    /// Asks one ReadIndex round for every read collected this turn.
+    fn ask_read_index(&mut self) {
+        if self.read_batch.is_empty() {
+            return;
+        }
+        let readers = std::mem::take(&mut self.read_batch);
+        self.ask_read_index_for(readers);
+    }
+
+    fn ask_read_index_for(&mut self, readers: Vec<Reader>) {
+        let ctx = self.next_read;
+        self.next_read += 1;
+        self.node.read_index(ctx.to_le_bytes().to_vec());
+        self.reads_asked.insert(ctx, (Instant::now(), readers));
+    }
+
+    /// Rounds nobody answered are asked again (a leader drops reads before its first commit).
+    fn retry_reads(&mut self) {
+        let stale: Vec<u64> = self
+            .reads_asked
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() >= READ_INDEX_RETRY)
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in stale {
+            if let Some((_, mut readers)) = self.reads_asked.remove(&ctx) {
+                readers.retain(|r| !r.is_closed());
+                if !readers.is_empty() {
+                    self.ask_read_index_for(readers);
+                }
+            }
+        }
+    }
+
+    /// Reads whose read index has been applied go ahead.
+    fn release_reads(&mut self) {
+        let applied = self.status.applied_index.load(Ordering::Acquire);
+        while let Some(entry) = self.reads_ready.first_entry() {
+            if *entry.key() > applied {
+                break;
+            }
+            for r in entry.remove() {
+                let _ = r.send(Ok(()));
+            }
+        }
+    }
+
+    /// After a leader change: proposals of older terms still waiting once the new leader's
+    /// first entry has applied (and a grace for late forwards) were lost with the old leader.
+    fn sweep_orphans(&mut self) {
+        let Some(at) = self.orphan_sweep else { return };
+        let term = self.node.raft.term;
+        if Instant::now() < at || self.store.applied().1 != term {
+            return;
+        }
+        self.orphan_sweep = None;
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, (t, _))| *t < term)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            if let Some((_, tx)) = self.pending.remove(&id) {
+                let _ = tx.send(Err(ApiError::LeaderChanged));
+            }
         }
     }
 
@@ -252,7 +428,7 @@ impl RaftCore {
         self.next_id += 1;
         match self.node.propose(id.to_le_bytes().to_vec(), p.data) {
             Ok(()) => {
-                self.pending.insert(id, p.tx);
+                self.pending.insert(id, (self.node.raft.term, p.tx));
             }
             Err(_) => {
                 let _ = p.tx.send(Err(ApiError::NoLeader));
@@ -265,12 +441,27 @@ impl RaftCore {
             return;
         }
         let mut rd = self.node.ready();
-        // Messages to peers come with the cluster issue; a lone voter has none.
-        debug_assert!(rd.messages().is_empty());
-        assert!(
-            rd.snapshot().is_empty(),
-            "raft snapshots come with the storage-engine issue"
-        );
+        // Out first: a leader's appends reach followers while it writes its own WAL.
+        self.send(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            // Installing a snapshot from the leader is the next slice of the cluster work; the
+            // leader never sends one yet (see `send`), so this cannot happen.
+            crate::fatal(
+                crate::FATAL_EXIT_CODE,
+                "received a raft snapshot; installing snapshots from the leader is not built yet",
+            );
+        }
+        for rs in rd.take_read_states() {
+            let ctx = <[u8; 8]>::try_from(rs.request_ctx.as_slice())
+                .map(u64::from_le_bytes)
+                .unwrap_or(0);
+            if let Some((_, readers)) = self.reads_asked.remove(&ctx) {
+                self.reads_ready
+                    .entry(rs.index)
+                    .or_default()
+                    .extend(readers);
+            }
+        }
         self.apply_entries(rd.take_committed_entries());
         if !rd.entries().is_empty() || rd.hs().is_some() {
             let hs = rd.hs().cloned();
@@ -279,13 +470,43 @@ impl RaftCore {
                 crate::fatal(crate::FATAL_EXIT_CODE, &format!("wal append failed: {e}"));
             }
         }
+        // A follower's acks go only once what they acknowledge is durable.
+        self.send(rd.take_persisted_messages());
         let mut light = self.node.advance(rd);
         if let Some(commit) = light.commit_index() {
             self.node.mut_store().set_commit(commit);
         }
+        self.send(light.take_messages());
         self.apply_entries(light.take_committed_entries());
         self.node.advance_apply();
         self.publish();
+        self.release_reads();
+    }
+
+    /// Hands messages to the peer transport; one that cannot be queued is reported to raft.
+    fn send(&mut self, msgs: Vec<raft::eraftpb::Message>) {
+        if msgs.is_empty() {
+            return;
+        }
+        let Some(peers) = self.peers.clone() else {
+            return;
+        };
+        for m in msgs {
+            let to = m.to;
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                // Sending the state to a member too far behind is the next slice; until then
+                // it stays behind (the WAL keeps `--snapshot-catchup-entries` for it).
+                tracing::warn!(
+                    to = format!("{to:x}"),
+                    "a member is behind the retained log; sending snapshots is not built yet"
+                );
+                self.node.report_snapshot(to, SnapshotStatus::Failure);
+                continue;
+            }
+            if !peers.send(to, crate::cluster::raft_frame(&m)) {
+                self.node.report_unreachable(to);
+            }
+        }
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>) {
@@ -296,19 +517,37 @@ impl RaftCore {
                     .map(u64::from_le_bytes)
                     .ok();
                 let result = match InternalRequest::decode(e.data.clone()) {
+                    Ok(req) if req.member_attributes.is_some() => {
+                        self.apply_attributes(req.member_attributes.unwrap_or_default())
+                    }
                     Ok(req) => apply::apply(&mut self.store, &mut self.leases, req),
                     Err(err) => Err(ApiError::Internal(format!(
                         "raft entry {} does not decode: {err}",
                         e.index
                     ))),
                 };
-                if let Some(tx) = id.and_then(|id| self.pending.remove(&id)) {
+                if let Some((_, tx)) = id.and_then(|id| self.pending.remove(&id)) {
                     let _ = tx.send(result);
                 }
             }
             self.store.set_applied(e.index, e.term);
             self.status.applied_index.store(e.index, Ordering::Release);
         }
+    }
+
+    /// A member's published name and client URLs (etcd's ClusterMemberAttrSet).
+    fn apply_attributes(
+        &mut self,
+        a: keel_proto::keelpb::MemberAttributes,
+    ) -> Result<WriteResponse, ApiError> {
+        let mut members = self.membership.get().to_vec();
+        if crate::cluster::set_attributes(&mut members, &a) {
+            self.store
+                .set_members(crate::cluster::Membership::encode(&members));
+            self.membership.set(members);
+        }
+        // Nobody reads this answer (the publisher only waits for it to apply).
+        Ok(WriteResponse::Alarm(Default::default()))
     }
 
     /// A backend batch old or large enough goes to disk (between two applied entries); every
@@ -344,12 +583,37 @@ impl RaftCore {
         self.status
             .commit_index
             .store(raft.raft_log.committed, Ordering::Release);
-        let leader = if raft.state == StateRole::Leader {
-            raft.id
-        } else {
-            raft.leader_id
-        };
+        let leading = raft.state == StateRole::Leader;
+        let leader = if leading { raft.id } else { raft.leader_id };
         self.status.leader_id.store(leader, Ordering::Release);
+        if (raft.term, leader) != self.seen {
+            let first = self.seen == (0, 0);
+            self.seen = (raft.term, leader);
+            if !first {
+                tracing::info!(
+                    term = raft.term,
+                    leader = format!("{leader:x}"),
+                    "leader changed"
+                );
+                // Reads asked of the old leader: etcd answers them "leader changed".
+                for (_, (_, readers)) in self.reads_asked.drain() {
+                    for r in readers {
+                        let _ = r.send(Err(ApiError::LeaderChanged));
+                    }
+                }
+                self.orphan_sweep = Some(Instant::now() + ORPHAN_GRACE);
+            }
+        }
+        if leading != self.was_leader {
+            self.was_leader = leading;
+            if leading {
+                // etcd's Promote: the leases run again, each from a full TTL plus an election
+                // timeout, since the old leader's clock is lost.
+                self.leases.shared.promote(self.election_timeout);
+            } else {
+                self.leases.shared.demote();
+            }
+        }
         // The alarms' lock is taken only when they changed (rarely), never per turn.
         if self.store.alarms_epoch() != self.alarms_epoch {
             self.alarms_epoch = self.store.alarms_epoch();

@@ -23,6 +23,7 @@
 //!   "m/compact_rev"                   -> i64 LE (-1: never compacted)
 //!   "m/alarms"                        -> n x (member u64 LE | alarm type i32 LE)
 //!   "m/finished_compact_rev"          -> i64 LE, the last compaction carried out in full
+//!   "m/members"                       -> the membership, encoded by the node (opaque here)
 //! ```
 //!
 //! Compaction (etcd's scheduled/finished pair): applying KV.Compact raises the compaction
@@ -52,6 +53,7 @@ const META_CURRENT_REV: &[u8] = b"m/current_rev";
 const META_COMPACT_REV: &[u8] = b"m/compact_rev";
 const META_ALARMS: &[u8] = b"m/alarms";
 const META_FINISHED_COMPACT_REV: &[u8] = b"m/finished_compact_rev";
+const META_MEMBERS: &[u8] = b"m/members";
 /// Lease records: `l` + lease ID (8 bytes, big-endian) -> `ttl i64 | remaining_ttl i64`
 /// (little-endian; remaining 0: none checkpointed).
 const LEASE_PREFIX: u8 = b'l';
@@ -133,6 +135,8 @@ struct Batch {
     pending: Pending,
     /// The alarms, when they changed since the last batch.
     alarms: Option<Vec<Alarm>>,
+    /// The membership, when it changed since the last batch.
+    members: Option<Vec<u8>>,
     leases: LeaseChanges,
     applied: (u64, u64),
     current_rev: i64,
@@ -173,6 +177,9 @@ pub struct Store {
     alarms_changed: bool,
     /// Bumped at every alarm change, so watchers of the alarms compare a number.
     alarms_epoch: u64,
+    /// The membership as the node encodes it (state-machine state), if ever set.
+    members: Option<Vec<u8>>,
+    members_changed: bool,
     sink: Option<Box<dyn EventSink>>,
     /// Leases (state-machine state), and their changes since the last batch.
     leases: std::collections::BTreeMap<i64, LeaseRecord>,
@@ -233,6 +240,7 @@ impl Store {
             Some(v) => decode_alarms(v).ok_or_else(|| bad_meta(META_ALARMS))?,
             None => Vec::new(),
         };
+        let members = snap.get(META_MEMBERS)?.map(|v| v.to_vec());
         let mut failed = None;
         let mut leases = std::collections::BTreeMap::new();
         snap.range(&[LEASE_PREFIX], Some(&[LEASE_PREFIX + 1]), |k, v| {
@@ -339,6 +347,8 @@ impl Store {
             alarms,
             alarms_changed: false,
             alarms_epoch: 0,
+            members,
+            members_changed: false,
             sink: None,
             leases,
             lease_changes: Default::default(),
@@ -398,6 +408,17 @@ impl Store {
     /// (key, lease) of every live key attached to a lease when the store opened; once.
     pub fn take_recovered_lease_keys(&mut self) -> Vec<(Vec<u8>, i64)> {
         std::mem::take(&mut self.recovered_lease_keys)
+    }
+
+    /// The membership as last set (`None` for a store that never had one).
+    pub fn members(&self) -> Option<&[u8]> {
+        self.members.as_deref()
+    }
+
+    /// Sets the membership; it is persisted with the next batch.
+    pub fn set_members(&mut self, encoded: Vec<u8>) {
+        self.members = Some(encoded);
+        self.members_changed = true;
     }
 
     /// A number that changes whenever the alarms do.
@@ -474,6 +495,7 @@ impl Store {
                 self.pending = b.pending;
                 self.handed = handed;
                 self.alarms_changed |= b.alarms.is_some();
+                self.members_changed |= b.members.is_some();
                 let mut leases = b.leases;
                 leases.append(&mut self.lease_changes);
                 self.lease_changes = leases;
@@ -505,8 +527,12 @@ impl Store {
     fn batch(&mut self, done: Option<Sender<()>>) -> Batch {
         self.handed = self.applied.0;
         let alarms = std::mem::take(&mut self.alarms_changed).then(|| self.alarms.clone());
+        let members = std::mem::take(&mut self.members_changed)
+            .then(|| self.members.clone())
+            .flatten();
         Batch {
             alarms,
+            members,
             leases: std::mem::take(&mut self.lease_changes),
             pending: std::mem::take(&mut self.pending),
             applied: self.applied,
@@ -774,6 +800,9 @@ fn write_batch(db: &mut Backend<MmapFile>, batch: &Batch) -> Result<()> {
     txn.put(META_COMPACT_REV, &batch.compact_rev.to_le_bytes())?;
     if let Some(alarms) = &batch.alarms {
         txn.put(META_ALARMS, &encode_alarms(alarms))?;
+    }
+    if let Some(members) = &batch.members {
+        txn.put(META_MEMBERS, members)?;
     }
     for (id, rec) in &batch.leases {
         match rec {
@@ -1074,11 +1103,14 @@ mod tests {
             assert!(s.activate_alarm((3, 2)));
             assert!(s.deactivate_alarm((3, 2)));
             assert!(!s.deactivate_alarm((3, 2)));
+            assert_eq!(s.members(), None);
+            s.set_members(b"three members".to_vec());
             s.set_applied(9, 2);
             s.commit().unwrap();
         }
         let s = Store::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(s.alarms(), [(7, 1)]);
+        assert_eq!(s.members(), Some(&b"three members"[..]));
     }
 
     #[test]

@@ -1,0 +1,468 @@
+//! The peer transport: how members of one cluster carry frames (raft messages, forwarded
+//! lease calls) to each other. It knows nothing of what a frame holds.
+//!
+//! Each member dials every peer once and keeps that connection for its own frames to it (so
+//! between two members there are two connections, one per direction, as etcd's stream
+//! transport). A connection starts with a hello naming the cluster and both ends; a hello from
+//! another cluster, or meant for another member, is refused and logged. Then frames follow,
+//! each `u32 length (LE) | payload`.
+//!
+//! Sending never blocks the caller: each peer has a bounded queue, and a frame that finds it
+//! full is dropped (raft retries). A writer task drains the queue, writes everything waiting
+//! in one go and reconnects with a backoff when the connection breaks, telling the receiver
+//! side (`Inbound::unreachable`) so raft probes the peer instead of streaming into the void.
+//!
+//! ```text
+//! hello:  b"KEELPEER" | u32 version=1 | u64 cluster_id | u64 from | u64 to   (all LE)
+//! frame:  u32 len | len bytes
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const MAGIC: &[u8; 8] = b"KEELPEER";
+const VERSION: u32 = 1;
+const HELLO_BYTES: usize = 8 + 4 + 8 + 8 + 8;
+/// Frames waiting for one peer at most; beyond, new ones are dropped.
+pub const QUEUE_FRAMES: usize = 8192;
+/// The largest frame a reader accepts (a raft append of `max_size_per_msg` plus headroom, a
+/// snapshot chunk).
+pub const FRAME_BYTES_MAX: usize = 64 << 20;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the transport hands to the member: frames from peers, and peers it lost.
+pub trait Inbound: Send + Sync + 'static {
+    /// A frame from member `from` (called on the transport's runtime: must not block).
+    fn frame(&self, from: u64, frame: Bytes);
+    /// The connection to `peer` broke or could not be made; frames to it were lost.
+    fn unreachable(&self, peer: u64);
+}
+
+struct Link {
+    tx: mpsc::Sender<Bytes>,
+    urls: Vec<String>,
+}
+
+/// The member's end of the transport. Cheap to share; `send` takes no lock (the links are
+/// swapped whole when the membership changes, which is rare).
+pub struct Peers {
+    local: u64,
+    cluster: u64,
+    rt: tokio::runtime::Handle,
+    links: ArcSwap<HashMap<u64, Arc<Link>>>,
+    /// Serialises link changes.
+    changing: Mutex<()>,
+    inbound: Arc<dyn Inbound>,
+}
+
+impl Peers {
+    /// Starts accepting peers on `listeners` (on `rt`).
+    pub fn start(
+        rt: tokio::runtime::Handle,
+        local: u64,
+        cluster: u64,
+        listeners: Vec<std::net::TcpListener>,
+        inbound: Arc<dyn Inbound>,
+    ) -> std::io::Result<Arc<Peers>> {
+        let peers = Arc::new(Peers {
+            local,
+            cluster,
+            rt: rt.clone(),
+            links: ArcSwap::from_pointee(HashMap::new()),
+            changing: Mutex::new(()),
+            inbound,
+        });
+        for l in listeners {
+            l.set_nonblocking(true)?;
+            let p = peers.clone();
+            rt.spawn(async move {
+                let l = match TcpListener::from_std(l) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for peers");
+                        return;
+                    }
+                };
+                p.accept_loop(l).await
+            });
+        }
+        Ok(peers)
+    }
+
+    pub fn local_id(&self) -> u64 {
+        self.local
+    }
+
+    /// Starts (or re-points) the link to `peer` at `urls` (`http://host:port`).
+    pub fn connect(&self, peer: u64, urls: Vec<String>) {
+        let _changing = self.changing.lock().expect("peer links");
+        if self.links.load().get(&peer).is_some_and(|l| l.urls == urls) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(QUEUE_FRAMES);
+        let mut links = HashMap::clone(&self.links.load());
+        links.insert(
+            peer,
+            Arc::new(Link {
+                tx,
+                urls: urls.clone(),
+            }),
+        );
+        self.links.store(Arc::new(links));
+        let hello = hello(self.cluster, self.local, peer);
+        let inbound = self.inbound.clone();
+        self.rt.spawn(write_loop(peer, urls, hello, rx, inbound));
+    }
+
+    /// Stops the link to `peer` (its writer ends once its queue is dropped).
+    pub fn disconnect(&self, peer: u64) {
+        let _changing = self.changing.lock().expect("peer links");
+        let mut links = HashMap::clone(&self.links.load());
+        links.remove(&peer);
+        self.links.store(Arc::new(links));
+    }
+
+    /// Queues a frame for `peer`; false if there is no such peer or its queue is full.
+    pub fn send(&self, peer: u64, frame: Bytes) -> bool {
+        match self.links.load().get(&peer) {
+            Some(l) => l.tx.try_send(frame).is_ok(),
+            None => false,
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, l: TcpListener) {
+        loop {
+            match l.accept().await {
+                Ok((s, addr)) => {
+                    let p = self.clone();
+                    tokio::spawn(async move { p.read_loop(s, addr).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a peer failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn read_loop(&self, mut s: TcpStream, addr: SocketAddr) {
+        let _ = s.set_nodelay(true);
+        let mut h = [0u8; HELLO_BYTES];
+        if s.read_exact(&mut h).await.is_err() {
+            return;
+        }
+        let Some((cluster, from, to)) = parse_hello(&h) else {
+            tracing::warn!(remote = %addr, "refused a peer connection: not a keel peer hello");
+            return;
+        };
+        if cluster != self.cluster {
+            tracing::warn!(
+                remote = %addr,
+                remote_peer_id = format!("{from:x}"),
+                remote_cluster_id = format!("{cluster:x}"),
+                local_cluster_id = format!("{:x}", self.cluster),
+                "refused a peer connection: request cluster ID mismatch (the peer belongs to \
+                 another cluster)"
+            );
+            return;
+        }
+        if to != self.local {
+            tracing::warn!(
+                remote = %addr,
+                remote_peer_id = format!("{from:x}"),
+                local_member_id = format!("{:x}", self.local),
+                requested_member_id = format!("{to:x}"),
+                "refused a peer connection: it is meant for another member ID"
+            );
+            return;
+        }
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        loop {
+            while let Some(frame) = take_frame(&mut buf) {
+                match frame {
+                    Ok(f) => self.inbound.frame(from, f),
+                    Err(len) => {
+                        tracing::warn!(
+                            remote_peer_id = format!("{from:x}"),
+                            len,
+                            "peer sent an oversized frame; closing"
+                        );
+                        return;
+                    }
+                }
+            }
+            if buf.capacity() - buf.len() < 16 * 1024 {
+                buf.reserve(64 * 1024);
+            }
+            match s.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// The next whole frame in `buf`, if there is one; `Err(len)` for an oversized one.
+fn take_frame(buf: &mut BytesMut) -> Option<Result<Bytes, usize>> {
+    if buf.len() < 4 {
+        return None;
+    }
+    let len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+    if len > FRAME_BYTES_MAX {
+        return Some(Err(len));
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return None;
+    }
+    let _ = buf.split_to(4);
+    Some(Ok(buf.split_to(len).freeze()))
+}
+
+fn hello(cluster: u64, from: u64, to: u64) -> [u8; HELLO_BYTES] {
+    let mut h = [0u8; HELLO_BYTES];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..20].copy_from_slice(&cluster.to_le_bytes());
+    h[20..28].copy_from_slice(&from.to_le_bytes());
+    h[28..36].copy_from_slice(&to.to_le_bytes());
+    h
+}
+
+fn parse_hello(h: &[u8; HELLO_BYTES]) -> Option<(u64, u64, u64)> {
+    if &h[..8] != MAGIC || u32::from_le_bytes(h[8..12].try_into().ok()?) != VERSION {
+        return None;
+    }
+    let u = |r: std::ops::Range<usize>| u64::from_le_bytes(h[r].try_into().expect("8 bytes"));
+    Some((u(12..20), u(20..28), u(28..36)))
+}
+
+/// `host:port` of a peer URL (`http://host:port`, `https://...`, or bare).
+pub fn url_authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+async fn dial(urls: &[String]) -> Option<TcpStream> {
+    for u in urls {
+        let addr = url_authority(u);
+        if let Ok(Ok(s)) = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+            let _ = s.set_nodelay(true);
+            return Some(s);
+        }
+    }
+    None
+}
+
+/// Keeps a connection to `peer` and writes its queued frames, batching whatever waits.
+async fn write_loop(
+    peer: u64,
+    urls: Vec<String>,
+    hello: [u8; HELLO_BYTES],
+    mut rx: mpsc::Receiver<Bytes>,
+    inbound: Arc<dyn Inbound>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut out = Vec::with_capacity(256 * 1024);
+    let mut was_up = true;
+    'connect: loop {
+        let Some(mut s) = dial(&urls).await else {
+            if was_up {
+                tracing::info!(peer = format!("{peer:x}"), ?urls, "peer unreachable");
+                was_up = false;
+            }
+            inbound.unreachable(peer);
+            // Frames queued while the peer is down are stale: raft resends what matters.
+            if drain_or_closed(&mut rx) {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            continue;
+        };
+        if s.write_all(&hello).await.is_err() {
+            continue;
+        }
+        if !was_up {
+            tracing::info!(peer = format!("{peer:x}"), "peer connected");
+        }
+        was_up = true;
+        backoff = BACKOFF_MIN;
+        loop {
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            out.clear();
+            push_frame(&mut out, &first);
+            while out.len() < 4 << 20 {
+                match rx.try_recv() {
+                    Ok(f) => push_frame(&mut out, &f),
+                    Err(_) => break,
+                }
+            }
+            if s.write_all(&out).await.is_err() {
+                tracing::info!(peer = format!("{peer:x}"), "lost the connection to a peer");
+                inbound.unreachable(peer);
+                continue 'connect;
+            }
+            if out.capacity() > 8 << 20 {
+                out = Vec::with_capacity(256 * 1024);
+            }
+        }
+    }
+}
+
+/// Drops every queued frame; true if the queue's sender is gone.
+fn drain_or_closed(rx: &mut mpsc::Receiver<Bytes>) -> bool {
+    loop {
+        match rx.try_recv() {
+            Ok(_) => {}
+            Err(mpsc::error::TryRecvError::Empty) => return false,
+            Err(mpsc::error::TryRecvError::Disconnected) => return true,
+        }
+    }
+}
+
+fn push_frame(out: &mut Vec<u8>, f: &[u8]) {
+    out.extend_from_slice(&(f.len() as u32).to_le_bytes());
+    out.extend_from_slice(f);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Sink {
+        got: Mutex<Vec<(u64, Bytes)>>,
+        lost: Mutex<Vec<u64>>,
+    }
+
+    impl Inbound for Sink {
+        fn frame(&self, from: u64, frame: Bytes) {
+            self.got.lock().unwrap().push((from, frame));
+        }
+        fn unreachable(&self, peer: u64) {
+            self.lost.lock().unwrap().push(peer);
+        }
+    }
+
+    fn sink() -> Arc<Sink> {
+        Arc::new(Sink {
+            got: Mutex::new(Vec::new()),
+            lost: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn listener() -> (std::net::TcpListener, String) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        (l, url)
+    }
+
+    async fn wait_for(mut f: impl FnMut() -> bool) -> bool {
+        for _ in 0..200 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn frames_arrive_in_order_and_other_clusters_are_refused() {
+        let rt = tokio::runtime::Handle::current();
+        let (la, _ua) = listener();
+        let (lb, ub) = listener();
+        let (sa, sb) = (sink(), sink());
+        let a = Peers::start(rt.clone(), 1, 77, vec![la], sa.clone()).unwrap();
+        let _b = Peers::start(rt.clone(), 2, 77, vec![lb], sb.clone()).unwrap();
+        a.connect(2, vec![ub.clone()]);
+        for i in 0..1000u32 {
+            assert!(a.send(2, Bytes::from(i.to_le_bytes().to_vec())));
+        }
+        assert!(wait_for(|| sb.got.lock().unwrap().len() == 1000).await);
+        let got = sb.got.lock().unwrap().clone();
+        for (i, (from, f)) in got.iter().enumerate() {
+            assert_eq!(*from, 1);
+            assert_eq!(f.as_ref(), (i as u32).to_le_bytes());
+        }
+        assert!(!a.send(9, Bytes::from_static(b"x")), "no link to member 9");
+
+        // A member of another cluster reaches b's port: b refuses it.
+        let (lc, _uc) = listener();
+        let sc = sink();
+        let c = Peers::start(rt.clone(), 1, 78, vec![lc], sc).unwrap();
+        c.connect(2, vec![ub.clone()]);
+        assert!(c.send(2, Bytes::from_static(b"intruder")));
+        // The right cluster but meant for member 3: refused too.
+        let (ld, _ud) = listener();
+        let d = Peers::start(rt.clone(), 1, 77, vec![ld], sink()).unwrap();
+        d.connect(3, vec![ub]);
+        assert!(d.send(3, Bytes::from_static(b"misdirected")));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(sb.got.lock().unwrap().len(), 1000, "refused frames arrived");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_peer_that_comes_back_is_reconnected() {
+        let rt = tokio::runtime::Handle::current();
+        let (la, _) = listener();
+        let sa = sink();
+        let a = Peers::start(rt.clone(), 1, 5, vec![la], sa.clone()).unwrap();
+        // Reserve a port, free it, and point a at it while nobody listens.
+        let (lb, ub) = listener();
+        drop(lb);
+        a.connect(2, vec![ub.clone()]);
+        assert!(wait_for(|| sa.lost.lock().unwrap().contains(&2)).await);
+        let lb = std::net::TcpListener::bind(url_authority(&ub)).unwrap();
+        let sb = sink();
+        let _b = Peers::start(rt.clone(), 2, 5, vec![lb], sb.clone()).unwrap();
+        let ok = wait_for(|| {
+            a.send(2, Bytes::from_static(b"hi"));
+            !sb.got.lock().unwrap().is_empty()
+        })
+        .await;
+        assert!(ok, "frames never arrived after the peer came up");
+    }
+
+    #[test]
+    fn frames_split_across_reads_are_reassembled() {
+        let mut wire = Vec::new();
+        push_frame(&mut wire, b"hello");
+        push_frame(&mut wire, b"");
+        push_frame(&mut wire, &[7u8; 3000]);
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for b in wire {
+            buf.extend_from_slice(&[b]);
+            while let Some(f) = take_frame(&mut buf) {
+                got.push(f.unwrap());
+            }
+        }
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].as_ref(), b"hello");
+        assert!(got[1].is_empty());
+        assert_eq!(got[2].len(), 3000);
+        let mut big = BytesMut::new();
+        big.extend_from_slice(&((FRAME_BYTES_MAX + 1) as u32).to_le_bytes());
+        assert_eq!(take_frame(&mut big), Some(Err(FRAME_BYTES_MAX + 1)));
+    }
+
+    #[test]
+    fn url_authorities() {
+        assert_eq!(url_authority("http://127.0.0.1:2380"), "127.0.0.1:2380");
+        assert_eq!(url_authority("https://h:1/x"), "h:1");
+        assert_eq!(url_authority("10.0.0.1:2380"), "10.0.0.1:2380");
+    }
+}

@@ -1,0 +1,257 @@
+//! A member among members: the membership every member agrees on (through raft), what goes
+//! over the peer transport and what comes back from it.
+//!
+//! A peer frame starts with one kind byte:
+//! - `FRAME_RAFT`: a raft-rs `eraftpb.Message` (protobuf), for the raft core;
+//! - `FRAME_KEEL`: a `keelpb.PeerMessage` (a lease call a follower forwards to the leader, and
+//!   its answer), answered on the transport's thread without involving the raft core.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use crossbeam_channel::Sender;
+use keel_net::peer::{Inbound, Peers};
+use keel_net::ApiError;
+use keel_proto::keelpb;
+use keel_proto::pb;
+use keel_proto::prost::Message as _;
+use protobuf::Message as _;
+use tokio::sync::oneshot;
+
+use crate::lease::Leases;
+use crate::raft_core::{Control, RaftStatus};
+
+pub const FRAME_RAFT: u8 = 1;
+pub const FRAME_KEEL: u8 = 2;
+
+/// How long a forwarded lease call waits for the leader's answer.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The membership as applied, readable from every core.
+pub struct Membership {
+    members: ArcSwap<Vec<keelpb::Member>>,
+}
+
+impl Membership {
+    pub fn new(members: Vec<keelpb::Member>) -> Membership {
+        Membership {
+            members: ArcSwap::from_pointee(members),
+        }
+    }
+
+    /// The members a new cluster starts with, from `--initial-cluster`: every member's name
+    /// and peer URLs; client URLs only for this one (the others publish theirs).
+    pub fn initial(cfg: &crate::config::Config, ids: &[(String, u64)]) -> Vec<keelpb::Member> {
+        cfg.initial_cluster
+            .iter()
+            .zip(ids)
+            .map(|((name, urls), (_, id))| keelpb::Member {
+                id: *id,
+                name: name.clone(),
+                peer_urls: urls.clone(),
+                client_urls: Vec::new(),
+                is_learner: false,
+            })
+            .collect()
+    }
+
+    pub fn decode(b: &[u8]) -> anyhow::Result<Vec<keelpb::Member>> {
+        Ok(keelpb::Members::decode(b)?.members)
+    }
+
+    pub fn encode(members: &[keelpb::Member]) -> Vec<u8> {
+        keelpb::Members {
+            members: members.to_vec(),
+        }
+        .encode_to_vec()
+    }
+
+    pub fn get(&self) -> Arc<Vec<keelpb::Member>> {
+        self.members.load_full()
+    }
+
+    pub fn set(&self, members: Vec<keelpb::Member>) {
+        self.members.store(Arc::new(members));
+    }
+
+    /// etcd's MemberList entries, in ID order as etcd lists them.
+    pub fn list(&self) -> Vec<pb::Member> {
+        let mut out: Vec<pb::Member> = self
+            .get()
+            .iter()
+            .map(|m| pb::Member {
+                id: m.id,
+                name: m.name.clone(),
+                peer_ur_ls: m.peer_urls.clone(),
+                client_ur_ls: m.client_urls.clone(),
+                is_learner: m.is_learner,
+            })
+            .collect();
+        out.sort_by_key(|m| m.id);
+        out
+    }
+}
+
+/// Applies a member's published attributes; whether anything changed.
+pub fn set_attributes(members: &mut [keelpb::Member], a: &keelpb::MemberAttributes) -> bool {
+    match members.iter_mut().find(|m| m.id == a.member_id) {
+        Some(m) if m.name != a.name || m.client_urls != a.client_urls => {
+            m.name = a.name.clone();
+            m.client_urls = a.client_urls.clone();
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Encodes a raft message as a peer frame.
+pub fn raft_frame(m: &raft::eraftpb::Message) -> Bytes {
+    let mut v = Vec::with_capacity(1 + m.compute_size() as usize);
+    v.push(FRAME_RAFT);
+    m.write_to_vec(&mut v).expect("a raft message encodes");
+    Bytes::from(v)
+}
+
+fn keel_frame(m: &keelpb::PeerMessage) -> Bytes {
+    let mut v = Vec::with_capacity(1 + m.encoded_len());
+    v.push(FRAME_KEEL);
+    m.encode(&mut v).expect("a vec grows");
+    Bytes::from(v)
+}
+
+/// What a member receives from its peers.
+pub struct PeerInbound {
+    pub control: Sender<Control>,
+    pub leases: Arc<Leases>,
+    pub status: Arc<RaftStatus>,
+    pub member_id: u64,
+    pub forwarder: Arc<LeaseForwarder>,
+    pub peers: OnceLock<Arc<Peers>>,
+}
+
+impl Inbound for PeerInbound {
+    fn frame(&self, from: u64, frame: Bytes) {
+        match frame.first() {
+            Some(&FRAME_RAFT) => match raft::eraftpb::Message::parse_from_bytes(&frame[1..]) {
+                // A full queue drops the message: raft resends.
+                Ok(m) => {
+                    let _ = self.control.try_send(Control::Step(Box::new(m)));
+                }
+                Err(e) => tracing::warn!(from = format!("{from:x}"), error = %e, "bad raft frame"),
+            },
+            Some(&FRAME_KEEL) => match keelpb::PeerMessage::decode(&frame[1..]) {
+                Ok(m) => self.keel_message(from, m),
+                Err(e) => tracing::warn!(from = format!("{from:x}"), error = %e, "bad peer frame"),
+            },
+            _ => tracing::warn!(from = format!("{from:x}"), "unknown peer frame"),
+        }
+    }
+
+    fn unreachable(&self, peer: u64) {
+        let _ = self.control.try_send(Control::Unreachable(peer));
+    }
+}
+
+impl PeerInbound {
+    fn keel_message(&self, from: u64, m: keelpb::PeerMessage) {
+        if let Some(call) = m.lease {
+            // A follower forwards its clients' keep-alives: only the leader's lessor counts.
+            let leader = self.status.leader_id.load(Ordering::Acquire) == self.member_id;
+            let mut reply = keelpb::LeaseForwardReply {
+                request: call.request,
+                not_leader: !leader,
+                ..Default::default()
+            };
+            if leader {
+                if call.peek {
+                    match self.leases.remaining(call.id) {
+                        Some((l, left)) => {
+                            reply.ttl = left;
+                            reply.granted_ttl = l.ttl;
+                        }
+                        None => reply.ttl = -1,
+                    }
+                } else {
+                    reply.ttl = self.leases.renew(call.id);
+                }
+            }
+            if let Some(p) = self.peers.get() {
+                let frame = keel_frame(&keelpb::PeerMessage {
+                    lease_reply: Some(reply),
+                    ..Default::default()
+                });
+                p.send(from, frame);
+            }
+        }
+        if let Some(reply) = m.lease_reply {
+            self.forwarder.answer(reply);
+        }
+    }
+}
+
+/// A follower's lease calls on their way to the leader.
+pub struct LeaseForwarder {
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<keelpb::LeaseForwardReply>>>,
+    pub peers: OnceLock<Arc<Peers>>,
+}
+
+impl LeaseForwarder {
+    pub fn new() -> LeaseForwarder {
+        LeaseForwarder {
+            next: AtomicU64::new(1),
+            waiting: Mutex::new(HashMap::new()),
+            peers: OnceLock::new(),
+        }
+    }
+
+    fn answer(&self, reply: keelpb::LeaseForwardReply) {
+        let tx = self
+            .waiting
+            .lock()
+            .expect("lease forwarder")
+            .remove(&reply.request);
+        if let Some(tx) = tx {
+            let _ = tx.send(reply);
+        }
+    }
+
+    /// Asks `leader` to renew lease `id` (or, `peek`, for its remaining TTL).
+    pub async fn call(
+        &self,
+        leader: u64,
+        id: i64,
+        peek: bool,
+    ) -> Result<keelpb::LeaseForwardReply, ApiError> {
+        let peers = self.peers.get().ok_or(ApiError::NoLeader)?;
+        let request = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .expect("lease forwarder")
+            .insert(request, tx);
+        let frame = keel_frame(&keelpb::PeerMessage {
+            lease: Some(keelpb::LeaseForward { request, id, peek }),
+            ..Default::default()
+        });
+        let sent = peers.send(leader, frame);
+        let got = if sent {
+            tokio::time::timeout(FORWARD_TIMEOUT, rx).await.ok()
+        } else {
+            None
+        };
+        self.waiting
+            .lock()
+            .expect("lease forwarder")
+            .remove(&request);
+        match got {
+            Some(Ok(r)) if !r.not_leader => Ok(r),
+            Some(Ok(_)) => Err(ApiError::LeaderChanged),
+            _ => Err(ApiError::Timeout),
+        }
+    }
+}
