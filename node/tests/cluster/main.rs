@@ -1,0 +1,534 @@
+//! Multi-member clusters: several `keel` processes on 127.0.0.x, driven by real clients.
+//! Elections are timing-sensitive, so these tests form their own binary and run one at a
+//! time (`serial`), apart from the other end-to-end tests.
+
+#[allow(dead_code)]
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{rt, Cluster};
+use keel_proto::pb;
+use tonic::transport::Channel;
+
+/// Held by each test for its whole run: clusters never overlap.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn kv(url: &str) -> pb::kv_client::KvClient<Channel> {
+    let ch = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy();
+    pb::kv_client::KvClient::new(ch)
+}
+
+async fn put(url: &str, k: &str, v: &str, limit: Duration) -> Result<i64, tonic::Status> {
+    let mut c = kv(url).await;
+    let req = pb::PutRequest {
+        key: k.as_bytes().to_vec().into(),
+        value: v.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    match tokio::time::timeout(limit, c.put(req)).await {
+        Ok(r) => Ok(r?.into_inner().header.unwrap().revision),
+        Err(_) => Err(tonic::Status::deadline_exceeded("client timeout")),
+    }
+}
+
+async fn get(
+    url: &str,
+    k: &str,
+    serializable: bool,
+    limit: Duration,
+) -> Result<Option<String>, tonic::Status> {
+    let mut c = kv(url).await;
+    let req = pb::RangeRequest {
+        key: k.as_bytes().to_vec().into(),
+        serializable,
+        ..Default::default()
+    };
+    match tokio::time::timeout(limit, c.range(req)).await {
+        Ok(r) => Ok(r?
+            .into_inner()
+            .kvs
+            .first()
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())),
+        Err(_) => Err(tonic::Status::deadline_exceeded("client timeout")),
+    }
+}
+
+const T: Duration = Duration::from_secs(5);
+
+fn assert_converged(c: &Cluster) {
+    let hashes = c.hash_kvs();
+    assert!(
+        hashes.iter().all(|h| *h == hashes[0]),
+        "HashKV differs across members: {hashes:?}\n{}",
+        c.logs()
+    );
+}
+
+/// Writes through every member are read back on every member, linearizable and
+/// serializable; HashKV agrees.
+fn write_anywhere_read_everywhere(c: &Cluster, tag: &str) {
+    let rt = rt();
+    let running = c.running();
+    for &i in &running {
+        let url = c.members[i].url();
+        let k = format!("{tag}/from-{i}");
+        rt.block_on(put(&url, &k, &format!("v{i}"), T))
+            .unwrap_or_else(|e| panic!("put through member {i}: {e}\n{}", c.logs()));
+    }
+    for &j in &running {
+        let url = c.members[j].url();
+        for &i in &running {
+            let k = format!("{tag}/from-{i}");
+            let want = Some(format!("v{i}"));
+            let lin = rt.block_on(get(&url, &k, false, T)).unwrap();
+            assert_eq!(lin, want, "linearizable read of {k} on member {j}");
+            // Everything the linearizable read saw is applied here: a serializable read
+            // sees it too.
+            let ser = rt.block_on(get(&url, &k, true, T)).unwrap();
+            assert_eq!(ser, want, "serializable read of {k} on member {j}");
+        }
+    }
+    assert_converged(c);
+}
+
+#[test]
+fn three_members_replicate_and_fail_over() {
+    let _s = serial();
+    let mut c = Cluster::start(3, &[]);
+    write_anywhere_read_everywhere(&c, "a");
+    let ids: Vec<u64> = (0..3).map(|i| c.member_id(i)).collect();
+    for (i, m) in c.members.iter().enumerate() {
+        assert_eq!(ids[i], harness::id_of(m), "member IDs derive as etcd's");
+    }
+
+    // Writes keep flowing through a follower while the leader is killed.
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let follower = (leader + 1) % 3;
+    let url = c.members[follower].url();
+    let writer = std::thread::spawn(move || {
+        let rt = rt();
+        let started = Instant::now();
+        let (mut longest, mut ok, mut failed) = (Duration::ZERO, 0, Vec::new());
+        let mut i = 0;
+        while started.elapsed() < Duration::from_secs(6) && i < 100_000 {
+            let t = Instant::now();
+            match rt.block_on(put(&url, &format!("b/{i}"), "x", Duration::from_secs(10))) {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e.message().to_string()),
+            }
+            longest = longest.max(t.elapsed());
+            i += 1;
+        }
+        (longest, ok, failed)
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    c.kill9(leader);
+    let killed = Instant::now();
+    let new_leader = c.wait_leader(Duration::from_secs(10));
+    let failover = killed.elapsed();
+    assert_ne!(new_leader, leader);
+    let (longest, ok, failed) = writer.join().unwrap();
+    let kinds: std::collections::BTreeSet<&String> = failed.iter().collect();
+    eprintln!(
+        "failover: new leader after {failover:?}; follower writes: {ok} ok, {} failed \
+         ({kinds:?}), longest wait {longest:?}",
+        failed.len()
+    );
+    assert!(ok > 0);
+    for e in &failed {
+        assert!(
+            e == "etcdserver: leader changed" || e == "etcdserver: no leader",
+            "a write failed with {e:?}"
+        );
+    }
+    assert!(
+        longest < Duration::from_secs(4),
+        "a follower's request waited {longest:?} through the failover"
+    );
+    write_anywhere_read_everywhere(&c, "c");
+
+    // The old leader comes back and catches up with what it missed.
+    c.restart(leader);
+    let rt = rt();
+    let got = rt
+        .block_on(get(&c.members[leader].url(), "c/from-0", false, T))
+        .or_else(|_| {
+            rt.block_on(get(
+                &c.members[leader].url(),
+                &format!("c/from-{new_leader}"),
+                false,
+                T,
+            ))
+        })
+        .unwrap();
+    assert!(got.is_some(), "the restarted member misses writes");
+    write_anywhere_read_everywhere(&c, "d");
+}
+
+#[test]
+fn a_partitioned_minority_neither_commits_nor_serves_stale_reads() {
+    let _s = serial();
+    let c = Cluster::start(3, &[]);
+    let rt = rt();
+    rt.block_on(put(&c.members[0].url(), "x", "old", T))
+        .unwrap();
+    let old = c.wait_leader(Duration::from_secs(10));
+    let majority: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    for &i in &majority {
+        assert_eq!(
+            rt.block_on(get(&c.members[i].url(), "x", false, T))
+                .unwrap(),
+            Some("old".into())
+        );
+    }
+    c.isolate(&[old]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let new = loop {
+        if let Some(l) = c.leader_among(&majority) {
+            if l != old {
+                break l;
+            }
+        }
+        assert!(Instant::now() < deadline, "the majority elected nobody");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    rt.block_on(put(&c.members[new].url(), "x", "new", T))
+        .expect("the majority commits");
+
+    // The minority: no write commits, and a linearizable read errs rather than answer "old".
+    let minority = c.members[old].url();
+    let w = rt.block_on(put(&minority, "y", "lost", Duration::from_secs(3)));
+    assert!(w.is_err(), "the minority committed a write: {w:?}");
+    let r = rt.block_on(get(&minority, "x", false, Duration::from_secs(3)));
+    assert!(
+        r.is_err(),
+        "the minority answered a linearizable read: {r:?}"
+    );
+
+    c.heal();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(Some(v)) = rt.block_on(get(&minority, "x", false, Duration::from_secs(2))) {
+            assert_eq!(v, "new");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the healed member never caught up:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        rt.block_on(get(&c.members[new].url(), "y", false, T))
+            .unwrap(),
+        None,
+        "the minority's write must never commit"
+    );
+    write_anywhere_read_everywhere(&c, "healed");
+}
+
+#[test]
+fn a_watch_on_a_follower_sees_every_event_across_a_leader_change() {
+    let _s = serial();
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let rt = rt();
+    let start = rt
+        .block_on(put(&c.members[other].url(), "w/start", "0", T))
+        .unwrap();
+    let watch_url = c.members[follower].url();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let watcher = std::thread::spawn(move || {
+        harness::rt().block_on(async move {
+            let ch = Channel::from_shared(watch_url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut w = pb::watch_client::WatchClient::new(ch);
+            let (req_tx, req_rx) = tokio::sync::mpsc::channel(4);
+            let create = pb::WatchRequest {
+                request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                    pb::WatchCreateRequest {
+                        key: b"w/".to_vec().into(),
+                        range_end: b"w0".to_vec().into(),
+                        start_revision: start + 1,
+                        ..Default::default()
+                    },
+                )),
+            };
+            req_tx.send(create).await.unwrap();
+            let mut stream = w
+                .watch(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            let mut seen = Vec::new();
+            while seen.len() < 200 {
+                let Ok(Ok(Some(resp))) = tokio::time::timeout_at(deadline, stream.message()).await
+                else {
+                    break;
+                };
+                for e in resp.events {
+                    let kv = e.kv.unwrap();
+                    seen.push((
+                        String::from_utf8_lossy(&kv.key).into_owned(),
+                        kv.mod_revision,
+                    ));
+                }
+            }
+            tx.send(seen).unwrap();
+            drop(req_tx);
+        })
+    });
+    // 200 puts through the other follower; the leader dies half-way.
+    let mut revs = Vec::new();
+    for i in 0..200 {
+        if i == 100 {
+            c.kill9(leader);
+        }
+        let key = format!("w/{i:03}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let rev = loop {
+            match rt.block_on(put(&c.members[other].url(), &key, "v", T)) {
+                Ok(r) => break r,
+                // Lost with the old leader: it never committed, so put it again.
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "writes stopped: {e}\n{}",
+                        c.logs()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        revs.push((key, rev));
+    }
+    let seen = rx.recv_timeout(Duration::from_secs(40)).unwrap();
+    watcher.join().unwrap();
+    assert_eq!(
+        seen, revs,
+        "the follower's watch missed, repeated or reordered events"
+    );
+}
+
+#[test]
+fn leases_work_through_followers_and_survive_a_new_leader() {
+    let _s = serial();
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let follower = (leader + 1) % 3;
+    let url = c.members[follower].url();
+    let rt = rt();
+    let (lease, ttl_left) = rt.block_on(async {
+        let ch = Channel::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut l = pb::lease_client::LeaseClient::new(ch.clone());
+        let g = l
+            .lease_grant(pb::LeaseGrantRequest { ttl: 3, id: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut kv = pb::kv_client::KvClient::new(ch);
+        kv.put(pb::PutRequest {
+            key: b"leased".to_vec().into(),
+            value: b"v".to_vec().into(),
+            lease: g.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        // Keep it alive through the follower for longer than its TTL.
+        for _ in 0..8 {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(pb::LeaseKeepAliveRequest { id: g.id })
+                .await
+                .unwrap();
+            let mut s = l
+                .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let r = s.message().await.unwrap().unwrap();
+            assert_eq!(r.ttl, 3, "keep-alive through a follower");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let t = l
+            .lease_time_to_live(pb::LeaseTimeToLiveRequest {
+                id: g.id,
+                keys: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(t.keys, vec![bytes::Bytes::from_static(b"leased")]);
+        (g.id, t.ttl)
+    });
+    assert!((1..=3).contains(&ttl_left), "TTL left {ttl_left}");
+    for i in 0..3 {
+        assert_eq!(
+            rt.block_on(get(&c.members[i].url(), "leased", false, T))
+                .unwrap(),
+            Some("v".into()),
+            "the kept-alive key is gone on member {i}"
+        );
+    }
+    // The leader dies; the new one gives the lease a fresh TTL (plus an election timeout)
+    // and, without keep-alives, revokes it: the key goes on every member.
+    c.kill9(leader);
+    c.wait_leader(Duration::from_secs(10));
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    'wait: loop {
+        let mut gone = true;
+        for &i in &survivors {
+            if rt
+                .block_on(get(&c.members[i].url(), "leased", false, T))
+                .map_or(true, |v| v.is_some())
+            {
+                gone = false;
+            }
+        }
+        if gone {
+            break 'wait;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lease {lease:x} never expired after the leader change:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_converged(&c);
+}
+
+#[test]
+fn a_paused_leader_is_replaced_and_rejoins_as_a_follower() {
+    let _s = serial();
+    let c = Cluster::start(3, &[]);
+    let old = c.wait_leader(Duration::from_secs(10));
+    c.pause(old);
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let new = loop {
+        if let Some(l) = c.leader_among(&others) {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nobody replaced the paused leader"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rt = rt();
+    rt.block_on(put(&c.members[new].url(), "p", "while-paused", T))
+        .unwrap();
+    c.resume(old);
+    // It wakes up believing it leads; the others' higher term makes it follow.
+    let leader = c.wait_leader(Duration::from_secs(10));
+    assert_ne!(leader, old, "the woken member kept leading");
+    assert_eq!(
+        rt.block_on(get(&c.members[old].url(), "p", false, T))
+            .unwrap(),
+        Some("while-paused".into())
+    );
+    write_anywhere_read_everywhere(&c, "resumed");
+}
+
+#[test]
+fn five_members_lose_two_and_go_on() {
+    let _s = serial();
+    let mut c = Cluster::start(5, &[]);
+    write_anywhere_read_everywhere(&c, "five");
+    let leader = c.wait_leader(Duration::from_secs(10));
+    c.kill9(leader);
+    c.kill9((leader + 1) % 5);
+    c.wait_leader(Duration::from_secs(10));
+    write_anywhere_read_everywhere(&c, "three-left");
+}
+
+#[test]
+fn etcdctl_sees_one_cluster() {
+    let _s = serial();
+    let c = Cluster::start(3, &[]);
+    let bare: Vec<String> = c.members.iter().map(|m| m.endpoint()).collect();
+    let urls: Vec<String> = c.members.iter().map(|m| m.url()).collect();
+    for eps in [bare.join(","), urls.join(",")] {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={eps}"))
+                .args(args)
+                .output()
+                .expect("etcdctl runs");
+            assert!(
+                out.status.success(),
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let list = run(&["member", "list"]);
+        for m in &c.members {
+            let line = format!(
+                "{:x}, started, {}, {}, {}, false",
+                harness::id_of(m),
+                m.name,
+                m.peer_url(),
+                m.url()
+            );
+            assert!(list.contains(&line), "member list lacks {line:?}:\n{list}");
+        }
+        let status = run(&["endpoint", "status", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+        let leaders: Vec<u64> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["Status"]["leader"].as_u64().unwrap())
+            .collect();
+        assert_eq!(leaders.len(), 3);
+        assert!(
+            leaders.iter().all(|l| *l == leaders[0] && *l != 0),
+            "{status}"
+        );
+        run(&["put", "ctl", "ok"]);
+        for ep in &bare {
+            let out = std::process::Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={ep}"))
+                .args(["get", "ctl", "--print-value-only"])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+        }
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={eps}"))
+            .args(["endpoint", "health"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert_eq!(text.matches("is healthy").count(), 3, "{text}");
+    }
+}
