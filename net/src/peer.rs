@@ -13,9 +13,14 @@
 //! side (`Inbound::unreachable`) so raft probes the peer instead of streaming into the void.
 //!
 //! ```text
-//! hello:  b"KEELPEER" | u32 version=1 | u64 cluster_id | u64 from | u64 to   (all LE)
+//! hello:  b"KEELPEER" | u32 kind | u64 cluster_id | u64 from | u64 to   (all LE)
 //! frame:  u32 len | len bytes
 //! ```
+//!
+//! A connection of kind 1 carries frames for as long as it lives. One of kind 2 carries one
+//! stream (a whole state sent to a member far behind, on a connection of its own so the
+//! heartbeats never wait behind it): frames, then `u32 0xffffffff`; the receiver answers one
+//! byte, 1 if it took the stream whole, then the connection closes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,7 +34,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 const MAGIC: &[u8; 8] = b"KEELPEER";
-const VERSION: u32 = 1;
+const KIND_FRAMES: u32 = 1;
+const KIND_STREAM: u32 = 2;
+const STREAM_END: u32 = u32::MAX;
+/// How long a sender waits for the receiver to write a whole stream down.
+const STREAM_ACK_TIMEOUT: Duration = Duration::from_secs(300);
 const HELLO_BYTES: usize = 8 + 4 + 8 + 8 + 8;
 /// Frames waiting for one peer at most; beyond, new ones are dropped.
 pub const QUEUE_FRAMES: usize = 8192;
@@ -46,6 +55,12 @@ pub trait Inbound: Send + Sync + 'static {
     fn frame(&self, from: u64, frame: Bytes);
     /// The connection to `peer` broke or could not be made; frames to it were lost.
     fn unreachable(&self, peer: u64);
+    /// A stream from `from`: `next` yields its frames until it ends (None). Called on a
+    /// blocking thread; whether the stream was taken whole.
+    fn receive_stream(&self, from: u64, next: &mut dyn FnMut() -> Option<Bytes>) -> bool {
+        let _ = (from, next);
+        false
+    }
 }
 
 struct Link {
@@ -119,7 +134,7 @@ impl Peers {
             }),
         );
         self.links.store(Arc::new(links));
-        let hello = hello(self.cluster, self.local, peer);
+        let hello = hello(KIND_FRAMES, self.cluster, self.local, peer);
         let inbound = self.inbound.clone();
         self.rt.spawn(write_loop(peer, urls, hello, rx, inbound));
     }
@@ -138,6 +153,42 @@ impl Peers {
             Some(l) => l.tx.try_send(frame).is_ok(),
             None => false,
         }
+    }
+
+    /// Sends one stream to `peer` on a connection of its own: the frames `frames` yields
+    /// until it closes, then waits for the receiver's answer; `done` learns whether the
+    /// receiver took it whole. A sender that stops early (drops its end without its own end
+    /// marker inside the frames) leaves a stream the receiver refuses.
+    pub fn send_stream(
+        &self,
+        peer: u64,
+        mut frames: mpsc::Receiver<Bytes>,
+        done: Box<dyn FnOnce(bool) + Send>,
+    ) {
+        let urls = self.links.load().get(&peer).map(|l| l.urls.clone());
+        let hello = hello(KIND_STREAM, self.cluster, self.local, peer);
+        self.rt.spawn(async move {
+            let ok = async {
+                let mut s = dial(&urls?).await?;
+                s.write_all(&hello).await.ok()?;
+                let mut out = Vec::with_capacity(2 << 20);
+                while let Some(f) = frames.recv().await {
+                    out.clear();
+                    push_frame(&mut out, &f);
+                    s.write_all(&out).await.ok()?;
+                }
+                s.write_all(&STREAM_END.to_le_bytes()).await.ok()?;
+                let mut ack = [0u8; 1];
+                tokio::time::timeout(STREAM_ACK_TIMEOUT, s.read_exact(&mut ack))
+                    .await
+                    .ok()?
+                    .ok()?;
+                Some(ack[0] == 1)
+            }
+            .await
+            .unwrap_or(false);
+            done(ok);
+        });
     }
 
     async fn accept_loop(self: Arc<Self>, l: TcpListener) {
@@ -161,7 +212,7 @@ impl Peers {
         if s.read_exact(&mut h).await.is_err() {
             return;
         }
-        let Some((cluster, from, to)) = parse_hello(&h) else {
+        let Some((kind, cluster, from, to)) = parse_hello(&h) else {
             tracing::warn!(remote = %addr, "refused a peer connection: not a keel peer hello");
             return;
         };
@@ -185,6 +236,9 @@ impl Peers {
                 "refused a peer connection: it is meant for another member ID"
             );
             return;
+        }
+        if kind == KIND_STREAM {
+            return self.read_stream(s, from).await;
         }
         let mut buf = BytesMut::with_capacity(64 * 1024);
         loop {
@@ -212,6 +266,46 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// Reads one stream and hands its frames to the member on a blocking thread; answers
+    /// whether it was taken whole.
+    async fn read_stream(&self, mut s: TcpStream, from: u64) {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+        let inbound = self.inbound.clone();
+        let taker = tokio::task::spawn_blocking(move || {
+            inbound.receive_stream(from, &mut || rx.blocking_recv())
+        });
+        let mut buf = BytesMut::with_capacity(2 << 20);
+        let mut complete = false;
+        'read: loop {
+            loop {
+                if buf.len() >= 4
+                    && u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) == STREAM_END
+                {
+                    complete = true;
+                    break 'read;
+                }
+                match take_frame(&mut buf) {
+                    Some(Ok(f)) => {
+                        if tx.send(f).await.is_err() {
+                            break 'read;
+                        }
+                    }
+                    Some(Err(_)) => break 'read,
+                    None => break,
+                }
+            }
+            match s.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        drop(tx);
+        let taken = taker.await.unwrap_or(false) && complete;
+        let _ = s.write_all(&[taken as u8]).await;
+    }
+}
+
 /// The next whole frame in `buf`, if there is one; `Err(len)` for an oversized one.
 fn take_frame(buf: &mut BytesMut) -> Option<Result<Bytes, usize>> {
     if buf.len() < 4 {
@@ -229,22 +323,23 @@ fn take_frame(buf: &mut BytesMut) -> Option<Result<Bytes, usize>> {
     Some(Ok(buf.split_to(len).freeze()))
 }
 
-fn hello(cluster: u64, from: u64, to: u64) -> [u8; HELLO_BYTES] {
+fn hello(kind: u32, cluster: u64, from: u64, to: u64) -> [u8; HELLO_BYTES] {
     let mut h = [0u8; HELLO_BYTES];
     h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&kind.to_le_bytes());
     h[12..20].copy_from_slice(&cluster.to_le_bytes());
     h[20..28].copy_from_slice(&from.to_le_bytes());
     h[28..36].copy_from_slice(&to.to_le_bytes());
     h
 }
 
-fn parse_hello(h: &[u8; HELLO_BYTES]) -> Option<(u64, u64, u64)> {
-    if &h[..8] != MAGIC || u32::from_le_bytes(h[8..12].try_into().ok()?) != VERSION {
+fn parse_hello(h: &[u8; HELLO_BYTES]) -> Option<(u32, u64, u64, u64)> {
+    let kind = u32::from_le_bytes(h[8..12].try_into().ok()?);
+    if &h[..8] != MAGIC || !(kind == KIND_FRAMES || kind == KIND_STREAM) {
         return None;
     }
     let u = |r: std::ops::Range<usize>| u64::from_le_bytes(h[r].try_into().expect("8 bytes"));
-    Some((u(12..20), u(20..28), u(28..36)))
+    Some((kind, u(12..20), u(20..28), u(28..36)))
 }
 
 /// `host:port` of a peer URL (`http://host:port`, `https://...`, or bare).
@@ -434,6 +529,50 @@ mod tests {
         })
         .await;
         assert!(ok, "frames never arrived after the peer came up");
+    }
+
+    struct Taker {
+        got: Mutex<Vec<Bytes>>,
+    }
+
+    impl Inbound for Taker {
+        fn frame(&self, _: u64, _: Bytes) {}
+        fn unreachable(&self, _: u64) {}
+        fn receive_stream(&self, _: u64, next: &mut dyn FnMut() -> Option<Bytes>) -> bool {
+            let mut got = Vec::new();
+            while let Some(f) = next() {
+                got.push(f);
+            }
+            // Takes a stream only if it ends with its own "end" frame.
+            let whole = got.last().is_some_and(|f| f.as_ref() == b"end");
+            *self.got.lock().unwrap() = got;
+            whole
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stream_goes_on_its_own_connection_and_is_acknowledged() {
+        let rt = tokio::runtime::Handle::current();
+        let (la, _) = listener();
+        let (lb, ub) = listener();
+        let a = Peers::start(rt.clone(), 1, 5, vec![la], sink()).unwrap();
+        let taker = Arc::new(Taker {
+            got: Mutex::new(Vec::new()),
+        });
+        let _b = Peers::start(rt.clone(), 2, 5, vec![lb], taker.clone()).unwrap();
+        a.connect(2, vec![ub]);
+        for (frames, want) in [(vec!["a", "bb", "end"], true), (vec!["a", "cut"], false)] {
+            let (tx, rx) = mpsc::channel(2);
+            let (dtx, drx) = tokio::sync::oneshot::channel();
+            a.send_stream(2, rx, Box::new(move |ok| dtx.send(ok).unwrap()));
+            for f in &frames {
+                tx.send(Bytes::from(f.as_bytes().to_vec())).await.unwrap();
+            }
+            drop(tx);
+            assert_eq!(drx.await.unwrap(), want, "{frames:?}");
+            let got: Vec<Bytes> = taker.got.lock().unwrap().clone();
+            assert_eq!(got.len(), frames.len());
+        }
     }
 
     #[test]

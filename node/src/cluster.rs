@@ -108,6 +108,23 @@ pub fn set_attributes(members: &mut [keelpb::Member], a: &keelpb::MemberAttribut
     }
 }
 
+/// Raft's configuration for a membership: voters and learners.
+pub fn conf_state(members: &[keelpb::Member]) -> raft::eraftpb::ConfState {
+    raft::eraftpb::ConfState {
+        voters: members
+            .iter()
+            .filter(|m| !m.is_learner)
+            .map(|m| m.id)
+            .collect(),
+        learners: members
+            .iter()
+            .filter(|m| m.is_learner)
+            .map(|m| m.id)
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// Encodes a raft message as a peer frame.
 pub fn raft_frame(m: &raft::eraftpb::Message) -> Bytes {
     let mut v = Vec::with_capacity(1 + m.compute_size() as usize);
@@ -131,6 +148,10 @@ pub struct PeerInbound {
     pub member_id: u64,
     pub forwarder: Arc<LeaseForwarder>,
     pub peers: OnceLock<Arc<Peers>>,
+    /// The backend file (a received state is written beside it).
+    pub db_path: std::path::PathBuf,
+    /// Held while a state is being received (one at a time).
+    pub receiving: Mutex<()>,
 }
 
 impl Inbound for PeerInbound {
@@ -153,6 +174,62 @@ impl Inbound for PeerInbound {
 
     fn unreachable(&self, peer: u64) {
         let _ = self.control.try_send(Control::Unreachable(peer));
+    }
+
+    fn receive_stream(&self, from: u64, next: &mut dyn FnMut() -> Option<Bytes>) -> bool {
+        let Ok(_one) = self.receiving.try_lock() else {
+            tracing::warn!(
+                from = format!("{from:x}"),
+                "refused a state: already receiving one"
+            );
+            return false;
+        };
+        match self.receive_state(next) {
+            Ok(m) => {
+                // Raft decides whether to install it; the raft core then switches to it.
+                self.control.send(Control::Snapshot(Box::new(m))).is_ok()
+            }
+            Err(e) => {
+                tracing::warn!(from = format!("{from:x}"), "refused a state: {e:#}");
+                false
+            }
+        }
+    }
+}
+
+impl PeerInbound {
+    /// Writes a state the leader streams to the incoming backend file, checked whole; its
+    /// raft message.
+    fn receive_state(
+        &self,
+        next: &mut dyn FnMut() -> Option<Bytes>,
+    ) -> anyhow::Result<raft::eraftpb::Message> {
+        let first = next().ok_or_else(|| anyhow::anyhow!("an empty stream"))?;
+        anyhow::ensure!(first.first() == Some(&FRAME_RAFT), "no raft message first");
+        let m = raft::eraftpb::Message::parse_from_bytes(&first[1..])?;
+        anyhow::ensure!(
+            m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot,
+            "not a snapshot message"
+        );
+        let meta = m.get_snapshot().get_metadata();
+        let paths = crate::install::Paths::new(&self.db_path);
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            "receiving the leader's state"
+        );
+        let mut inc = keel_storage::transfer::Incoming::create(&paths.incoming)?;
+        while let Some(f) = next() {
+            inc.frame(&f)?;
+        }
+        let point = inc.finish()?;
+        anyhow::ensure!(
+            point == (meta.index, meta.term),
+            "the state ends at {point:?}, its message says ({}, {})",
+            meta.index,
+            meta.term
+        );
+        Ok(m)
     }
 }
 

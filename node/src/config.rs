@@ -393,6 +393,11 @@ pub fn listen_addr(url: &str) -> anyhow::Result<SocketAddr> {
 }
 
 impl Config {
+    /// The backend file.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("member").join("snap").join("keel.db")
+    }
+
     /// Parses argv (and the environment), then the config file if one is named.
     pub fn load(args: Vec<String>) -> anyhow::Result<Option<Config>> {
         let flags = Flags::try_parse_from(normalize_args(args))?;

@@ -10,6 +10,7 @@ mod cluster;
 mod concurrency;
 mod config;
 mod ids;
+mod install;
 mod lease;
 mod placement;
 mod raft_core;
@@ -230,13 +231,32 @@ fn run(cfg: Config) -> anyhow::Result<()> {
 
     let started = Instant::now();
     // The backend first: the WAL is read from the entry after its consistent index.
-    let db_path = cfg.data_dir.join("member").join("snap").join("keel.db");
+    let db_path = cfg.db_path();
     let store_opts = StoreOptions {
         commit_interval: cfg.backend_batch_interval,
         commit_ops_max: cfg.backend_batch_limit,
     };
-    let store = Store::open(&db_path, store_opts)
-        .with_context(|| format!("open backend {}", db_path.display()))?;
+    let open_store = || {
+        Store::open(&db_path, store_opts)
+            .with_context(|| format!("open backend {}", db_path.display()))
+    };
+    let mut store = open_store()?;
+    let wal_opts = WalOptions {
+        segment_bytes: cfg.wal_segment_bytes,
+        ..WalOptions::default()
+    };
+    let (log, fresh) = RaftLog::open(&cfg.wal_dir, wal_opts, member_meta(&cfg), store.applied())
+        .context("open wal")?;
+    // A state from the leader whose install a crash interrupted is finished now.
+    let install = install::Paths::new(&db_path);
+    if install.recover(log.installed().map(|s| s.0), store.applied().0)? {
+        drop(store);
+        store = open_store()?;
+        tracing::info!(
+            consistent_index = store.applied().0,
+            "finished installing the leader's state"
+        );
+    }
     let mvcc = store.mvcc().clone();
     let store_handle = store.handle();
     tracing::info!(
@@ -246,12 +266,6 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         open_ms = started.elapsed().as_millis() as u64,
         "opened backend"
     );
-    let wal_opts = WalOptions {
-        segment_bytes: cfg.wal_segment_bytes,
-        ..WalOptions::default()
-    };
-    let (log, fresh) = RaftLog::open(&cfg.wal_dir, wal_opts, member_meta(&cfg), store.applied())
-        .context("open wal")?;
     if fresh && cfg.initial_cluster_state == "existing" {
         anyhow::bail!(
             "--initial-cluster-state=existing: joining a cluster comes with the cluster issue"
@@ -318,6 +332,8 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             member_id: meta.member_id,
             forwarder: forwarder.clone(),
             peers: std::sync::OnceLock::new(),
+            db_path: cfg.db_path(),
+            receiving: std::sync::Mutex::new(()),
         });
         let peers = start_peers(&cfg, &meta, inbound.clone())?;
         let _ = inbound.peers.set(peers.clone());
@@ -400,6 +416,12 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         store: store_handle,
     });
+    if multi {
+        // Like etcd, a member of a cluster serves clients only once it has published itself
+        // through raft: it then knows a leader and has caught up with the log.
+        tracing::info!("publishing this member to the cluster before serving clients");
+        publish_attributes(&backend);
+    }
     for (i, per_core) in listeners.into_iter().enumerate() {
         let backend = backend.clone();
         let pin = net_cpus[i].map(|id| core_affinity::CoreId { id });
@@ -418,9 +440,16 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         cores = cfg.cores,
         "ready to serve client requests"
     );
-    std::thread::Builder::new()
-        .name("keel-publish".into())
-        .spawn(move || publish_attributes(backend))?;
+    if multi {
+        notify_systemd();
+    } else {
+        std::thread::Builder::new()
+            .name("keel-publish".into())
+            .spawn(move || {
+                publish_attributes(&backend);
+                notify_systemd();
+            })?;
+    }
     // Nothing here returns while the node is healthy: a core that stops is fatal.
     let _ = raft_thread.join();
     fatal(FATAL_EXIT_CODE, "raft core stopped");
@@ -457,8 +486,8 @@ fn start_peers(
 }
 
 /// Publishes this member's name and client URLs through raft (etcd's publish), retrying
-/// until it applies; then tells systemd the member is ready, as etcd does.
-fn publish_attributes(backend: Arc<NodeBackend>) {
+/// until it applies (etcd tells systemd it is ready only after).
+fn publish_attributes(backend: &NodeBackend) {
     use keel_proto::prost::Message;
     let attrs = keel_proto::keelpb::MemberAttributes {
         member_id: backend.member_id,
@@ -492,7 +521,6 @@ fn publish_attributes(backend: Arc<NodeBackend>) {
                     client_urls = ?backend.cfg.advertise_client_urls,
                     "published local member to cluster through raft"
                 );
-                notify_systemd();
                 return;
             }
         }

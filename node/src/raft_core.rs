@@ -79,6 +79,10 @@ pub enum Control {
     ReadIndex(Reader),
     /// The transport lost a peer: raft probes it instead of streaming appends into the void.
     Unreachable(u64),
+    /// A whole state from the leader, written to the incoming backend file: its raft message.
+    Snapshot(Box<raft::eraftpb::Message>),
+    /// A state sent to a member: whether it took it.
+    SnapshotSent(u64, bool),
 }
 
 /// Control messages waiting at most (raft messages beyond are dropped; raft resends).
@@ -149,6 +153,8 @@ pub struct RaftCore {
     /// applied and this instant has passed.
     orphan_sweep: Option<Instant>,
     election_timeout: Duration,
+    /// The backend file (a state from the leader replaces it).
+    db_path: std::path::PathBuf,
     next_id: u64,
     tick: Duration,
     last_proposal: Instant,
@@ -196,6 +202,8 @@ impl RaftCore {
             .applied_index
             .store(raft_cfg.applied, Ordering::Release);
         let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut log = log;
+        log.set_keep_applied(catchup_entries.max(1));
         let mut node = RawNode::new(&raft_cfg, log, &logger)?;
         if meta.voters == [meta.member_id] {
             // A lone voter need not wait an election timeout to lead.
@@ -225,6 +233,7 @@ impl RaftCore {
             was_leader: false,
             orphan_sweep: None,
             election_timeout: Duration::from_millis(election_ms),
+            db_path: cfg.db_path(),
             next_id: ((meta.member_id & 0xffff) << 48) | ((now_ms << 8) & ((1 << 48) - 1)),
             tick: Duration::from_millis(heartbeat_ms),
             last_proposal: Instant::now(),
@@ -331,6 +340,22 @@ impl RaftCore {
             }
             Control::ReadIndex(tx) => self.read_batch.push(tx),
             Control::Unreachable(peer) => self.node.report_unreachable(peer),
+            Control::Snapshot(m) => {
+                tracing::info!(
+                    from = format!("{:x}", m.from),
+                    index = m.get_snapshot().get_metadata().index,
+                    "received the leader's state"
+                );
+                let _ = self.node.step(*m);
+            }
+            Control::SnapshotSent(to, ok) => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.node.report_snapshot(to, status);
+            }
         }
     }
 
@@ -444,12 +469,8 @@ impl RaftCore {
         // Out first: a leader's appends reach followers while it writes its own WAL.
         self.send(rd.take_messages());
         if !rd.snapshot().is_empty() {
-            // Installing a snapshot from the leader is the next slice of the cluster work; the
-            // leader never sends one yet (see `send`), so this cannot happen.
-            crate::fatal(
-                crate::FATAL_EXIT_CODE,
-                "received a raft snapshot; installing snapshots from the leader is not built yet",
-            );
+            let snap = rd.snapshot().clone();
+            self.install(&snap, rd.hs().cloned());
         }
         for rs in rd.take_read_states() {
             let ctx = <[u8; 8]>::try_from(rs.request_ctx.as_slice())
@@ -494,13 +515,7 @@ impl RaftCore {
         for m in msgs {
             let to = m.to;
             if m.get_msg_type() == MessageType::MsgSnapshot {
-                // Sending the state to a member too far behind is the next slice; until then
-                // it stays behind (the WAL keeps `--snapshot-catchup-entries` for it).
-                tracing::warn!(
-                    to = format!("{to:x}"),
-                    "a member is behind the retained log; sending snapshots is not built yet"
-                );
-                self.node.report_snapshot(to, SnapshotStatus::Failure);
+                self.send_snapshot(&peers, m);
                 continue;
             }
             if !peers.send(to, crate::cluster::raft_frame(&m)) {
@@ -533,6 +548,108 @@ impl RaftCore {
             self.store.set_applied(e.index, e.term);
             self.status.applied_index.store(e.index, Ordering::Release);
         }
+    }
+
+    /// Sends this member's state to `m.to`, which is behind the retained log, on a thread
+    /// of its own and a connection of its own (the heartbeats go on meanwhile). The state is
+    /// the backend as of a durable commit at or after the snapshot raft asked for; the
+    /// message's metadata is rewritten to say which entry it ends with.
+    fn send_snapshot(&mut self, peers: &Arc<Peers>, mut m: raft::eraftpb::Message) {
+        let to = m.to;
+        let want = m.get_snapshot().get_metadata().index;
+        let handle = self.store.handle();
+        let (peers, ctl) = (peers.clone(), self._ctl_tx.clone());
+        let spawned = std::thread::Builder::new()
+            .name("keel-snap-send".into())
+            .spawn(move || {
+                let report = ctl.clone();
+                let fail = move |why: String| {
+                    tracing::warn!(to = format!("{to:x}"), "sending the state failed: {why}");
+                    let _ = report.send(Control::SnapshotSent(to, false));
+                };
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while handle.persisted() < want && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let Some(out) = handle.outgoing() else {
+                    return fail("no backend".into());
+                };
+                let (index, term) = match out.point() {
+                    Ok(p) if p.0 >= want => p,
+                    Ok(p) => return fail(format!("the backend holds {} < {want}", p.0)),
+                    Err(e) => return fail(e.to_string()),
+                };
+                let members = match out.members().map(|b| b.map(|b| Membership::decode(&b))) {
+                    Ok(Some(Ok(m))) => m,
+                    _ => return fail("the state has no membership".into()),
+                };
+                let meta = m.mut_snapshot().mut_metadata();
+                meta.index = index;
+                meta.term = term;
+                meta.set_conf_state(crate::cluster::conf_state(&members));
+                tracing::info!(
+                    to = format!("{to:x}"),
+                    index,
+                    term,
+                    "sending this member's state to a member behind the log"
+                );
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                peers.send_stream(
+                    to,
+                    rx,
+                    Box::new(move |ok| {
+                        tracing::info!(to = format!("{to:x}"), ok, "state sent");
+                        let _ = ctl.send(Control::SnapshotSent(to, ok));
+                    }),
+                );
+                if tx.blocking_send(crate::cluster::raft_frame(&m)).is_err() {
+                    return;
+                }
+                // A failure midway drops `tx` before the end frame: the receiver refuses it.
+                let _ = out.send(|chunk| tx.blocking_send(bytes::Bytes::from(chunk)).is_ok());
+            });
+        if spawned.is_err() {
+            self.node.report_snapshot(to, SnapshotStatus::Failure);
+        }
+    }
+
+    /// Installs the state the leader sent (already written to the incoming backend file):
+    /// durably, in an order a crash at any point recovers from (see `crate::install`), then
+    /// the process starts over on it.
+    fn install(&mut self, snap: &raft::eraftpb::Snapshot, hs: Option<raft::eraftpb::HardState>) {
+        let meta = snap.get_metadata();
+        let (index, term) = (meta.index, meta.term);
+        tracing::info!(
+            index,
+            term,
+            "installing the leader's state; restarting on it"
+        );
+        if let Some(hs) = hs {
+            if let Err(e) = self.node.mut_store().append(&[], Some(&hs)) {
+                crate::fatal(crate::FATAL_EXIT_CODE, &format!("wal append failed: {e}"));
+            }
+        }
+        let paths = crate::install::Paths::new(&self.db_path);
+        if let Err(e) = paths.stage(index) {
+            crate::fatal(
+                crate::FATAL_EXIT_CODE,
+                &format!("installing a state: {e:#}"),
+            );
+        }
+        if let Err(e) =
+            self.node
+                .mut_store()
+                .install_snapshot(index, term, meta.get_conf_state().clone())
+        {
+            crate::fatal(crate::FATAL_EXIT_CODE, &format!("wal append failed: {e}"));
+        }
+        if let Err(e) = paths.switch() {
+            crate::fatal(
+                crate::FATAL_EXIT_CODE,
+                &format!("installing a state: {e:#}"),
+            );
+        }
+        crate::install::restart();
     }
 
     /// A member's published name and client URLs (etcd's ClusterMemberAttrSet).

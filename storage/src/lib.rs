@@ -9,6 +9,7 @@ pub mod error;
 pub mod mvcc;
 pub mod raftlog;
 pub mod store;
+pub mod transfer;
 pub mod wal;
 
 pub use error::{Error, Result};

@@ -9,6 +9,9 @@
 //! BATCH (type 2), one per ready-loop turn that has something to persist:
 //!   u8 format=1 | u64 hs.term | u64 hs.vote | u64 hs.commit | u32 n | n x entry
 //!   entry: u64 index | u64 term | u8 type | u32 data_len | data | u32 ctx_len | ctx
+//! SNAPSHOT (type 3), written when the member installs a state the leader sent (the backend
+//!   then holds everything up to `index`; earlier records no longer matter):
+//!   u8 format=1 | u64 index | u64 term | u64 hs.term | u64 hs.vote | u64 hs.commit
 //! ```
 //!
 //! Every integer is little-endian. A batch whose first entry index is at or below the last
@@ -37,6 +40,7 @@ use crate::wal::{Recovery, Wal, WalOptions};
 
 pub const RECORD_META: u8 = 1;
 pub const RECORD_BATCH: u8 = 2;
+pub const RECORD_SNAPSHOT: u8 = 3;
 const FORMAT: u8 = 1;
 
 /// Applied entries kept in memory beyond the applied index, for followers catching up.
@@ -75,6 +79,10 @@ pub struct RaftLog {
     entries: VecDeque<Entry>,
     /// The data bytes of `entries`.
     entries_bytes: usize,
+    /// The last installed snapshot's (index, term), as the WAL records it.
+    installed: Option<(u64, u64)>,
+    /// Applied entries kept in memory (`KEEP_APPLIED_ENTRIES` unless set).
+    keep_applied: u64,
 }
 
 impl RaftLog {
@@ -109,6 +117,8 @@ impl RaftLog {
             offset_term,
             entries: VecDeque::new(),
             entries_bytes: 0,
+            installed: None,
+            keep_applied: KEEP_APPLIED_ENTRIES,
         };
         if fresh {
             log.hard_state.term = offset_term;
@@ -158,6 +168,11 @@ impl RaftLog {
         let meta = decode_meta(&first.payload)
             .ok_or_else(|| at(0, "member meta record does not decode".into()))?;
         let mut last_batch = None;
+        // Batches before the last installed snapshot describe a log that state replaced.
+        let from = records
+            .iter()
+            .rposition(|r| r.record_type == RECORD_SNAPSHOT)
+            .unwrap_or(0);
         for (i, rec) in records.iter().enumerate() {
             let seq = positions[i].segment_seq;
             let info = self.segments.entry(seq).or_insert(SegmentInfo {
@@ -168,6 +183,28 @@ impl RaftLog {
                 RECORD_META => {
                     if decode_meta(&rec.payload).as_ref() != Some(&meta) {
                         return Err(at(i, "member meta differs from the first one".into()));
+                    }
+                }
+                RECORD_SNAPSHOT => {
+                    let (index, term, hs) = decode_snapshot(&rec.payload)
+                        .ok_or_else(|| at(i, "snapshot record does not decode".into()))?;
+                    info.last_index = info.last_index.max(index);
+                    if i == from {
+                        self.installed = Some((index, term));
+                        if index > self.offset_index {
+                            self.offset_index = index;
+                            self.offset_term = term;
+                        }
+                        self.entries.clear();
+                        self.entries_bytes = 0;
+                        self.hard_state = hs;
+                    }
+                }
+                RECORD_BATCH if i < from => {
+                    if let Some((_, entries)) = decode_batch(&rec.payload) {
+                        if let Some(e) = entries.last() {
+                            info.last_index = info.last_index.max(e.index);
+                        }
                     }
                 }
                 RECORD_BATCH => {
@@ -321,6 +358,40 @@ impl RaftLog {
         Ok(())
     }
 
+    /// Installs a state the leader sent, which holds every entry up to `index` (of `term`):
+    /// the log restarts after it, durably (a SNAPSHOT record), with `conf_state`.
+    pub fn install_snapshot(&mut self, index: u64, term: u64, conf_state: ConfState) -> Result<()> {
+        self.hard_state.commit = self.hard_state.commit.max(index);
+        self.hard_state.term = self.hard_state.term.max(term);
+        let mut w = Writer(Vec::with_capacity(41));
+        w.u8(FORMAT);
+        w.u64(index);
+        w.u64(term);
+        w.u64(self.hard_state.term);
+        w.u64(self.hard_state.vote);
+        w.u64(self.hard_state.commit);
+        let (before, at_start) = (self.wal.segment_seq(), self.wal.offset() == 0);
+        self.wal.append(&[(RECORD_SNAPSHOT, &w.0)])?;
+        let seq = self.wal.segment_seq();
+        let info = self.segments.entry(seq).or_insert(SegmentInfo {
+            starts_with_meta: seq != before || at_start,
+            last_index: 0,
+        });
+        info.last_index = info.last_index.max(index);
+        self.entries.clear();
+        self.entries_bytes = 0;
+        self.offset_index = index;
+        self.offset_term = term;
+        self.conf_state = conf_state;
+        self.installed = Some((index, term));
+        Ok(())
+    }
+
+    /// The last snapshot installed from a leader, as the WAL records it.
+    pub fn installed(&self) -> Option<(u64, u64)> {
+        self.installed
+    }
+
     /// Records a new commit index; it reaches disk with the next batch (commit can always be
     /// recomputed by raft, so it needs no sync of its own).
     pub fn set_commit(&mut self, commit: u64) {
@@ -350,10 +421,16 @@ impl RaftLog {
         self.entries.extend(entries);
     }
 
-    /// Drops in-memory entries up to `applied - KEEP_APPLIED_ENTRIES`, and older applied ones
+    /// How many applied entries to keep in memory for followers catching up (etcd's
+    /// `--snapshot-catchup-entries`); a follower further behind is sent the whole state.
+    pub fn set_keep_applied(&mut self, n: u64) {
+        self.keep_applied = n;
+    }
+
+    /// Drops in-memory entries up to `applied - keep_applied`, and older applied ones
     /// while they hold more than `KEEP_APPLIED_BYTES`.
     pub fn compact_applied(&mut self, applied: u64) {
-        let upto = applied.saturating_sub(KEEP_APPLIED_ENTRIES);
+        let upto = applied.saturating_sub(self.keep_applied);
         while let Some(e) = self.entries.front() {
             let too_big = self.entries_bytes > KEEP_APPLIED_BYTES && e.index <= applied;
             if e.index > upto && !too_big {
@@ -546,6 +623,21 @@ pub fn encode_batch(hs: &HardState, entries: &[Entry]) -> Vec<u8> {
         w.bytes32(&e.context);
     }
     w.0
+}
+
+fn decode_snapshot(b: &[u8]) -> Option<(u64, u64, HardState)> {
+    let mut r = Reader(b);
+    if r.u8()? != FORMAT {
+        return None;
+    }
+    let (index, term) = (r.u64()?, r.u64()?);
+    let hs = HardState {
+        term: r.u64()?,
+        vote: r.u64()?,
+        commit: r.u64()?,
+        ..Default::default()
+    };
+    Some((index, term, hs))
 }
 
 pub fn decode_batch(b: &[u8]) -> Option<(HardState, Vec<Entry>)> {
@@ -780,6 +872,57 @@ mod tests {
                 got.contains("0000000000000000.wal at offset") && got.contains("record 3"),
                 "{got}"
             );
+        }
+    }
+
+    #[test]
+    fn an_installed_snapshot_replaces_the_log_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = || WalOptions {
+            segment_bytes: 64 << 10,
+            align_bytes: Some(512),
+        };
+        let hs = HardState {
+            term: 3,
+            vote: 9,
+            ..Default::default()
+        };
+        {
+            let (mut log, _) = RaftLog::open(dir.path(), opts(), meta(), (0, 0)).unwrap();
+            // A stale log: entries 2..=50 of term 3, some never committed.
+            let ents: Vec<Entry> = (2..=50).map(|i| entry(i, 3, "old")).collect();
+            log.append(&ents, Some(&hs)).unwrap();
+            log.set_commit(10);
+            // The leader's state ends at entry 900 of term 5; entry 40 here had term 3.
+            let cs = ConfState {
+                voters: vec![1, 2, 3],
+                ..Default::default()
+            };
+            log.install_snapshot(900, 5, cs.clone()).unwrap();
+            assert_eq!(log.first_index().unwrap(), 901);
+            assert_eq!(log.last_index().unwrap(), 900);
+            assert_eq!(log.term(900).unwrap(), 5);
+            assert_eq!(log.initial_state().unwrap().conf_state, cs);
+            log.append(
+                &[entry(901, 5, "new")],
+                Some(&HardState {
+                    term: 5,
+                    vote: 2,
+                    commit: 901,
+                    ..Default::default()
+                }),
+            )
+            .unwrap();
+        }
+        // Reopened with the backend at the snapshot (the usual case) or still at its old
+        // point (a crash before the new backend was renamed in): the log starts after 900.
+        for backend in [(900, 5), (10, 3)] {
+            let (log, _) = RaftLog::open(dir.path(), opts(), meta(), backend).unwrap();
+            assert_eq!(log.installed(), Some((900, 5)));
+            assert_eq!(log.first_index().unwrap(), 901);
+            assert_eq!(log.last_index().unwrap(), 901);
+            let hs = log.initial_state().unwrap().hard_state;
+            assert_eq!((hs.term, hs.vote, hs.commit), (5, 2, 901));
         }
     }
 

@@ -47,13 +47,13 @@ use crate::backend::{Backend, Options, SpaceStats};
 use crate::error::{Error, Result};
 use crate::mvcc::{decode_record, encode_record, record_key, Change, Key, Mvcc, WriteTxn};
 
-const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
-const META_TERM: &[u8] = b"m/term";
+pub(crate) const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
+pub(crate) const META_TERM: &[u8] = b"m/term";
 const META_CURRENT_REV: &[u8] = b"m/current_rev";
 const META_COMPACT_REV: &[u8] = b"m/compact_rev";
 const META_ALARMS: &[u8] = b"m/alarms";
 const META_FINISHED_COMPACT_REV: &[u8] = b"m/finished_compact_rev";
-const META_MEMBERS: &[u8] = b"m/members";
+pub(crate) const META_MEMBERS: &[u8] = b"m/members";
 /// Lease records: `l` + lease ID (8 bytes, big-endian) -> `ttl i64 | remaining_ttl i64`
 /// (little-endian; remaining 0: none checkpointed).
 const LEASE_PREFIX: u8 = b'l';
@@ -569,7 +569,7 @@ pub struct StoreHandle {
 
 impl StoreHandle {
     /// The consistent index of the last batch made durable.
-    fn persisted(&self) -> u64 {
+    pub fn persisted(&self) -> u64 {
         self.published.index.load(Ordering::Acquire)
     }
 
@@ -582,6 +582,14 @@ impl StoreHandle {
     }
 
     /// The last compaction carried out in full.
+    /// The state as of the last durable commit, pinned (its pages are not reused while the
+    /// result is held), to send whole to a member far behind.
+    pub fn outgoing(&self) -> Option<crate::transfer::Outgoing> {
+        self.mvcc
+            .backend()
+            .map(|r| crate::transfer::Outgoing::new(r.snapshot()))
+    }
+
     pub fn finished_compact_rev(&self) -> i64 {
         self.published.finished_compact_rev.load(Ordering::Acquire)
     }

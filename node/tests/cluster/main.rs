@@ -418,6 +418,81 @@ fn leases_work_through_followers_and_survive_a_new_leader() {
 }
 
 #[test]
+fn a_member_down_past_the_retained_log_catches_up_from_the_leaders_state() {
+    let _s = serial();
+    let mut c = Cluster::start(
+        3,
+        &[
+            "--snapshot-count",
+            "300",
+            "--snapshot-catchup-entries",
+            "100",
+        ],
+    );
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let behind = (leader + 1) % 3;
+    let url = c.members[leader].url();
+    let rt = rt();
+    rt.block_on(put(&url, "s/first", "1", T)).unwrap();
+    c.kill9(behind);
+    // Far more entries than the others keep for a follower, with deletes and a compaction.
+    rt.block_on(async {
+        let mut kv = kv(&url).await;
+        for i in 0..1200 {
+            put(&url, &format!("s/{:04}", i % 700), &format!("v{i}"), T)
+                .await
+                .unwrap();
+            if i % 100 == 99 {
+                kv.delete_range(pb::DeleteRangeRequest {
+                    key: format!("s/{:04}", i - 50).into_bytes().into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+            if i == 900 {
+                kv.compact(pb::CompactionRequest {
+                    revision: 500,
+                    physical: true,
+                })
+                .await
+                .unwrap();
+            }
+        }
+    });
+    c.restart(behind);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = rt.block_on(get(
+            &c.members[behind].url(),
+            "s/0499",
+            false,
+            Duration::from_secs(2),
+        ));
+        if let Ok(v) = got {
+            assert_eq!(v, Some("v1199".into()));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the member never caught up:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = c.members[behind].log_text();
+    assert!(
+        log.contains("installing the leader's state"),
+        "it caught up without the leader's state (the test did not test it):\n{log}"
+    );
+    assert_converged(&c);
+    // It goes on as a follower: new writes reach it, and it restarts on its new state.
+    write_anywhere_read_everywhere(&c, "after-install");
+    c.restart(behind);
+    write_anywhere_read_everywhere(&c, "after-restart");
+}
+
+#[test]
 fn a_paused_leader_is_replaced_and_rejoins_as_a_follower() {
     let _s = serial();
     let c = Cluster::start(3, &[]);
