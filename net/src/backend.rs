@@ -82,6 +82,23 @@ pub trait Backend: Send + Sync + 'static {
 
     fn members(&self) -> Vec<pb::Member>;
 
+    /// Cluster.MemberAdd: the new member, once the change applied here.
+    fn member_add(
+        &self,
+        peer_urls: Vec<String>,
+        is_learner: bool,
+    ) -> impl Future<Output = Result<pb::Member, ApiError>> + Send;
+
+    fn member_remove(&self, id: u64) -> impl Future<Output = Result<(), ApiError>> + Send;
+
+    fn member_update(
+        &self,
+        id: u64,
+        peer_urls: Vec<String>,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send;
+
+    fn member_promote(&self, id: u64) -> impl Future<Output = Result<(), ApiError>> + Send;
+
     fn alarms(&self) -> Vec<pb::AlarmMember>;
 
     /// Rewrites this member's backend compactly (etcd's defrag; not through raft).

@@ -43,6 +43,22 @@ pub enum ApiError {
     LeaderChanged,
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    #[error("etcdserver: member ID already exist")]
+    MemberExists,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    #[error("etcdserver: rpc not supported for learner")]
+    NotSupportedForLearner,
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    MemberNotEnoughStarted,
     #[error("etcdserver: not capable")]
     NotCapable,
     /// What grpc-go (and so etcd) answers for a message over its receive limit.
@@ -59,10 +75,19 @@ impl ApiError {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
             | RequestTooLarge => Code::InvalidArgument,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
-            LeaseExists => Code::FailedPrecondition,
+            LeaseExists
+            | MemberExists
+            | PeerUrlExists
+            | MemberNotLearner
+            | LearnerNotReady
+            | TooManyLearners
+            | MemberNotEnoughStarted => Code::FailedPrecondition,
+            MemberBadUrls => Code::InvalidArgument,
             NoSpace | TooManyRequests | MessageTooLarge { .. } => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            NoLeader | Stopped | Timeout | LeaderChanged | NotCapable => Code::Unavailable,
+            NoLeader | Stopped | Timeout | LeaderChanged | NotCapable | NotSupportedForLearner => {
+                Code::Unavailable
+            }
             Internal(_) => Code::Unknown,
         }
     }

@@ -36,6 +36,9 @@ use tokio::sync::mpsc;
 const MAGIC: &[u8; 8] = b"KEELPEER";
 const KIND_FRAMES: u32 = 1;
 const KIND_STREAM: u32 = 2;
+/// A query from a member that does not know its ID yet (joining an existing cluster): the
+/// hello's IDs are zero; the answer is one frame, then the connection closes.
+const KIND_QUERY: u32 = 3;
 const STREAM_END: u32 = u32::MAX;
 /// How long a sender waits for the receiver to write a whole stream down.
 const STREAM_ACK_TIMEOUT: Duration = Duration::from_secs(300);
@@ -61,6 +64,33 @@ pub trait Inbound: Send + Sync + 'static {
         let _ = (from, next);
         false
     }
+    /// The answer to a peer query (what the cluster looks like).
+    fn query(&self) -> Bytes {
+        Bytes::new()
+    }
+}
+
+/// Asks the members at `urls` (the first that answers) what the cluster looks like.
+pub async fn query(urls: &[String]) -> Option<Bytes> {
+    for u in urls {
+        let ask = async {
+            let mut s = dial(std::slice::from_ref(u)).await?;
+            s.write_all(&hello(KIND_QUERY, 0, 0, 0)).await.ok()?;
+            let mut buf = BytesMut::new();
+            loop {
+                if let Some(f) = take_frame(&mut buf) {
+                    return f.ok();
+                }
+                if s.read_buf(&mut buf).await.ok()? == 0 {
+                    return None;
+                }
+            }
+        };
+        if let Ok(Some(answer)) = tokio::time::timeout(DIAL_TIMEOUT * 3, ask).await {
+            return Some(answer);
+        }
+    }
+    None
 }
 
 struct Link {
@@ -216,6 +246,12 @@ impl Peers {
             tracing::warn!(remote = %addr, "refused a peer connection: not a keel peer hello");
             return;
         };
+        if kind == KIND_QUERY {
+            let mut out = Vec::new();
+            push_frame(&mut out, &self.inbound.query());
+            let _ = s.write_all(&out).await;
+            return;
+        }
         if cluster != self.cluster {
             tracing::warn!(
                 remote = %addr,
@@ -335,7 +371,7 @@ fn hello(kind: u32, cluster: u64, from: u64, to: u64) -> [u8; HELLO_BYTES] {
 
 fn parse_hello(h: &[u8; HELLO_BYTES]) -> Option<(u32, u64, u64, u64)> {
     let kind = u32::from_le_bytes(h[8..12].try_into().ok()?);
-    if &h[..8] != MAGIC || !(kind == KIND_FRAMES || kind == KIND_STREAM) {
+    if &h[..8] != MAGIC || !(KIND_FRAMES..=KIND_QUERY).contains(&kind) {
         return None;
     }
     let u = |r: std::ops::Range<usize>| u64::from_le_bytes(h[r].try_into().expect("8 bytes"));

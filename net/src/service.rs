@@ -249,25 +249,40 @@ impl<B> ClusterService<B> {
 
 #[tonic::async_trait]
 impl<B: Backend> pb::cluster_server::Cluster for ClusterService<B> {
-    async fn member_add(
-        &self,
-        _req: Request<pb::MemberAddRequest>,
-    ) -> Reply<pb::MemberAddResponse> {
-        Err(not_yet("MemberAdd"))
+    async fn member_add(&self, req: Request<pb::MemberAddRequest>) -> Reply<pb::MemberAddResponse> {
+        let req = req.into_inner();
+        let member = self
+            .backend
+            .member_add(req.peer_ur_ls, req.is_learner)
+            .await?;
+        Ok(Response::new(pb::MemberAddResponse {
+            header: Some(self.backend.header(0)),
+            member: Some(member),
+            members: self.backend.members(),
+        }))
     }
 
     async fn member_remove(
         &self,
-        _req: Request<pb::MemberRemoveRequest>,
+        req: Request<pb::MemberRemoveRequest>,
     ) -> Reply<pb::MemberRemoveResponse> {
-        Err(not_yet("MemberRemove"))
+        self.backend.member_remove(req.into_inner().id).await?;
+        Ok(Response::new(pb::MemberRemoveResponse {
+            header: Some(self.backend.header(0)),
+            members: self.backend.members(),
+        }))
     }
 
     async fn member_update(
         &self,
-        _req: Request<pb::MemberUpdateRequest>,
+        req: Request<pb::MemberUpdateRequest>,
     ) -> Reply<pb::MemberUpdateResponse> {
-        Err(not_yet("MemberUpdate"))
+        let req = req.into_inner();
+        self.backend.member_update(req.id, req.peer_ur_ls).await?;
+        Ok(Response::new(pb::MemberUpdateResponse {
+            header: Some(self.backend.header(0)),
+            members: self.backend.members(),
+        }))
     }
 
     async fn member_list(
@@ -282,8 +297,12 @@ impl<B: Backend> pb::cluster_server::Cluster for ClusterService<B> {
 
     async fn member_promote(
         &self,
-        _req: Request<pb::MemberPromoteRequest>,
+        req: Request<pb::MemberPromoteRequest>,
     ) -> Reply<pb::MemberPromoteResponse> {
-        Err(not_yet("MemberPromote"))
+        self.backend.member_promote(req.into_inner().id).await?;
+        Ok(Response::new(pb::MemberPromoteResponse {
+            header: Some(self.backend.header(0)),
+            members: self.backend.members(),
+        }))
     }
 }

@@ -40,9 +40,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
 const LEASE_OVERHEAD_BYTES: usize = 64;
 
 pub struct NodeBackend {
-    /// More than one voter: linearizable reads need a ReadIndex round, lease calls go to the
-    /// leader.
-    pub cluster: bool,
     pub control: Sender<crate::raft_core::Control>,
     pub membership: Arc<crate::cluster::Membership>,
     pub forwarder: Arc<crate::cluster::LeaseForwarder>,
@@ -62,7 +59,7 @@ impl NodeBackend {
     /// linearizable. A lone voter has nothing to wait for: every acknowledged write is
     /// applied and published before its client hears back.
     pub fn linearize(&self) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
-        let asked = if self.cluster {
+        let asked = if self.multi() {
             let (tx, rx) = oneshot::channel();
             match self
                 .control
@@ -85,9 +82,60 @@ impl NodeBackend {
         }
     }
 
+    /// More than one member: linearizable reads need a ReadIndex round, lease calls go to
+    /// the leader.
+    fn multi(&self) -> bool {
+        self.status.multi.load(Ordering::Acquire)
+    }
+
+    fn learner(&self) -> bool {
+        self.status.learner.load(Ordering::Acquire)
+    }
+
+    /// Hands a request to the raft core's control channel and waits for its answer.
+    fn control_call(
+        &self,
+        make: impl FnOnce(crate::raft_core::Responder) -> crate::raft_core::Control,
+    ) -> impl std::future::Future<Output = Result<WriteResponse, ApiError>> + Send {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.control.try_send(make(tx)).map_err(|e| match e {
+            TrySendError::Full(_) => ApiError::TooManyRequests,
+            TrySendError::Disconnected(_) => ApiError::Stopped,
+        });
+        async move {
+            sent?;
+            match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(ApiError::Stopped),
+                Err(_) => Err(ApiError::Timeout),
+            }
+        }
+    }
+
+    /// etcd's strict reconfiguration check: a voter may join only if the members that have
+    /// started (published themselves) would still be a quorum.
+    fn ready_to_add_voter(&self) -> bool {
+        let members = self.membership.get();
+        let voters: Vec<_> = members.iter().filter(|m| !m.is_learner).collect();
+        let started = voters.iter().filter(|m| !m.name.is_empty()).count();
+        let n = voters.len() + 1;
+        (started == 1 && n == 2) || started >= n / 2 + 1
+    }
+
+    /// ... and a voter may go only if the started members left are a quorum of those left.
+    fn ready_to_remove_voter(&self, id: u64) -> bool {
+        let members = self.membership.get();
+        let left: Vec<_> = members
+            .iter()
+            .filter(|m| !m.is_learner && m.id != id)
+            .collect();
+        let started = left.iter().filter(|m| !m.name.is_empty()).count();
+        started >= left.len() / 2 + 1
+    }
+
     /// The leader to forward a lease call to, if it is another member.
     fn lease_leader(&self) -> Result<Option<u64>, ApiError> {
-        if !self.cluster {
+        if !self.multi() {
             return Ok(None);
         }
         match self.status.leader_id.load(Ordering::Acquire) {
@@ -199,7 +247,12 @@ impl Backend for NodeBackend {
     ) -> impl std::future::Future<Output = Result<pb::RangeResponse, ApiError>> + Send {
         fail::fail_point!("backend-range");
         served_one();
-        if !self.cluster || req.serializable {
+        if self.learner() && !req.serializable {
+            return futures::future::Either::Left(std::future::ready(Err(
+                ApiError::NotSupportedForLearner,
+            )));
+        }
+        if !self.multi() || req.serializable {
             return futures::future::Either::Left(std::future::ready(apply::range(
                 &*self.mvcc,
                 &req,
@@ -225,8 +278,13 @@ impl Backend for NodeBackend {
         };
         let store = self.store.clone();
         let (tx, rx) = oneshot::channel();
-        let sent = self
-            .check_quota(&req)
+        let learner = if self.learner() {
+            Err(ApiError::NotSupportedForLearner)
+        } else {
+            Ok(())
+        };
+        let sent = learner
+            .and_then(|()| self.check_quota(&req))
             .and_then(|()| self.encode(req))
             .and_then(|data| {
                 self.proposals
@@ -276,7 +334,7 @@ impl Backend for NodeBackend {
                 })
                 .collect(),
             db_size_in_use: db_bytes_in_use,
-            is_learner: false,
+            is_learner: self.learner(),
             storage_version: String::new(),
             db_size_quota: self.cfg.quota_backend_bytes.unwrap_or(0) as i64,
             downgrade_info: None,
@@ -285,6 +343,133 @@ impl Backend for NodeBackend {
 
     fn members(&self) -> Vec<pb::Member> {
         self.membership.list()
+    }
+
+    fn member_add(
+        &self,
+        peer_urls: Vec<String>,
+        is_learner: bool,
+    ) -> impl std::future::Future<Output = Result<pb::Member, ApiError>> + Send {
+        let checked = (|| {
+            if peer_urls.is_empty()
+                || peer_urls
+                    .iter()
+                    .any(|u| crate::config::listen_addr(u).is_err() && !u.starts_with("https://"))
+            {
+                return Err(ApiError::MemberBadUrls);
+            }
+            if !is_learner && !self.ready_to_add_voter() {
+                return Err(ApiError::MemberNotEnoughStarted);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            Ok(keel_proto::keelpb::Member {
+                id: crate::ids::added_member_id(&peer_urls, now),
+                name: String::new(),
+                peer_urls: peer_urls.clone(),
+                client_urls: Vec::new(),
+                is_learner,
+            })
+        })();
+        let call = checked.clone().map(|m| {
+            let cc = raft::eraftpb::ConfChange {
+                change_type: if is_learner {
+                    raft::eraftpb::ConfChangeType::AddLearnerNode
+                } else {
+                    raft::eraftpb::ConfChangeType::AddNode
+                },
+                node_id: m.id,
+                context: m.encode_to_vec().into(),
+                ..Default::default()
+            };
+            self.control_call(|tx| crate::raft_core::Control::ProposeConf(cc, tx))
+        });
+        async move {
+            let m = checked?;
+            call?.await?;
+            Ok(pb::Member {
+                id: m.id,
+                name: m.name,
+                peer_ur_ls: m.peer_urls,
+                client_ur_ls: m.client_urls,
+                is_learner: m.is_learner,
+            })
+        }
+    }
+
+    fn member_remove(
+        &self,
+        id: u64,
+    ) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
+        let members = self.membership.get();
+        let checked = match members.iter().find(|m| m.id == id) {
+            None => Err(ApiError::MemberNotFound),
+            Some(m) if !m.is_learner && !self.ready_to_remove_voter(id) => {
+                Err(ApiError::MemberNotEnoughStarted)
+            }
+            Some(_) => Ok(()),
+        };
+        let call = checked.map(|()| {
+            let cc = raft::eraftpb::ConfChange {
+                change_type: raft::eraftpb::ConfChangeType::RemoveNode,
+                node_id: id,
+                ..Default::default()
+            };
+            self.control_call(|tx| crate::raft_core::Control::ProposeConf(cc, tx))
+        });
+        async move { call?.await.map(|_| ()) }
+    }
+
+    fn member_update(
+        &self,
+        id: u64,
+        peer_urls: Vec<String>,
+    ) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
+        let bad = peer_urls.is_empty()
+            || peer_urls
+                .iter()
+                .any(|u| crate::config::listen_addr(u).is_err() && !u.starts_with("https://"));
+        let req = InternalRequest {
+            member_update: Some(keel_proto::keelpb::MemberUpdate { id, peer_urls }),
+            ..Default::default()
+        };
+        let call = (!bad).then(|| {
+            let data = req.encode_to_vec();
+            let (tx, rx) = oneshot::channel();
+            let sent = self
+                .proposals
+                .try_send(Proposal { data, tx })
+                .map_err(|_| ApiError::TooManyRequests);
+            (sent, rx)
+        });
+        async move {
+            let (sent, rx) = call.ok_or(ApiError::MemberBadUrls)?;
+            sent?;
+            match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
+                Ok(Ok(r)) => r.map(|_| ()),
+                Ok(Err(_)) => Err(ApiError::Stopped),
+                Err(_) => Err(ApiError::Timeout),
+            }
+        }
+    }
+
+    fn member_promote(
+        &self,
+        id: u64,
+    ) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
+        let leader = self.status.leader_id.load(Ordering::Acquire);
+        let local = (leader == self.member_id)
+            .then(|| self.control_call(move |tx| crate::raft_core::Control::Promote(id, tx)));
+        let forwarder = self.forwarder.clone();
+        async move {
+            match (leader, local) {
+                (0, _) => Err(ApiError::NoLeader),
+                (_, Some(call)) => call.await.map(|_| ()),
+                (leader, None) => forwarder.promote(leader, id).await,
+            }
+        }
     }
 
     fn alarms(&self) -> Vec<pb::AlarmMember> {

@@ -152,6 +152,8 @@ pub struct PeerInbound {
     pub db_path: std::path::PathBuf,
     /// Held while a state is being received (one at a time).
     pub receiving: Mutex<()>,
+    pub membership: Arc<Membership>,
+    pub cluster_id: u64,
 }
 
 impl Inbound for PeerInbound {
@@ -174,6 +176,16 @@ impl Inbound for PeerInbound {
 
     fn unreachable(&self, peer: u64) {
         let _ = self.control.try_send(Control::Unreachable(peer));
+    }
+
+    fn query(&self) -> Bytes {
+        Bytes::from(
+            keelpb::ClusterInfo {
+                cluster_id: self.cluster_id,
+                members: self.membership.get().to_vec(),
+            }
+            .encode_to_vec(),
+        )
     }
 
     fn receive_stream(&self, from: u64, next: &mut dyn FnMut() -> Option<Bytes>) -> bool {
@@ -267,6 +279,31 @@ impl PeerInbound {
         if let Some(reply) = m.lease_reply {
             self.forwarder.answer(reply);
         }
+        if let Some(call) = m.promote {
+            let (tx, rx) = oneshot::channel();
+            let sent = self.control.try_send(Control::Promote(call.id, tx)).is_ok();
+            let peers = self.peers.get().cloned();
+            tokio::spawn(async move {
+                let error = match (sent, rx.await) {
+                    (true, Ok(Ok(_))) => String::new(),
+                    (true, Ok(Err(e))) => e.to_string(),
+                    _ => ApiError::Stopped.to_string(),
+                };
+                let reply = keelpb::PeerMessage {
+                    promote_reply: Some(keelpb::PromoteForwardReply {
+                        request: call.request,
+                        error,
+                    }),
+                    ..Default::default()
+                };
+                if let Some(p) = peers {
+                    p.send(from, keel_frame(&reply));
+                }
+            });
+        }
+        if let Some(reply) = m.promote_reply {
+            self.forwarder.answer_promote(reply);
+        }
     }
 }
 
@@ -274,6 +311,7 @@ impl PeerInbound {
 pub struct LeaseForwarder {
     next: AtomicU64,
     waiting: Mutex<HashMap<u64, oneshot::Sender<keelpb::LeaseForwardReply>>>,
+    promotes: Mutex<HashMap<u64, oneshot::Sender<String>>>,
     pub peers: OnceLock<Arc<Peers>>,
 }
 
@@ -282,6 +320,7 @@ impl LeaseForwarder {
         LeaseForwarder {
             next: AtomicU64::new(1),
             waiting: Mutex::new(HashMap::new()),
+            promotes: Mutex::new(HashMap::new()),
             peers: OnceLock::new(),
         }
     }
@@ -294,6 +333,46 @@ impl LeaseForwarder {
             .remove(&reply.request);
         if let Some(tx) = tx {
             let _ = tx.send(reply);
+        }
+    }
+
+    fn answer_promote(&self, reply: keelpb::PromoteForwardReply) {
+        let tx = self
+            .promotes
+            .lock()
+            .expect("promote forwarder")
+            .remove(&reply.request);
+        if let Some(tx) = tx {
+            let _ = tx.send(reply.error);
+        }
+    }
+
+    /// Asks `leader` to promote learner `id` (it alone knows how far the learner is).
+    pub async fn promote(&self, leader: u64, id: u64) -> Result<(), ApiError> {
+        let peers = self.peers.get().ok_or(ApiError::NoLeader)?;
+        let request = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.promotes
+            .lock()
+            .expect("promote forwarder")
+            .insert(request, tx);
+        let frame = keel_frame(&keelpb::PeerMessage {
+            promote: Some(keelpb::PromoteForward { request, id }),
+            ..Default::default()
+        });
+        let got = if peers.send(leader, frame) {
+            tokio::time::timeout(Duration::from_secs(7), rx).await.ok()
+        } else {
+            None
+        };
+        self.promotes
+            .lock()
+            .expect("promote forwarder")
+            .remove(&request);
+        match got {
+            Some(Ok(e)) if e.is_empty() => Ok(()),
+            Some(Ok(e)) => Err(api_error(&e)),
+            _ => Err(ApiError::Timeout),
         }
     }
 
@@ -331,4 +410,21 @@ impl LeaseForwarder {
             _ => Err(ApiError::Timeout),
         }
     }
+}
+
+/// An error a peer answered with, back to its kind (by etcd's text).
+fn api_error(text: &str) -> ApiError {
+    [
+        ApiError::MemberNotFound,
+        ApiError::MemberNotLearner,
+        ApiError::LearnerNotReady,
+        ApiError::NoLeader,
+        ApiError::LeaderChanged,
+        ApiError::Timeout,
+        ApiError::Stopped,
+        ApiError::MemberExists,
+    ]
+    .into_iter()
+    .find(|e| e.to_string() == text)
+    .unwrap_or_else(|| ApiError::Internal(text.to_string()))
 }

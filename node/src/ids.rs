@@ -14,6 +14,17 @@ pub fn member_id(peer_urls: &[String], cluster_token: &str) -> u64 {
     first_u64(&h.finalize())
 }
 
+/// The ID of a member added at runtime (etcd's MemberAdd: the sorted peer URLs joined, no
+/// cluster name, then the Unix time in seconds as decimal text).
+pub fn added_member_id(peer_urls: &[String], unix_secs: u64) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let mut h = Sha1::new();
+    h.update(urls.concat().as_bytes());
+    h.update(unix_secs.to_string().as_bytes());
+    first_u64(&h.finalize())
+}
+
 /// sha1 of the sorted member IDs, each 8 bytes big-endian; the first 8 bytes, big-endian.
 pub fn cluster_id(member_ids: &[u64]) -> u64 {
     let mut ids = member_ids.to_vec();

@@ -245,8 +245,18 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         segment_bytes: cfg.wal_segment_bytes,
         ..WalOptions::default()
     };
-    let (log, fresh) = RaftLog::open(&cfg.wal_dir, wal_opts, member_meta(&cfg), store.applied())
-        .context("open wal")?;
+    let new_wal = keel_storage::wal::list_segments(&cfg.wal_dir)
+        .map(|s| s.is_empty())
+        .unwrap_or(true);
+    // A new member of an existing cluster learns its ID and the members from them.
+    let (bootstrap, joined) = if new_wal && cfg.initial_cluster_state == "existing" {
+        let (meta, members) = join_meta(&cfg)?;
+        (meta, Some(members))
+    } else {
+        (member_meta(&cfg), None)
+    };
+    let (mut log, fresh) =
+        RaftLog::open(&cfg.wal_dir, wal_opts, bootstrap, store.applied()).context("open wal")?;
     // A state from the leader whose install a crash interrupted is finished now.
     let install = install::Paths::new(&db_path);
     if install.recover(log.installed().map(|s| s.0), store.applied().0)? {
@@ -266,10 +276,8 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         open_ms = started.elapsed().as_millis() as u64,
         "opened backend"
     );
-    if fresh && cfg.initial_cluster_state == "existing" {
-        anyhow::bail!(
-            "--initial-cluster-state=existing: joining a cluster comes with the cluster issue"
-        );
+    if fresh {
+        tracing::info!(joining = joined.is_some(), "created a new member");
     }
     // Recovery read the retained WAL and the backend's records through temporary buffers:
     // hand what they freed back to the OS now rather than carry it in RSS.
@@ -295,9 +303,17 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let hub = watch::hub();
     let mut store = store;
     store.set_event_sink(Box::new(watch::HubSink(hub.clone())));
-    let members = match store.members() {
-        Some(b) => cluster::Membership::decode(b).context("the stored membership")?,
-        None => {
+    let members = match (store.members(), joined) {
+        (Some(b), _) => {
+            let m = cluster::Membership::decode(b).context("the stored membership")?;
+            // Raft's configuration as of the backend; later changes replay from the WAL.
+            log.set_conf_state(cluster::conf_state(&m));
+            m
+        }
+        // Joining: the members as the cluster told them; raft's configuration comes with the
+        // leader's state.
+        (None, Some(m)) => m,
+        (None, None) => {
             let mut m = cluster::Membership::initial(&cfg, &initial_ids(&cfg));
             if let [only] = m.as_mut_slice() {
                 // A lone member need not wait for its own publication to list its URLs.
@@ -308,7 +324,15 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     let membership = Arc::new(cluster::Membership::new(members));
-    let multi = meta.voters.len() > 1;
+    let multi = membership.get().len() > 1;
+    status.multi.store(multi, Ordering::Release);
+    status.learner.store(
+        membership
+            .get()
+            .iter()
+            .any(|m| m.id == meta.member_id && m.is_learner),
+        Ordering::Release,
+    );
     let leases = Arc::new(lease::Leases::new(
         meta.member_id,
         cfg.heartbeat_ms,
@@ -324,7 +348,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let (tx, rx) = crossbeam_channel::bounded(PROPOSAL_QUEUE_MAX);
     let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(raft_core::CONTROL_QUEUE_MAX);
     let forwarder = Arc::new(cluster::LeaseForwarder::new());
-    let peers = if multi {
+    let start: raft_core::PeerStarter = {
         let inbound = Arc::new(cluster::PeerInbound {
             control: ctl_tx.clone(),
             leases: leases.clone(),
@@ -334,16 +358,26 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             peers: std::sync::OnceLock::new(),
             db_path: cfg.db_path(),
             receiving: std::sync::Mutex::new(()),
+            membership: membership.clone(),
+            cluster_id: meta.cluster_id,
         });
-        let peers = start_peers(&cfg, &meta, inbound.clone())?;
-        let _ = inbound.peers.set(peers.clone());
-        let _ = forwarder.peers.set(peers.clone());
-        for m in membership.get().iter().filter(|m| m.id != meta.member_id) {
-            peers.connect(m.id, m.peer_urls.clone());
-        }
-        Some(peers)
+        let (cfg, meta, forwarder) = (cfg.clone(), meta.clone(), forwarder.clone());
+        let membership = membership.clone();
+        Box::new(move || {
+            let peers = start_peers(&cfg, &meta, inbound.clone())?;
+            let _ = inbound.peers.set(peers.clone());
+            let _ = forwarder.peers.set(peers.clone());
+            for m in membership.get().iter().filter(|m| m.id != meta.member_id) {
+                peers.connect(m.id, m.peer_urls.clone());
+            }
+            Ok(peers)
+        })
+    };
+    // A lone member listens for peers only once it has company (a member added).
+    let (peers, start_peers_later) = if multi {
+        (Some(start()?), None)
     } else {
-        None
+        (None, Some(start))
     };
     // What this member must have applied before it serves: everything in its WAL when it is
     // alone; everything known committed when it is one of several (the rest comes from the
@@ -363,6 +397,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             control: (ctl_tx.clone(), ctl_rx),
             peers,
             membership: membership.clone(),
+            start_peers: start_peers_later,
         },
         &cfg,
     )?;
@@ -403,7 +438,6 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             .max(Duration::from_millis(100)),
     });
     let backend = Arc::new(NodeBackend {
-        cluster: multi,
         control: ctl_tx,
         membership,
         forwarder,
@@ -453,6 +487,64 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     // Nothing here returns while the node is healthy: a core that stops is fatal.
     let _ = raft_thread.join();
     fatal(FATAL_EXIT_CODE, "raft core stopped");
+}
+
+/// A new member of an existing cluster (`--initial-cluster-state existing`, etcd's member
+/// add then start): asks the other members named in `--initial-cluster` what the cluster is,
+/// and finds itself by its peer URLs (the ID was chosen when it was added).
+fn join_meta(cfg: &Config) -> anyhow::Result<(MemberMeta, Vec<keel_proto::keelpb::Member>)> {
+    use keel_proto::prost::Message;
+    let mine: Vec<String> = cfg
+        .initial_cluster
+        .iter()
+        .filter(|(n, _)| n == &cfg.name)
+        .flat_map(|(_, u)| u.clone())
+        .collect();
+    let others: Vec<String> = cfg
+        .initial_cluster
+        .iter()
+        .filter(|(n, _)| n != &cfg.name)
+        .flat_map(|(_, u)| u.clone())
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answer = rt.block_on(keel_net::peer::query(&others)).ok_or_else(|| {
+        anyhow::anyhow!(
+            "cannot fetch cluster info from peer urls: could not retrieve cluster information \
+                 from the given URLs ({})",
+            others.join(",")
+        )
+    })?;
+    let info = keel_proto::keelpb::ClusterInfo::decode(answer)?;
+    let sorted = |u: &[String]| {
+        let mut u = u.to_vec();
+        u.sort();
+        u
+    };
+    let me = info
+        .members
+        .iter()
+        .find(|m| sorted(&m.peer_urls) == sorted(&mine))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "member {} ({}) has not been added to the cluster: run `etcdctl member add` first",
+                cfg.name,
+                mine.join(",")
+            )
+        })?;
+    tracing::info!(
+        member_id = format!("{:x}", me.id),
+        cluster_id = format!("{:x}", info.cluster_id),
+        "joining an existing cluster"
+    );
+    let meta = MemberMeta {
+        member_id: me.id,
+        cluster_id: info.cluster_id,
+        voters: Vec::new(),
+        name: cfg.name.clone(),
+    };
+    Ok((meta, info.members))
 }
 
 /// Starts the peer transport on a thread of its own, listening on `--listen-peer-urls`.

@@ -68,7 +68,11 @@ pub struct Links {
     /// The peer transport (none for a lone member).
     pub peers: Option<Arc<Peers>>,
     pub membership: Arc<Membership>,
+    /// Starts the peer transport when a lone member gets company.
+    pub start_peers: Option<PeerStarter>,
 }
+
+pub type PeerStarter = Box<dyn FnOnce() -> anyhow::Result<Arc<Peers>> + Send>;
 
 /// What else reaches the raft core (over its control channel).
 pub enum Control {
@@ -83,6 +87,10 @@ pub enum Control {
     Snapshot(Box<raft::eraftpb::Message>),
     /// A state sent to a member: whether it took it.
     SnapshotSent(u64, bool),
+    /// A membership change to propose (MemberAdd, MemberRemove).
+    ProposeConf(raft::eraftpb::ConfChange, Responder),
+    /// MemberPromote: the leader checks the learner has caught up, then proposes it.
+    Promote(u64, Responder),
 }
 
 /// Control messages waiting at most (raft messages beyond are dropped; raft resends).
@@ -123,6 +131,10 @@ pub struct RaftStatus {
     pub leader_id: AtomicU64,
     /// Active alarms (member, type), as applied.
     pub alarms: std::sync::Mutex<Vec<(u64, i32)>>,
+    /// The cluster has more than one member (reads need ReadIndex, leases go to the leader).
+    pub multi: std::sync::atomic::AtomicBool,
+    /// This member is a learner (it serves only serializable reads and status).
+    pub learner: std::sync::atomic::AtomicBool,
 }
 
 pub struct RaftCore {
@@ -136,6 +148,7 @@ pub struct RaftCore {
     /// Keeps `ctl` connected whoever else holds a sender.
     _ctl_tx: Sender<Control>,
     peers: Option<Arc<Peers>>,
+    start_peers: Option<PeerStarter>,
     membership: Arc<Membership>,
     /// Waiting proposals: the term they were made in and who waits.
     pending: HashMap<u64, (u64, Responder)>,
@@ -204,8 +217,9 @@ impl RaftCore {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut log = log;
         log.set_keep_applied(catchup_entries.max(1));
+        let conf = raft::Storage::initial_state(&log)?.conf_state;
         let mut node = RawNode::new(&raft_cfg, log, &logger)?;
-        if meta.voters == [meta.member_id] {
+        if conf.voters == [meta.member_id] && conf.learners.is_empty() {
             // A lone voter need not wait an election timeout to lead.
             node.campaign()?;
         }
@@ -223,6 +237,7 @@ impl RaftCore {
             ctl: links.control.1,
             _ctl_tx: links.control.0,
             peers: links.peers,
+            start_peers: links.start_peers,
             membership: links.membership,
             pending: HashMap::new(),
             read_batch: Vec::new(),
@@ -348,6 +363,8 @@ impl RaftCore {
                 );
                 let _ = self.node.step(*m);
             }
+            Control::ProposeConf(cc, tx) => self.propose_conf(cc, tx),
+            Control::Promote(id, tx) => self.promote(id, tx),
             Control::SnapshotSent(to, ok) => {
                 let status = if ok {
                     SnapshotStatus::Finish
@@ -526,6 +543,24 @@ impl RaftCore {
 
     fn apply_entries(&mut self, entries: Vec<Entry>) {
         for e in entries {
+            if e.entry_type == EntryType::EntryConfChange {
+                let id = <[u8; 8]>::try_from(e.context.as_ref())
+                    .map(u64::from_le_bytes)
+                    .ok();
+                let result =
+                    match <raft::eraftpb::ConfChange as protobuf::Message>::parse_from_bytes(
+                        &e.data,
+                    ) {
+                        Ok(cc) => self.apply_conf(cc),
+                        Err(err) => Err(ApiError::Internal(format!(
+                            "conf change {} does not decode: {err}",
+                            e.index
+                        ))),
+                    };
+                if let Some((_, tx)) = id.and_then(|id| self.pending.remove(&id)) {
+                    let _ = tx.send(result);
+                }
+            }
             if e.entry_type == EntryType::EntryNormal && !e.data.is_empty() {
                 fail::fail_point!("raft-apply");
                 let id = <[u8; 8]>::try_from(e.context.as_ref())
@@ -534,6 +569,9 @@ impl RaftCore {
                 let result = match InternalRequest::decode(e.data.clone()) {
                     Ok(req) if req.member_attributes.is_some() => {
                         self.apply_attributes(req.member_attributes.unwrap_or_default())
+                    }
+                    Ok(req) if req.member_update.is_some() => {
+                        self.apply_member_update(req.member_update.unwrap_or_default())
                     }
                     Ok(req) => apply::apply(&mut self.store, &mut self.leases, req),
                     Err(err) => Err(ApiError::Internal(format!(
@@ -652,6 +690,179 @@ impl RaftCore {
         crate::install::restart();
     }
 
+    fn propose_conf(&mut self, cc: raft::eraftpb::ConfChange, tx: Responder) {
+        let id = self.next_id;
+        self.next_id += 1;
+        match self.node.propose_conf_change(id.to_le_bytes().to_vec(), cc) {
+            Ok(()) => {
+                self.pending.insert(id, (self.node.raft.term, tx));
+            }
+            // raft refuses a second change while one is pending, and proposals without a
+            // leader.
+            Err(raft::Error::ProposalDropped) if self.node.raft.leader_id != 0 => {
+                let _ = tx.send(Err(ApiError::Internal(
+                    "etcdserver: a membership change is already in progress".into(),
+                )));
+            }
+            Err(_) => {
+                let _ = tx.send(Err(ApiError::NoLeader));
+            }
+        }
+    }
+
+    /// MemberPromote on the leader: only a learner that has caught up (etcd: its match index
+    /// at least 90% of the leader's) becomes a voter.
+    fn promote(&mut self, id: u64, tx: Responder) {
+        if self.node.raft.state != StateRole::Leader {
+            let _ = tx.send(Err(ApiError::LeaderChanged));
+            return;
+        }
+        let members = self.membership.get();
+        let Some(m) = members.iter().find(|m| m.id == id) else {
+            let _ = tx.send(Err(ApiError::MemberNotFound));
+            return;
+        };
+        if !m.is_learner {
+            let _ = tx.send(Err(ApiError::MemberNotLearner));
+            return;
+        }
+        let raft = &self.node.raft;
+        let leader_match = raft.raft_log.last_index();
+        let learner_match = raft.prs().get(id).map_or(0, |p| p.matched);
+        if (learner_match as f64) < (leader_match as f64) * 0.9 {
+            let _ = tx.send(Err(ApiError::LearnerNotReady));
+            return;
+        }
+        let cc = raft::eraftpb::ConfChange {
+            change_type: raft::eraftpb::ConfChangeType::AddNode,
+            node_id: id,
+            ..Default::default()
+        };
+        self.propose_conf(cc, tx);
+    }
+
+    /// Applies a membership change (the same on every member): the members list, raft's
+    /// configuration and the peer links.
+    fn apply_conf(&mut self, cc: raft::eraftpb::ConfChange) -> Result<WriteResponse, ApiError> {
+        use raft::eraftpb::ConfChangeType;
+        let mut members = self.membership.get().to_vec();
+        let id = cc.node_id;
+        match cc.get_change_type() {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                let learner = cc.get_change_type() == ConfChangeType::AddLearnerNode;
+                // A promotion names an existing learner and carries no member.
+                let promotion = cc.context.is_empty();
+                match members.iter_mut().find(|m| m.id == id) {
+                    Some(m) if promotion && !learner && m.is_learner => m.is_learner = false,
+                    Some(m) if promotion && !m.is_learner => {
+                        return Err(ApiError::MemberNotLearner)
+                    }
+                    Some(_) => return Err(ApiError::MemberExists),
+                    None if promotion => return Err(ApiError::MemberNotFound),
+                    None => {
+                        let m = keel_proto::keelpb::Member::decode(cc.context.as_ref())
+                            .map_err(|e| ApiError::Internal(format!("member add: {e}")))?;
+                        if members
+                            .iter()
+                            .any(|o| o.peer_urls.iter().any(|u| m.peer_urls.contains(u)))
+                        {
+                            return Err(ApiError::PeerUrlExists);
+                        }
+                        if learner && members.iter().filter(|m| m.is_learner).count() >= 1 {
+                            return Err(ApiError::TooManyLearners);
+                        }
+                        members.push(m);
+                    }
+                }
+            }
+            ConfChangeType::RemoveNode => {
+                let before = members.len();
+                members.retain(|m| m.id != id);
+                if members.len() == before {
+                    return Err(ApiError::MemberNotFound);
+                }
+            }
+        }
+        let cs = self
+            .node
+            .apply_conf_change(&cc)
+            .map_err(|e| ApiError::Internal(format!("membership change: {e}")))?;
+        self.node.mut_store().set_conf_state(cs);
+        self.set_members(members);
+        tracing::info!(
+            change = ?cc.get_change_type(),
+            member = format!("{id:x}"),
+            "applied a membership change"
+        );
+        if cc.get_change_type() == ConfChangeType::RemoveNode && id == self.node.raft.id {
+            // etcd's removed member stops; give the answers of this turn time to go out.
+            std::thread::spawn(|| {
+                std::thread::sleep(Duration::from_millis(500));
+                crate::fatal(
+                    0,
+                    "the member has been permanently removed from the cluster",
+                );
+            });
+        }
+        Ok(WriteResponse::Alarm(Default::default()))
+    }
+
+    /// Cluster.MemberUpdate: a member's new peer URLs.
+    fn apply_member_update(
+        &mut self,
+        u: keel_proto::keelpb::MemberUpdate,
+    ) -> Result<WriteResponse, ApiError> {
+        let mut members = self.membership.get().to_vec();
+        if !members.iter().any(|m| m.id == u.id) {
+            return Err(ApiError::MemberNotFound);
+        }
+        if members
+            .iter()
+            .any(|m| m.id != u.id && m.peer_urls.iter().any(|p| u.peer_urls.contains(p)))
+        {
+            return Err(ApiError::PeerUrlExists);
+        }
+        for m in members.iter_mut().filter(|m| m.id == u.id) {
+            m.peer_urls = u.peer_urls.clone();
+        }
+        self.set_members(members);
+        Ok(WriteResponse::Alarm(Default::default()))
+    }
+
+    /// Installs a new members list: stored with the state, published, and the peer links
+    /// follow it (a lone member starts its transport when it gets company).
+    fn set_members(&mut self, members: Vec<keel_proto::keelpb::Member>) {
+        let me = self.node.raft.id;
+        self.store
+            .set_members(crate::cluster::Membership::encode(&members));
+        self.status
+            .multi
+            .store(members.len() > 1, Ordering::Release);
+        self.status.learner.store(
+            members.iter().any(|m| m.id == me && m.is_learner),
+            Ordering::Release,
+        );
+        if members.len() > 1 && self.peers.is_none() {
+            if let Some(start) = self.start_peers.take() {
+                match start() {
+                    Ok(p) => self.peers = Some(p),
+                    Err(e) => tracing::error!("cannot start the peer transport: {e:#}"),
+                }
+            }
+        }
+        if let Some(peers) = &self.peers {
+            for m in members.iter().filter(|m| m.id != me) {
+                peers.connect(m.id, m.peer_urls.clone());
+            }
+            for old in self.membership.get().iter() {
+                if !members.iter().any(|m| m.id == old.id) {
+                    peers.disconnect(old.id);
+                }
+            }
+        }
+        self.membership.set(members);
+    }
+
     /// A member's published name and client URLs (etcd's ClusterMemberAttrSet).
     fn apply_attributes(
         &mut self,
@@ -659,9 +870,7 @@ impl RaftCore {
     ) -> Result<WriteResponse, ApiError> {
         let mut members = self.membership.get().to_vec();
         if crate::cluster::set_attributes(&mut members, &a) {
-            self.store
-                .set_members(crate::cluster::Membership::encode(&members));
-            self.membership.set(members);
+            self.set_members(members);
         }
         // Nobody reads this answer (the publisher only waits for it to apply).
         Ok(WriteResponse::Alarm(Default::default()))

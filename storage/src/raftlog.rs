@@ -101,8 +101,21 @@ impl RaftLog {
         if fresh {
             wal.append(&[(RECORD_META, &encode_meta(&bootstrap))])?;
         }
-        // A new member starts as raft-rs's bootstrap does: term 1, index 1 committed.
-        let (offset_index, offset_term) = if snapshot.0 > 1 { snapshot } else { (1, 1) };
+        // A new member of a new cluster starts as raft-rs's bootstrap does: term 1, index 1
+        // committed, the voters its configuration. One that joins an existing cluster (no
+        // voters: it learns them from the leader) starts from nothing, so the leader sends
+        // it its whole state rather than a log that lacks the bootstrap configuration.
+        let stored = recovery
+            .records
+            .first()
+            .filter(|r| r.record_type == RECORD_META)
+            .and_then(|r| decode_meta(&r.payload));
+        let joining = stored.as_ref().unwrap_or(&bootstrap).voters.is_empty();
+        let (offset_index, offset_term) = match snapshot {
+            s if s.0 > 1 => s,
+            (0, _) if joining => (0, 0),
+            _ => (1, 1),
+        };
         let mut log = RaftLog {
             wal,
             segments: BTreeMap::new(),
@@ -385,6 +398,12 @@ impl RaftLog {
         self.conf_state = conf_state;
         self.installed = Some((index, term));
         Ok(())
+    }
+
+    /// Raft's configuration as of the last entry applied (membership changes apply it; at
+    /// start it comes from the state the backend holds).
+    pub fn set_conf_state(&mut self, cs: ConfState) {
+        self.conf_state = cs;
     }
 
     /// The last snapshot installed from a leader, as the WAL records it.

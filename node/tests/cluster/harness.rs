@@ -84,25 +84,7 @@ impl Cluster {
         let blocked: Blocked = Arc::default();
         let mut members = Vec::new();
         for i in 1..=n {
-            let ip = format!("127.0.0.{i}");
-            let m = Member {
-                name: format!("m{i}"),
-                client_port: free_port(&ip),
-                peer_port: free_port(&ip),
-                proxy_port: 0,
-                data_dir: dir.path().join(format!("m{i}.keel")),
-                log: dir.path().join(format!("m{i}.log")),
-                ip,
-                child: None,
-            };
-            members.push(m);
-        }
-        for m in &mut members {
-            let l = TcpListener::bind((m.ip.as_str(), 0)).unwrap();
-            m.proxy_port = l.local_addr().unwrap().port();
-            let target = format!("{}:{}", m.ip, m.peer_port);
-            let blocked = blocked.clone();
-            proxy_rt.spawn(proxy(l, target, blocked));
+            members.push(new_member(dir.path(), i, &proxy_rt, &blocked));
         }
         let initial_cluster = members
             .iter()
@@ -125,6 +107,43 @@ impl Cluster {
         }
         c.wait_leader(Duration::from_secs(20));
         c
+    }
+
+    /// A new member's ports and proxy (not started: add it with etcdctl first, then
+    /// `spawn_joining`).
+    pub fn new_member(&mut self) -> usize {
+        let i = self.members.len() + 1;
+        let m = new_member(self.dir.path(), i, &self._proxy_rt, &self.blocked);
+        self.initial_cluster = format!("{},{}={}", self.initial_cluster, m.name, m.peer_url());
+        self.members.push(m);
+        i - 1
+    }
+
+    /// Starts member `i` as etcd's guide does for a member added at runtime
+    /// (`--initial-cluster-state existing`), and waits until it serves.
+    pub fn spawn_joining(&mut self, i: usize) {
+        let saved = self.extra.clone();
+        self.extra.extend([
+            "--initial-cluster-state".to_string(),
+            "existing".to_string(),
+        ]);
+        self.spawn(i);
+        self.extra = saved;
+        self.wait_serving(i);
+    }
+
+    /// Waits up to `limit` for member `i` to exit by itself; its status.
+    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let m = &mut self.members[i];
+            if let Some(status) = m.child.as_mut()?.try_wait().unwrap() {
+                m.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     fn spawn(&mut self, i: usize) {
@@ -350,6 +369,29 @@ impl Drop for Cluster {
             self.kill9(i);
         }
     }
+}
+
+fn new_member(
+    dir: &std::path::Path,
+    i: usize,
+    proxy_rt: &tokio::runtime::Runtime,
+    blocked: &Blocked,
+) -> Member {
+    let ip = format!("127.0.0.{i}");
+    let l = TcpListener::bind((ip.as_str(), 0)).unwrap();
+    let m = Member {
+        name: format!("m{i}"),
+        client_port: free_port(&ip),
+        peer_port: free_port(&ip),
+        proxy_port: l.local_addr().unwrap().port(),
+        data_dir: dir.join(format!("m{i}.keel")),
+        log: dir.join(format!("m{i}.log")),
+        ip,
+        child: None,
+    };
+    let target = format!("{}:{}", m.ip, m.peer_port);
+    proxy_rt.spawn(proxy(l, target, blocked.clone()));
+    m
 }
 
 /// A member's ID as etcd (and Keel) derive it: from its peer URL and the cluster token.

@@ -607,3 +607,239 @@ fn etcdctl_sees_one_cluster() {
         assert_eq!(text.matches("is healthy").count(), 3, "{text}");
     }
 }
+
+/// Runs etcdctl 3.4 against `endpoints`: (success, stdout, stderr).
+fn etcdctl(endpoints: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .args(["--command-timeout", "10s"])
+        .args(args)
+        .output()
+        .expect("etcdctl runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn endpoints(c: &Cluster, which: &[usize]) -> String {
+    which
+        .iter()
+        .map(|&i| c.members[i].url())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// "Member 5a1b... added to cluster ..." -> the ID.
+fn added_id(out: &str) -> u64 {
+    let hex = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no member ID in {out:?}"));
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+#[test]
+fn a_learner_joins_catches_up_is_promoted_and_a_member_is_removed() {
+    let _s = serial();
+    let mut c = Cluster::start(
+        3,
+        &[
+            "--snapshot-count",
+            "200",
+            "--snapshot-catchup-entries",
+            "50",
+        ],
+    );
+    let rt = rt();
+    for i in 0..400 {
+        rt.block_on(put(&c.members[i % 3].url(), &format!("pre/{i}"), "v", T))
+            .unwrap();
+    }
+    let all = endpoints(&c, &[0, 1, 2]);
+    let n = c.new_member();
+    let peer = c.members[n].peer_url();
+    let name = c.members[n].name.clone();
+    let (ok, out, err) = etcdctl(
+        &all,
+        &["member", "add", &name, "--peer-urls", &peer, "--learner"],
+    );
+    assert!(ok, "{err}");
+    let id = added_id(&out);
+    assert!(
+        out.contains("ETCD_INITIAL_CLUSTER_STATE=\"existing\""),
+        "{out}"
+    );
+    let (ok, list, _) = etcdctl(&all, &["member", "list"]);
+    assert!(ok);
+    assert!(
+        list.contains(&format!("{id:x}, unstarted, , {peer}, , true")),
+        "{list}"
+    );
+    // Not started: it has nothing, so it cannot be promoted.
+    let (ok, _, err) = etcdctl(&all, &["member", "promote", &format!("{id:x}")]);
+    assert!(!ok);
+    assert!(
+        err.contains("can only promote a learner member which is in sync with leader"),
+        "{err}"
+    );
+    // A second learner is refused (etcd allows one).
+    let (ok, _, err) = etcdctl(
+        &all,
+        &[
+            "member",
+            "add",
+            "extra",
+            "--peer-urls",
+            "http://127.0.0.9:1",
+            "--learner",
+        ],
+    );
+    assert!(
+        !ok && err.contains("too many learner members in cluster"),
+        "{err}"
+    );
+    // The same peer URL twice is refused.
+    let (ok, _, err) = etcdctl(&all, &["member", "add", "dup", "--peer-urls", &peer]);
+    assert!(
+        !ok && (err.contains("Peer URLs already exists")
+            || err.contains("member ID already exist")),
+        "{err}"
+    );
+
+    c.spawn_joining(n);
+    let learner = c.members[n].url();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rt
+        .block_on(get(&learner, "pre/399", true, T))
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the learner never caught up:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let refused = rt.block_on(get(&learner, "pre/399", false, T));
+    assert_eq!(
+        refused.unwrap_err().message(),
+        "etcdserver: rpc not supported for learner"
+    );
+    let status = c.status(n).unwrap();
+    assert!(status.is_learner);
+    // Promoted through a follower, which asks the leader.
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let follower = (leader + 1) % 3;
+    let (ok, out, err) = etcdctl(
+        &c.members[follower].url(),
+        &["member", "promote", &format!("{id:x}")],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("promoted"), "{out}");
+    assert!(!c.status(n).unwrap().is_learner);
+    write_anywhere_read_everywhere(&c, "four");
+
+    // A member removed stops by itself; the others go on.
+    let gone = (leader + 2) % 3;
+    let gone_id = c.member_id(gone);
+    let (ok, _, err) = etcdctl(
+        &endpoints(&c, &[leader]),
+        &["member", "remove", &format!("{gone_id:x}")],
+    );
+    assert!(ok, "{err}");
+    let exited = c.wait_exit(gone, Duration::from_secs(10));
+    assert!(exited.is_some(), "the removed member kept running");
+    assert!(c.members[gone]
+        .log_text()
+        .contains("the member has been permanently removed from the cluster"));
+    let (ok, list, _) = etcdctl(&endpoints(&c, &[leader]), &["member", "list"]);
+    assert!(ok);
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert!(!list.contains(&format!("{gone_id:x}")));
+    let (ok, _, err) = etcdctl(
+        &endpoints(&c, &[leader]),
+        &["member", "remove", &format!("{gone_id:x}")],
+    );
+    assert!(!ok && err.contains("member not found"), "{err}");
+    write_anywhere_read_everywhere(&c, "after-remove");
+}
+
+#[test]
+fn the_guides_scale_out_and_rolling_restart() {
+    let _s = serial();
+    let mut c = Cluster::start(3, &[]);
+    let all = endpoints(&c, &[0, 1, 2]);
+    // §6.2: etcdctl member add node4 ..., then start it with --initial-cluster-state existing.
+    let n = c.new_member();
+    let peer = c.members[n].peer_url();
+    let name = c.members[n].name.clone();
+    let (ok, _, err) = etcdctl(&all, &["member", "add", &name, "--peer-urls", &peer]);
+    assert!(ok, "{err}");
+    c.spawn_joining(n);
+    let everyone = endpoints(&c, &[0, 1, 2, 3]);
+    let (ok, out, err) = etcdctl(&everyone, &["endpoint", "health"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(format!("{out}{err}").matches("is healthy").count(), 4);
+
+    // §6.1: each member in turn stops, starts, and `etcdctl endpoint health` passes, while
+    // a client keeps writing through every endpoint.
+    let urls: Vec<String> = (0..4).map(|i| c.members[i].url()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = rt();
+            let mut acked = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 50_000 {
+                let url = &urls[i as usize % urls.len()];
+                if rt
+                    .block_on(put(url, &format!("roll/{i}"), "v", Duration::from_secs(3)))
+                    .is_ok()
+                {
+                    acked.push(i);
+                }
+                i += 1;
+            }
+            acked
+        })
+    };
+    for i in 0..4 {
+        c.kill9(i);
+        std::thread::sleep(Duration::from_millis(300));
+        c.restart(i);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (ok, out, err) = etcdctl(&everyone, &["endpoint", "health"]);
+            if ok && format!("{out}{err}").matches("is healthy").count() == 4 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not healthy after restarting member {i}: {out}{err}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    assert!(
+        acked.len() > 50,
+        "writes stalled: {} acknowledged\n{}",
+        acked.len(),
+        c.logs()
+    );
+    let rt = rt();
+    for i in &acked {
+        let got = rt
+            .block_on(get(&c.members[0].url(), &format!("roll/{i}"), false, T))
+            .unwrap();
+        assert_eq!(got, Some("v".into()), "acknowledged write roll/{i} is lost");
+    }
+    assert_converged(&c);
+}
