@@ -119,7 +119,7 @@ impl NodeBackend {
         let voters: Vec<_> = members.iter().filter(|m| !m.is_learner).collect();
         let started = voters.iter().filter(|m| !m.name.is_empty()).count();
         let n = voters.len() + 1;
-        (started == 1 && n == 2) || started >= n / 2 + 1
+        (started == 1 && n == 2) || started > n / 2
     }
 
     /// ... and a voter may go only if the started members left are a quorum of those left.
@@ -130,7 +130,7 @@ impl NodeBackend {
             .filter(|m| !m.is_learner && m.id != id)
             .collect();
         let started = left.iter().filter(|m| !m.name.is_empty()).count();
-        started >= left.len() / 2 + 1
+        started > left.len() / 2
     }
 
     /// The leader to forward a lease call to, if it is another member.
