@@ -99,6 +99,9 @@ pub trait Backend: Send + Sync + 'static {
 
     fn member_promote(&self, id: u64) -> impl Future<Output = Result<(), ApiError>> + Send;
 
+    /// Maintenance.MoveLeader: hands leadership to `target` (asked of the leader).
+    fn move_leader(&self, target: u64) -> impl Future<Output = Result<(), ApiError>> + Send;
+
     fn alarms(&self) -> Vec<pb::AlarmMember>;
 
     /// Rewrites this member's backend compactly (etcd's defrag; not through raft).

@@ -43,6 +43,12 @@ pub enum ApiError {
     LeaderChanged,
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
     #[error("etcdserver: member ID already exist")]
     MemberExists,
     #[error("etcdserver: Peer URLs already exists")]
@@ -81,13 +87,19 @@ impl ApiError {
             | MemberNotLearner
             | LearnerNotReady
             | TooManyLearners
-            | MemberNotEnoughStarted => Code::FailedPrecondition,
+            | MemberNotEnoughStarted
+            | NotLeader
+            | BadLeaderTransferee => Code::FailedPrecondition,
             MemberBadUrls => Code::InvalidArgument,
             NoSpace | TooManyRequests | MessageTooLarge { .. } => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            NoLeader | Stopped | Timeout | LeaderChanged | NotCapable | NotSupportedForLearner => {
-                Code::Unavailable
-            }
+            NoLeader
+            | Stopped
+            | Timeout
+            | LeaderChanged
+            | NotCapable
+            | NotSupportedForLearner
+            | LeaderTransferTimeout => Code::Unavailable,
             Internal(_) => Code::Unknown,
         }
     }

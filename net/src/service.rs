@@ -227,9 +227,12 @@ impl<B: Backend> pb::maintenance_server::Maintenance for MaintenanceService<B> {
 
     async fn move_leader(
         &self,
-        _req: Request<pb::MoveLeaderRequest>,
+        req: Request<pb::MoveLeaderRequest>,
     ) -> Reply<pb::MoveLeaderResponse> {
-        Err(not_yet("MoveLeader"))
+        self.backend.move_leader(req.into_inner().target_id).await?;
+        Ok(Response::new(pb::MoveLeaderResponse {
+            header: Some(self.backend.header(0)),
+        }))
     }
 
     async fn downgrade(&self, _req: Request<pb::DowngradeRequest>) -> Reply<pb::DowngradeResponse> {

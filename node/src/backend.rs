@@ -455,6 +455,14 @@ impl Backend for NodeBackend {
         }
     }
 
+    fn move_leader(
+        &self,
+        target: u64,
+    ) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
+        let call = self.control_call(move |tx| crate::raft_core::Control::MoveLeader(target, tx));
+        async move { call.await.map(|_| ()) }
+    }
+
     fn member_promote(
         &self,
         id: u64,

@@ -91,7 +91,12 @@ pub enum Control {
     ProposeConf(raft::eraftpb::ConfChange, Responder),
     /// MemberPromote: the leader checks the learner has caught up, then proposes it.
     Promote(u64, Responder),
+    /// MoveLeader: the leader hands leadership to this voter.
+    MoveLeader(u64, Responder),
 }
+
+/// How long a leadership transfer may take (etcd: its request timeout, 5 s + 2 elections).
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(7);
 
 /// Control messages waiting at most (raft messages beyond are dropped; raft resends).
 pub const CONTROL_QUEUE_MAX: usize = 64 * 1024;
@@ -168,6 +173,8 @@ pub struct RaftCore {
     election_timeout: Duration,
     /// The backend file (a state from the leader replaces it).
     db_path: std::path::PathBuf,
+    /// MoveLeader calls waiting: (target, deadline, who waits).
+    transfers: Vec<(u64, Instant, Responder)>,
     next_id: u64,
     tick: Duration,
     last_proposal: Instant,
@@ -249,6 +256,7 @@ impl RaftCore {
             orphan_sweep: None,
             election_timeout: Duration::from_millis(election_ms),
             db_path: cfg.db_path(),
+            transfers: Vec::new(),
             next_id: ((meta.member_id & 0xffff) << 48) | ((now_ms << 8) & ((1 << 48) - 1)),
             tick: Duration::from_millis(heartbeat_ms),
             last_proposal: Instant::now(),
@@ -307,6 +315,7 @@ impl RaftCore {
                 }
                 self.retry_reads();
                 self.sweep_orphans();
+                self.check_transfers();
                 next_tick += self.tick;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + self.tick;
@@ -365,6 +374,7 @@ impl RaftCore {
             }
             Control::ProposeConf(cc, tx) => self.propose_conf(cc, tx),
             Control::Promote(id, tx) => self.promote(id, tx),
+            Control::MoveLeader(target, tx) => self.move_leader(target, tx),
             Control::SnapshotSent(to, ok) => {
                 let status = if ok {
                     SnapshotStatus::Finish
@@ -519,6 +529,7 @@ impl RaftCore {
         self.node.advance_apply();
         self.publish();
         self.release_reads();
+        self.check_transfers();
     }
 
     /// Hands messages to the peer transport; one that cannot be queued is reported to raft.
@@ -739,6 +750,52 @@ impl RaftCore {
             ..Default::default()
         };
         self.propose_conf(cc, tx);
+    }
+
+    /// etcd's MoveLeader: only the leader can, only to a voter; answered once the target
+    /// leads (or after `TRANSFER_TIMEOUT`).
+    fn move_leader(&mut self, target: u64, tx: Responder) {
+        if self.node.raft.state != StateRole::Leader {
+            let _ = tx.send(Err(ApiError::NotLeader));
+            return;
+        }
+        let voter = self
+            .membership
+            .get()
+            .iter()
+            .any(|m| m.id == target && !m.is_learner);
+        if !voter {
+            let _ = tx.send(Err(ApiError::BadLeaderTransferee));
+            return;
+        }
+        if target == self.node.raft.id {
+            let _ = tx.send(Ok(WriteResponse::Alarm(Default::default())));
+            return;
+        }
+        tracing::info!(target = format!("{target:x}"), "moving leadership");
+        self.node.transfer_leader(target);
+        self.transfers
+            .push((target, Instant::now() + TRANSFER_TIMEOUT, tx));
+    }
+
+    /// Answers MoveLeader calls whose target now leads, or that took too long.
+    fn check_transfers(&mut self) {
+        if self.transfers.is_empty() {
+            return;
+        }
+        let leader = self.status.leader_id.load(Ordering::Acquire);
+        let now = Instant::now();
+        let mut waiting = Vec::new();
+        for (target, deadline, tx) in std::mem::take(&mut self.transfers) {
+            if leader == target {
+                let _ = tx.send(Ok(WriteResponse::Alarm(Default::default())));
+            } else if now >= deadline {
+                let _ = tx.send(Err(ApiError::LeaderTransferTimeout));
+            } else {
+                waiting.push((target, deadline, tx));
+            }
+        }
+        self.transfers = waiting;
     }
 
     /// Applies a membership change (the same on every member): the members list, raft's

@@ -538,6 +538,58 @@ fn five_members_lose_two_and_go_on() {
 }
 
 #[test]
+fn leadership_moves_where_asked() {
+    let _s = serial();
+    let c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let target = (leader + 1) % 3;
+    let target_id = c.member_id(target);
+    let all = endpoints(&c, &[0, 1, 2]);
+    let (ok, out, err) = etcdctl(&all, &["move-leader", &format!("{target_id:x}")]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!(
+            "Leadership transferred from {:x} to {target_id:x}",
+            c.member_id(leader)
+        )),
+        "{out}"
+    );
+    assert_eq!(c.wait_leader(Duration::from_secs(5)), target);
+    // Asked of a follower, or to an unknown member: etcd's errors.
+    let rt = rt();
+    let follower = (target + 1) % 3;
+    let leader_id = c.member_id(leader);
+    let err = rt.block_on(async {
+        let ch = Channel::from_shared(c.members[follower].url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut m = pb::maintenance_client::MaintenanceClient::new(ch);
+        m.move_leader(pb::MoveLeaderRequest {
+            target_id: leader_id,
+        })
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(err.message(), "etcdserver: not leader");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let err = rt.block_on(async {
+        let ch = Channel::from_shared(c.members[target].url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut m = pb::maintenance_client::MaintenanceClient::new(ch);
+        m.move_leader(pb::MoveLeaderRequest { target_id: 12345 })
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(err.message(), "etcdserver: bad leader transferee");
+    write_anywhere_read_everywhere(&c, "moved");
+}
+
+#[test]
 fn etcdctl_sees_one_cluster() {
     let _s = serial();
     let c = Cluster::start(3, &[]);
