@@ -431,6 +431,103 @@ fn apply_path(
     })
 }
 
+/// etcd's isTxnReadonly: no put or delete anywhere in it, nested txns and both branches
+/// included.
+pub fn txn_is_read_only(t: &pb::TxnRequest) -> bool {
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => false,
+            Some(Request::RequestTxn(inner)) => txn_is_read_only(inner),
+            _ => true,
+        })
+}
+
+/// etcd's isTxnSerializable: every range in it is serializable.
+pub fn txn_is_serializable(t: &pb::TxnRequest) -> bool {
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(Request::RequestRange(r)) => r.serializable,
+            Some(Request::RequestTxn(inner)) => txn_is_serializable(inner),
+            _ => true,
+        })
+}
+
+/// A view pinned at one revision: a read-only txn's compares and ranges all see the same
+/// state, whatever is applied meanwhile.
+struct AtRev<'a, V: ReadView> {
+    view: &'a V,
+    rev: i64,
+}
+
+impl<V: ReadView> ReadView for AtRev<'_, V> {
+    fn read(
+        &self,
+        range: KeyRange<'_>,
+        mut opts: RangeOptions,
+    ) -> keel_storage::Result<keel_storage::mvcc::RangeResult> {
+        if opts.rev <= 0 {
+            opts.rev = self.rev;
+        }
+        self.view.read(range, opts)
+    }
+    fn first_rev(&self) -> i64 {
+        self.view.first_rev()
+    }
+    fn rev(&self) -> i64 {
+        self.rev
+    }
+}
+
+/// A read-only txn served from the published state (etcd serves them without raft): the
+/// same compares and responses as through apply, at the current revision.
+pub fn txn_read_only(
+    view: &impl ReadView,
+    r: &pb::TxnRequest,
+) -> Result<pb::TxnResponse, ApiError> {
+    let pinned = AtRev {
+        view,
+        rev: view.rev(),
+    };
+    let mut path = Vec::new();
+    compare_to_path(&pinned, r, &mut path);
+    check_path(&pinned, &Leases::new(0, 100, 1000), r, &path, &mut 0)?;
+    let mut resp = read_path(&pinned, r, &path, &mut 0)?;
+    resp.header = header(pinned.rev);
+    Ok(resp)
+}
+
+fn read_path(
+    view: &impl ReadView,
+    req: &pb::TxnRequest,
+    path: &[bool],
+    at: &mut usize,
+) -> Result<pb::TxnResponse, ApiError> {
+    let ok = path[*at];
+    *at += 1;
+    let mut responses = Vec::new();
+    for op in branch(req, ok) {
+        let resp = match &op.request {
+            Some(Request::RequestRange(r)) => Response::ResponseRange(range(view, r)?),
+            Some(Request::RequestTxn(inner)) => {
+                Response::ResponseTxn(read_path(view, inner, path, at)?)
+            }
+            _ => continue,
+        };
+        responses.push(pb::ResponseOp {
+            response: Some(resp),
+        });
+    }
+    Ok(pb::TxnResponse {
+        header: Some(pb::ResponseHeader::default()),
+        succeeded: ok,
+        responses,
+    })
+}
+
 fn txn(
     store: &mut Store,
     leases: &mut LeaseBook,
@@ -574,6 +671,66 @@ mod tests {
             success: s,
             failure: f,
         }
+    }
+
+    #[test]
+    fn read_only_txns_answer_as_through_apply() {
+        let (_d, mut s) = store();
+        let cmp = |key: &str, v: &str| pb::Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Value as i32,
+            key: b(key),
+            target_union: Some(TargetUnion::Value(b(v))),
+            ..Default::default()
+        };
+        let get = |k: &str, end: &str| pb::RequestOp {
+            request: Some(Request::RequestRange(rr(k, end))),
+        };
+        for (c, nested) in [(cmp("a", "9"), false), (cmp("a", "3"), true)] {
+            let inner = pb::TxnRequest {
+                compare: vec![cmp("c", "5")],
+                success: vec![get("b", "")],
+                failure: vec![],
+            };
+            let mut failure = vec![get("a", "z")];
+            if nested {
+                failure.push(pb::RequestOp {
+                    request: Some(Request::RequestTxn(inner)),
+                });
+            }
+            let t = pb::TxnRequest {
+                compare: vec![c],
+                success: vec![get("a", ""), get("c", "")],
+                failure,
+            };
+            assert!(txn_is_read_only(&t));
+            assert!(!txn_is_serializable(&t));
+            let local = txn_read_only(&**s.mvcc(), &t).unwrap();
+            let req = InternalRequest {
+                txn: Some(t),
+                ..Default::default()
+            };
+            let applied = match apply(&mut s, &mut book(), req).unwrap() {
+                WriteResponse::Txn(r) => r,
+                _ => unreachable!(),
+            };
+            assert_eq!(local, applied);
+        }
+        let writes = pb::TxnRequest {
+            failure: vec![pb::RequestOp {
+                request: Some(Request::RequestTxn(pb::TxnRequest {
+                    success: vec![pb::RequestOp {
+                        request: Some(Request::RequestDeleteRange(Default::default())),
+                    }],
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        assert!(
+            !txn_is_read_only(&writes),
+            "a delete in a nested failure branch"
+        );
     }
 
     #[test]

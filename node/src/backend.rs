@@ -271,6 +271,26 @@ impl Backend for NodeBackend {
         req: WriteRequest,
     ) -> impl std::future::Future<Output = Result<WriteResponse, ApiError>> + Send {
         served_one();
+        // A read-only txn never goes through the log (etcd's isTxnReadonly): once this member
+        // has applied everything committed (unless every range in it is serializable), it is
+        // answered from the published state.
+        if let WriteRequest::Txn(t) = &req {
+            if apply::txn_is_read_only(t) {
+                let serializable = apply::txn_is_serializable(t);
+                let refused = self.learner() && !serializable;
+                let ready = (!serializable).then(|| self.linearize());
+                let (mvcc, t) = (self.mvcc.clone(), t.clone());
+                return futures::future::Either::Left(async move {
+                    if refused {
+                        return Err(ApiError::NotSupportedForLearner);
+                    }
+                    if let Some(ready) = ready {
+                        ready.await?;
+                    }
+                    apply::txn_read_only(&*mvcc, &t).map(WriteResponse::Txn)
+                });
+            }
+        }
         // etcd answers a physical compaction once it is carried out.
         let physical = match &req {
             WriteRequest::Compact(c) if c.physical => Some(c.revision),
@@ -294,7 +314,7 @@ impl Backend for NodeBackend {
                         TrySendError::Disconnected(_) => ApiError::Stopped,
                     })
             });
-        async move {
+        futures::future::Either::Right(async move {
             sent?;
             let result = match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
                 Ok(Ok(result)) => result,
@@ -307,7 +327,7 @@ impl Backend for NodeBackend {
                 }
             }
             result
-        }
+        })
     }
 
     fn status(&self) -> pb::StatusResponse {

@@ -328,7 +328,11 @@ impl RaftCore {
     /// when the proposal senders are gone.
     fn wait(&self, deadline: Instant) -> Result<Option<Input>, ()> {
         let now = Instant::now();
-        let spin = if now.duration_since(self.last_proposal) < BUSY_WINDOW {
+        // Alone, the next proposal is the only thing worth catching early. With peers, the
+        // turn waits on their acks (a network hop anyway), and a spinning leader would take the
+        // CPU from members that share the machine.
+        let alone = self.peers.is_none();
+        let spin = if alone && now.duration_since(self.last_proposal) < BUSY_WINDOW {
             SPIN_BEFORE_PARK
         } else {
             Duration::ZERO
