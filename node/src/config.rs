@@ -125,6 +125,10 @@ pub struct Flags {
     /// Default: all cores of the machine.
     #[arg(long, env = "KEEL_CORES")]
     pub cores: Option<usize>,
+    /// Keel only: the leader promotes a learner to voter by itself once it has caught up
+    /// (its log at least 90% of the leader's, etcd's bar for MemberPromote).
+    #[arg(long, env = "KEEL_AUTO_PROMOTE_LEARNERS")]
+    pub auto_promote_learners: bool,
     /// Interpret 'auto-compaction-retention' one of: periodic|revision.
     #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic")]
     pub auto_compaction_mode: String,
@@ -174,6 +178,7 @@ pub struct Config {
     pub max_txn_ops: usize,
     pub log_level: String,
     pub cores: usize,
+    pub auto_promote_learners: bool,
     pub wal_segment_bytes: u64,
     pub auto_compaction: Option<crate::autocompact::Mode>,
     pub backend_batch_interval: std::time::Duration,
@@ -521,6 +526,7 @@ impl Config {
             max_txn_ops: f.max_txn_ops as usize,
             log_level: f.log_level,
             cores: cores.max(1),
+            auto_promote_learners: f.auto_promote_learners,
             wal_segment_bytes: f.wal_segment_bytes,
             backend_batch_interval: match &f.backend_batch_interval {
                 None => std::time::Duration::from_millis(100),

@@ -175,6 +175,8 @@ pub struct RaftCore {
     db_path: std::path::PathBuf,
     /// MoveLeader calls waiting: (target, deadline, who waits).
     transfers: Vec<(u64, Instant, Responder)>,
+    /// `--auto-promote-learners`.
+    auto_promote: bool,
     next_id: u64,
     tick: Duration,
     last_proposal: Instant,
@@ -257,6 +259,7 @@ impl RaftCore {
             election_timeout: Duration::from_millis(election_ms),
             db_path: cfg.db_path(),
             transfers: Vec::new(),
+            auto_promote: cfg.auto_promote_learners,
             next_id: ((meta.member_id & 0xffff) << 48) | ((now_ms << 8) & ((1 << 48) - 1)),
             tick: Duration::from_millis(heartbeat_ms),
             last_proposal: Instant::now(),
@@ -316,6 +319,7 @@ impl RaftCore {
                 self.retry_reads();
                 self.sweep_orphans();
                 self.check_transfers();
+                self.auto_promote();
                 next_tick += self.tick;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + self.tick;
@@ -722,6 +726,30 @@ impl RaftCore {
             Err(_) => {
                 let _ = tx.send(Err(ApiError::NoLeader));
             }
+        }
+    }
+
+    /// `--auto-promote-learners`: the leader promotes a learner once it has caught up, one
+    /// change at a time.
+    fn auto_promote(&mut self) {
+        if !self.auto_promote
+            || self.node.raft.state != StateRole::Leader
+            || self.node.raft.has_pending_conf()
+        {
+            return;
+        }
+        let ready = self.membership.get().iter().find_map(|m| {
+            let matched = self.node.raft.prs().get(m.id).map_or(0, |p| p.matched);
+            let caught_up = (matched as f64) >= (self.node.raft.raft_log.last_index() as f64) * 0.9;
+            (m.is_learner && !m.name.is_empty() && caught_up).then_some(m.id)
+        });
+        if let Some(id) = ready {
+            tracing::info!(
+                member = format!("{id:x}"),
+                "promoting a learner that caught up"
+            );
+            let (tx, _) = oneshot::channel();
+            self.promote(id, tx);
         }
     }
 

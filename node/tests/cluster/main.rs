@@ -895,3 +895,34 @@ fn the_guides_scale_out_and_rolling_restart() {
     }
     assert_converged(&c);
 }
+
+#[test]
+fn a_learner_is_promoted_by_itself_once_caught_up_when_asked() {
+    let _s = serial();
+    let mut c = Cluster::start(3, &["--auto-promote-learners"]);
+    let rt = rt();
+    for i in 0..100 {
+        rt.block_on(put(&c.members[i % 3].url(), &format!("auto/{i}"), "v", T))
+            .unwrap();
+    }
+    let n = c.new_member();
+    let (peer, name) = (c.members[n].peer_url(), c.members[n].name.clone());
+    let (ok, _, err) = etcdctl(
+        &endpoints(&c, &[0, 1, 2]),
+        &["member", "add", &name, "--peer-urls", &peer, "--learner"],
+    );
+    assert!(ok, "{err}");
+    c.spawn_joining(n);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.status(n).is_none_or(|s| s.is_learner) {
+        assert!(Instant::now() < deadline, "never promoted:\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        (0..3).any(|i| c.members[i]
+            .log_text()
+            .contains("promoting a learner that caught up")),
+        "promoted, but not by the leader's auto-promotion"
+    );
+    write_anywhere_read_everywhere(&c, "auto");
+}
