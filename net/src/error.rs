@@ -41,6 +41,8 @@ pub enum ApiError {
     Timeout,
     #[error("etcdserver: leader changed")]
     LeaderChanged,
+    #[error("etcdserver: request timed out, possibly due to previous leader failure")]
+    TimeoutDueToLeaderFail,
     #[error("etcdserver: member not found")]
     MemberNotFound,
     #[error("etcdserver: not leader")]
@@ -99,7 +101,8 @@ impl ApiError {
             | LeaderChanged
             | NotCapable
             | NotSupportedForLearner
-            | LeaderTransferTimeout => Code::Unavailable,
+            | LeaderTransferTimeout
+            | TimeoutDueToLeaderFail => Code::Unavailable,
             Internal(_) => Code::Unknown,
         }
     }

@@ -197,9 +197,11 @@ impl Inbound for PeerInbound {
             return false;
         };
         match self.receive_state(next) {
-            Ok(m) => {
+            Ok((m, path)) => {
                 // Raft decides whether to install it; the raft core then switches to it.
-                self.control.send(Control::Snapshot(Box::new(m))).is_ok()
+                self.control
+                    .send(Control::Snapshot(Box::new(m), path))
+                    .is_ok()
             }
             Err(e) => {
                 tracing::warn!(from = format!("{from:x}"), "refused a state: {e:#}");
@@ -215,7 +217,7 @@ impl PeerInbound {
     fn receive_state(
         &self,
         next: &mut dyn FnMut() -> Option<Bytes>,
-    ) -> anyhow::Result<raft::eraftpb::Message> {
+    ) -> anyhow::Result<(raft::eraftpb::Message, std::path::PathBuf)> {
         let first = next().ok_or_else(|| anyhow::anyhow!("an empty stream"))?;
         anyhow::ensure!(first.first() == Some(&FRAME_RAFT), "no raft message first");
         let m = raft::eraftpb::Message::parse_from_bytes(&first[1..])?;
@@ -230,7 +232,8 @@ impl PeerInbound {
             term = meta.term,
             "receiving the leader's state"
         );
-        let mut inc = keel_storage::transfer::Incoming::create(&paths.incoming)?;
+        let path = paths.incoming((meta.index, meta.term));
+        let mut inc = keel_storage::transfer::Incoming::create(&path)?;
         while let Some(f) = next() {
             inc.frame(&f)?;
         }
@@ -241,7 +244,7 @@ impl PeerInbound {
             meta.index,
             meta.term
         );
-        Ok(m)
+        Ok((m, path))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Installing a whole state sent by the leader (raft's snapshot), crash-safe.
 //!
-//! 1. The receiver writes the state to `keel.db.incoming` and checks it whole (count, CRC,
-//!    the entry it ends with).
+//! 1. The receiver writes the state to `keel.db.incoming.{index}.{term}` and checks it whole
+//!    (count, CRC, the entry it ends with).
 //! 2. Once raft accepts it: rename to `keel.db.installing` (synced): a complete state that
 //!    is not in effect yet.
 //! 3. A SNAPSHOT record in the WAL (synced): from here the log starts after that state.
@@ -10,7 +10,7 @@
 //!
 //! At start: a WAL whose snapshot is ahead of the backend finds `keel.db.installing` and
 //! finishes step 4; an `installing` file the WAL does not know of (a crash before step 3)
-//! and any `incoming` file are deleted.
+//! and any `incoming` files are deleted.
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +18,6 @@ use anyhow::Context;
 
 pub struct Paths {
     pub db: PathBuf,
-    pub incoming: PathBuf,
     pub installing: PathBuf,
 }
 
@@ -26,7 +25,6 @@ impl Paths {
     pub fn new(db: &Path) -> Paths {
         Paths {
             db: db.to_path_buf(),
-            incoming: db.with_extension("db.incoming"),
             installing: db.with_extension("db.installing"),
         }
     }
@@ -36,14 +34,35 @@ impl Paths {
         keel_storage::wal::sync_dir(dir).context("sync the backend directory")
     }
 
-    /// Step 2: the received state becomes the one to install.
-    pub fn stage(&self, index: u64) -> anyhow::Result<()> {
+    /// Where a state that ends with entry `point` (index, term) is received.
+    pub fn incoming(&self, point: (u64, u64)) -> PathBuf {
+        self.db
+            .with_extension(format!("db.incoming.{}.{}", point.0, point.1))
+    }
+
+    /// Step 2: the state received for `point` (at `from`) becomes the one to install.
+    pub fn stage(&self, from: &Path, point: (u64, u64)) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.incoming.exists(),
-            "raft accepted a state (entry {index}) that was never received"
+            *from == self.incoming(point) && from.exists(),
+            "raft accepted a state ending at {point:?} that was never received"
         );
-        std::fs::rename(&self.incoming, &self.installing).context("rename incoming state")?;
+        std::fs::rename(from, &self.installing).context("rename incoming state")?;
         self.sync_dir()
+    }
+
+    /// Deletes every received state not installed.
+    fn clear_incoming(&self) {
+        let (Some(dir), Some(name)) = (self.db.parent(), self.db.file_name()) else {
+            return;
+        };
+        let prefix = format!("{}.incoming", name.to_string_lossy());
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 
     /// Step 4: the staged state replaces the backend.
@@ -56,7 +75,7 @@ impl Paths {
     /// staged state switched in because the backend (at `backend`) is behind it. Clears what
     /// a crash left half-way.
     pub fn recover(&self, wal_snapshot: Option<u64>, backend: u64) -> anyhow::Result<bool> {
-        let _ = std::fs::remove_file(&self.incoming);
+        self.clear_incoming();
         let behind = wal_snapshot.is_some_and(|s| s > backend);
         if behind {
             anyhow::ensure!(
@@ -98,21 +117,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = Paths::new(&dir.path().join("keel.db"));
         std::fs::write(&p.db, "old").unwrap();
+        // Only the state received for the accepted point is staged.
+        let got = p.incoming((9, 2));
+        std::fs::write(&got, "new").unwrap();
+        assert!(p.stage(&p.incoming((9, 3)), (9, 3)).is_err());
+        assert!(p.stage(&got, (9, 3)).is_err(), "a file for another point");
         // Crash after staging, before the WAL knew: the staged state is dropped.
-        std::fs::write(&p.incoming, "new").unwrap();
-        p.stage(9).unwrap();
+        p.stage(&got, (9, 2)).unwrap();
         assert!(!p.recover(None, 5).unwrap());
         assert!(!p.installing.exists());
         assert_eq!(std::fs::read_to_string(&p.db).unwrap(), "old");
         // Crash after the WAL record, before the switch: start finishes it.
-        std::fs::write(&p.incoming, "new").unwrap();
-        p.stage(9).unwrap();
+        std::fs::write(&got, "new").unwrap();
+        p.stage(&got, (9, 2)).unwrap();
         assert!(p.recover(Some(9), 5).unwrap());
         assert_eq!(std::fs::read_to_string(&p.db).unwrap(), "new");
-        // Nothing to do once switched; a stray incoming file goes.
-        std::fs::write(&p.incoming, "partial").unwrap();
+        // Nothing to do once switched; stray incoming files go.
+        std::fs::write(p.incoming((12, 3)), "partial").unwrap();
         assert!(!p.recover(Some(9), 9).unwrap());
-        assert!(!p.incoming.exists());
+        assert!(!p.incoming((12, 3)).exists());
         // The WAL is ahead and the state is gone: refuse to start.
         assert!(p.recover(Some(20), 9).is_err());
     }

@@ -306,13 +306,22 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let members = match (store.members(), joined) {
         (Some(b), _) => {
             let m = cluster::Membership::decode(b).context("the stored membership")?;
-            // Raft's configuration as of the backend; later changes replay from the WAL.
-            log.set_conf_state(cluster::conf_state(&m));
+            // Raft's configuration as of the backend; later changes replay from the WAL. A
+            // member that joined and has not received the leader's state yet has none.
+            let awaiting_state = log.meta().voters.is_empty() && store.applied().0 == 0;
+            if !awaiting_state {
+                log.set_conf_state(cluster::conf_state(&m));
+            }
             m
         }
-        // Joining: the members as the cluster told them; raft's configuration comes with the
-        // leader's state.
-        (None, Some(m)) => m,
+        // Joining: the members as the cluster told them, kept (a restart before the leader's
+        // state arrives must not fall back to --initial-cluster's IDs); raft's configuration
+        // comes with the leader's state.
+        (None, Some(m)) => {
+            store.set_members(cluster::Membership::encode(&m));
+            store.commit().context("store the joined membership")?;
+            m
+        }
         (None, None) => {
             let mut m = cluster::Membership::initial(&cfg, &initial_ids(&cfg));
             if let [only] = m.as_mut_slice() {

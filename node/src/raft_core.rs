@@ -83,8 +83,9 @@ pub enum Control {
     ReadIndex(Reader),
     /// The transport lost a peer: raft probes it instead of streaming appends into the void.
     Unreachable(u64),
-    /// A whole state from the leader, written to the incoming backend file: its raft message.
-    Snapshot(Box<raft::eraftpb::Message>),
+    /// A whole state from the leader, written to a backend file of its own (the path): its
+    /// raft message.
+    Snapshot(Box<raft::eraftpb::Message>, std::path::PathBuf),
     /// A state sent to a member: whether it took it.
     SnapshotSent(u64, bool),
     /// A membership change to propose (MemberAdd, MemberRemove).
@@ -175,6 +176,8 @@ pub struct RaftCore {
     db_path: std::path::PathBuf,
     /// MoveLeader calls waiting: (target, deadline, who waits).
     transfers: Vec<(u64, Instant, Responder)>,
+    /// The last state received from a leader: its (index, term) and file.
+    incoming: Option<((u64, u64), std::path::PathBuf)>,
     /// `--auto-promote-learners`.
     auto_promote: bool,
     next_id: u64,
@@ -252,13 +255,16 @@ impl RaftCore {
             read_batch: Vec::new(),
             reads_asked: HashMap::new(),
             reads_ready: BTreeMap::new(),
-            next_read: 1,
+            // Unique across members and restarts, as proposal IDs: a late answer to another
+            // member's round, or to this member's before a restart, must never match.
+            next_read: ((meta.member_id & 0xffff) << 48) | ((now_ms << 8) & ((1 << 48) - 1)),
             seen: (0, 0),
             was_leader: false,
             orphan_sweep: None,
             election_timeout: Duration::from_millis(election_ms),
             db_path: cfg.db_path(),
             transfers: Vec::new(),
+            incoming: None,
             auto_promote: cfg.auto_promote_learners,
             next_id: ((meta.member_id & 0xffff) << 48) | ((now_ms << 8) & ((1 << 48) - 1)),
             tick: Duration::from_millis(heartbeat_ms),
@@ -318,6 +324,9 @@ impl RaftCore {
                 }
                 self.retry_reads();
                 self.sweep_orphans();
+                // Callers that gave up (their proposal was lost on the way, e.g. a forward
+                // dropped by a full queue) leave nothing behind.
+                self.pending.retain(|_, (_, tx)| !tx.is_closed());
                 self.check_transfers();
                 self.auto_promote();
                 next_tick += self.tick;
@@ -366,18 +375,29 @@ impl RaftCore {
     fn control(&mut self, c: Control) {
         match c {
             Control::Step(m) => {
+                // A snapshot comes only as a stream, with its state (`Control::Snapshot`).
+                if m.get_msg_type() == MessageType::MsgSnapshot {
+                    return;
+                }
                 // Messages from unknown or removed members, or stale ones, are refused by
                 // raft; nothing to do about them here.
                 let _ = self.node.step(*m);
             }
             Control::ReadIndex(tx) => self.read_batch.push(tx),
             Control::Unreachable(peer) => self.node.report_unreachable(peer),
-            Control::Snapshot(m) => {
+            Control::Snapshot(m, path) => {
+                let meta = m.get_snapshot().get_metadata();
+                let point = (meta.index, meta.term);
                 tracing::info!(
                     from = format!("{:x}", m.from),
-                    index = m.get_snapshot().get_metadata().index,
+                    index = point.0,
                     "received the leader's state"
                 );
+                if let Some((_, old)) = self.incoming.replace((point, path)) {
+                    if old != self.incoming.as_ref().expect("just set").1 {
+                        let _ = std::fs::remove_file(old);
+                    }
+                }
                 let _ = self.node.step(*m);
             }
             Control::ProposeConf(cc, tx) => self.propose_conf(cc, tx),
@@ -458,7 +478,9 @@ impl RaftCore {
             .collect();
         for id in lost {
             if let Some((_, tx)) = self.pending.remove(&id) {
-                let _ = tx.send(Err(ApiError::LeaderChanged));
+                // Its fate is unknown to this member (a late forward could still commit it):
+                // etcd's answer for exactly that.
+                let _ = tx.send(Err(ApiError::TimeoutDueToLeaderFail));
             }
         }
     }
@@ -656,7 +678,9 @@ impl RaftCore {
                     rx,
                     Box::new(move |ok| {
                         tracing::info!(to = format!("{to:x}"), ok, "state sent");
-                        let _ = ctl.send(Control::SnapshotSent(to, ok));
+                        // On the peer runtime: never block it (a lost report is recovered
+                        // by raft from the member's next answer).
+                        let _ = ctl.try_send(Control::SnapshotSent(to, ok));
                     }),
                 );
                 if tx.blocking_send(crate::cluster::raft_frame(&m)).is_err() {
@@ -681,23 +705,31 @@ impl RaftCore {
             term,
             "installing the leader's state; restarting on it"
         );
-        if let Some(hs) = hs {
-            if let Err(e) = self.node.mut_store().append(&[], Some(&hs)) {
-                crate::fatal(crate::FATAL_EXIT_CODE, &format!("wal append failed: {e}"));
-            }
-        }
         let paths = crate::install::Paths::new(&self.db_path);
-        if let Err(e) = paths.stage(index) {
+        // Only the state this member received for exactly this snapshot is installed.
+        let received = match self.incoming.take() {
+            Some((point, path)) if point == (index, term) => path,
+            other => crate::fatal(
+                crate::FATAL_EXIT_CODE,
+                &format!(
+                    "raft accepted the leader's state at ({index}, {term}) but the state \
+                     received is {:?}",
+                    other.map(|(p, _)| p)
+                ),
+            ),
+        };
+        if let Err(e) = paths.stage(&received, (index, term)) {
             crate::fatal(
                 crate::FATAL_EXIT_CODE,
                 &format!("installing a state: {e:#}"),
             );
         }
-        if let Err(e) =
-            self.node
-                .mut_store()
-                .install_snapshot(index, term, meta.get_conf_state().clone())
-        {
+        if let Err(e) = self.node.mut_store().install_snapshot(
+            index,
+            term,
+            meta.get_conf_state().clone(),
+            hs.as_ref(),
+        ) {
             crate::fatal(crate::FATAL_EXIT_CODE, &format!("wal append failed: {e}"));
         }
         if let Err(e) = paths.switch() {
@@ -710,18 +742,17 @@ impl RaftCore {
     }
 
     fn propose_conf(&mut self, cc: raft::eraftpb::ConfChange, tx: Responder) {
+        // raft-rs would turn a second change into an empty entry (and our caller would wait
+        // for nothing); etcd's caller times out the same way.
+        if self.node.raft.state == StateRole::Leader && self.node.raft.has_pending_conf() {
+            let _ = tx.send(Err(ApiError::Timeout));
+            return;
+        }
         let id = self.next_id;
         self.next_id += 1;
         match self.node.propose_conf_change(id.to_le_bytes().to_vec(), cc) {
             Ok(()) => {
                 self.pending.insert(id, (self.node.raft.term, tx));
-            }
-            // raft refuses a second change while one is pending, and proposals without a
-            // leader.
-            Err(raft::Error::ProposalDropped) if self.node.raft.leader_id != 0 => {
-                let _ = tx.send(Err(ApiError::Internal(
-                    "etcdserver: a membership change is already in progress".into(),
-                )));
             }
             Err(_) => {
                 let _ = tx.send(Err(ApiError::NoLeader));

@@ -373,7 +373,20 @@ impl RaftLog {
 
     /// Installs a state the leader sent, which holds every entry up to `index` (of `term`):
     /// the log restarts after it, durably (a SNAPSHOT record), with `conf_state`.
-    pub fn install_snapshot(&mut self, index: u64, term: u64, conf_state: ConfState) -> Result<()> {
+    pub fn install_snapshot(
+        &mut self,
+        index: u64,
+        term: u64,
+        conf_state: ConfState,
+        hs: Option<&HardState>,
+    ) -> Result<()> {
+        // The hard state raft hands over with the snapshot goes in the same record: written
+        // apart, its commit (the snapshot's index) would be past the end of the log until the
+        // SNAPSHOT record follows, and a crash between the two would leave a WAL that does
+        // not open.
+        if let Some(hs) = hs {
+            self.hard_state = hs.clone();
+        }
         self.hard_state.commit = self.hard_state.commit.max(index);
         self.hard_state.term = self.hard_state.term.max(term);
         let mut w = Writer(Vec::with_capacity(41));
@@ -917,7 +930,7 @@ mod tests {
                 voters: vec![1, 2, 3],
                 ..Default::default()
             };
-            log.install_snapshot(900, 5, cs.clone()).unwrap();
+            log.install_snapshot(900, 5, cs.clone(), None).unwrap();
             assert_eq!(log.first_index().unwrap(), 901);
             assert_eq!(log.last_index().unwrap(), 900);
             assert_eq!(log.term(900).unwrap(), 5);
