@@ -82,6 +82,11 @@ pub trait Backend: Send + Sync + 'static {
 
     fn members(&self) -> Vec<pb::Member>;
 
+    /// This member is a learner: it serves only Status and serializable ranges.
+    fn is_learner(&self) -> bool {
+        false
+    }
+
     /// Cluster.MemberAdd: the new member, once the change applied here.
     fn member_add(
         &self,

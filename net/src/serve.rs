@@ -67,6 +67,10 @@ pub async fn serve<B: Backend>(
         })
     });
     let limit = decode_limit_bytes(backend.limits());
+    let learner = {
+        let b = backend.clone();
+        std::sync::Arc::new(move || b.is_learner())
+    };
     // gRPC health checking, as etcd registers it: "" (all of etcd's services) is SERVING.
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -111,6 +115,7 @@ pub async fn serve<B: Backend>(
         );
     let mut routes = routes.routes();
     unserved::route(routes.axum_router_mut());
+    unserved::refuse_for_learner(routes.axum_router_mut(), learner);
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(16 << 20))

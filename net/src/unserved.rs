@@ -126,6 +126,33 @@ async fn reject_unknown_methods(
     next.run(req).await
 }
 
+/// What a learner serves (etcd's isRPCSupportedForLearner; Range only when serializable, which
+/// the backend checks).
+const LEARNER_SERVES: &[&str] = &["/etcdserverpb.Maintenance/Status", "/etcdserverpb.KV/Range"];
+
+/// While `learner()` holds, every other call (streams included) gets etcd's "rpc not
+/// supported for learner".
+pub fn refuse_for_learner(
+    router: &mut axum::Router,
+    learner: std::sync::Arc<dyn Fn() -> bool + Send + Sync>,
+) {
+    let r = std::mem::take(router);
+    *router = r.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let refuse = learner() && !LEARNER_SERVES.contains(&req.uri().path());
+            async move {
+                if refuse {
+                    let answer: http::Response<axum::body::Body> =
+                        tonic::Status::unavailable("etcdserver: rpc not supported for learner")
+                            .into_http();
+                    return answer;
+                }
+                next.run(req).await
+            }
+        },
+    ));
+}
+
 /// Routes every call the router does not serve to `answer`, and answers unknown methods of
 /// served services the same way.
 pub fn route(router: &mut axum::Router) {

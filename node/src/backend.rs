@@ -365,6 +365,10 @@ impl Backend for NodeBackend {
         self.membership.list()
     }
 
+    fn is_learner(&self) -> bool {
+        self.learner()
+    }
+
     fn member_add(
         &self,
         peer_urls: Vec<String>,

@@ -783,6 +783,28 @@ fn a_learner_joins_catches_up_is_promoted_and_a_member_is_removed() {
     );
     let status = c.status(n).unwrap();
     assert!(status.is_learner);
+    // Everything else, streams included, is refused on a learner as etcd does.
+    let (list_err, watch_err) = rt.block_on(async {
+        let ch = Channel::from_shared(learner.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let list = pb::cluster_client::ClusterClient::new(ch.clone())
+            .member_list(pb::MemberListRequest::default())
+            .await
+            .unwrap_err();
+        let (_tx, rx) = tokio::sync::mpsc::channel::<pb::WatchRequest>(1);
+        let watch = pb::watch_client::WatchClient::new(ch)
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap_err();
+        (list, watch)
+    });
+    for e in [list_err, watch_err] {
+        assert_eq!(e.message(), "etcdserver: rpc not supported for learner");
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+    }
     // Promoted through a follower, which asks the leader.
     let leader = c.wait_leader(Duration::from_secs(10));
     let follower = (leader + 1) % 3;
