@@ -947,3 +947,34 @@ fn a_learner_is_promoted_by_itself_once_caught_up_when_asked() {
     );
     write_anywhere_read_everywhere(&c, "auto");
 }
+
+#[test]
+fn a_lone_member_grows_into_a_cluster() {
+    let _s = serial();
+    let mut c = Cluster::start(1, &[]);
+    let rt = rt();
+    rt.block_on(put(&c.members[0].url(), "alone", "1", T))
+        .unwrap();
+    for _ in 0..2 {
+        let n = c.new_member();
+        let (peer, name) = (c.members[n].peer_url(), c.members[n].name.clone());
+        let running = c.running();
+        let (ok, _, err) = etcdctl(
+            &endpoints(&c, &running),
+            &["member", "add", &name, "--peer-urls", &peer],
+        );
+        assert!(ok, "{err}");
+        c.spawn_joining(n);
+    }
+    assert_eq!(c.running().len(), 3);
+    write_anywhere_read_everywhere(&c, "grown");
+    assert_eq!(
+        rt.block_on(get(&c.members[2].url(), "alone", false, T))
+            .unwrap(),
+        Some("1".into())
+    );
+    // The first member can now fail: the other two go on.
+    c.kill9(0);
+    c.wait_leader(Duration::from_secs(10));
+    write_anywhere_read_everywhere(&c, "without-the-first");
+}
