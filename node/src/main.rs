@@ -322,6 +322,13 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             store.commit().context("store the joined membership")?;
             m
         }
+        // Joined, but died before keeping the membership: ask again.
+        (None, None) if log.meta().voters.is_empty() => {
+            let (_, m) = join_meta(&cfg)?;
+            store.set_members(cluster::Membership::encode(&m));
+            store.commit().context("store the joined membership")?;
+            m
+        }
         (None, None) => {
             let mut m = cluster::Membership::initial(&cfg, &initial_ids(&cfg));
             if let [only] = m.as_mut_slice() {
