@@ -371,9 +371,11 @@ impl Backend for NodeBackend {
 
     fn member_add(
         &self,
-        peer_urls: Vec<String>,
+        mut peer_urls: Vec<String>,
         is_learner: bool,
     ) -> impl std::future::Future<Output = Result<pb::Member, ApiError>> + Send {
+        // etcd keeps a member's URLs sorted (types.NewURLs).
+        peer_urls.sort();
         let checked = (|| {
             if peer_urls.is_empty()
                 || peer_urls
@@ -449,8 +451,9 @@ impl Backend for NodeBackend {
     fn member_update(
         &self,
         id: u64,
-        peer_urls: Vec<String>,
+        mut peer_urls: Vec<String>,
     ) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
+        peer_urls.sort();
         let bad = peer_urls.is_empty()
             || peer_urls
                 .iter()

@@ -52,7 +52,12 @@ impl Membership {
             .map(|((name, urls), (_, id))| keelpb::Member {
                 id: *id,
                 name: name.clone(),
-                peer_urls: urls.clone(),
+                // etcd keeps a member's URLs sorted (types.NewURLsMap).
+                peer_urls: {
+                    let mut u = urls.clone();
+                    u.sort();
+                    u
+                },
                 client_urls: Vec::new(),
                 is_learner: false,
             })

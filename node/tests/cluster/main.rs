@@ -586,6 +586,49 @@ fn leadership_moves_where_asked() {
     });
     assert_eq!(err.message(), "etcdserver: bad leader transferee");
     write_anywhere_read_everywhere(&c, "moved");
+
+    // MemberUpdate: a second peer URL for one member; the members keep talking (the first
+    // URL still answers); etcd's errors for an unknown member and a URL already taken.
+    let id = c.member_id(follower);
+    let urls = format!("{},http://127.0.0.9:1", c.members[follower].peer_url());
+    let (ok, out, err) = etcdctl(
+        &all,
+        &["member", "update", &format!("{id:x}"), "--peer-urls", &urls],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("updated in cluster"), "{out}");
+    let (_, list, _) = etcdctl(&all, &["member", "list"]);
+    assert!(
+        list.contains(&format!(
+            "{},http://127.0.0.9:1",
+            c.members[follower].peer_url()
+        )),
+        "{list}"
+    );
+    let (ok, _, err) = etcdctl(
+        &all,
+        &[
+            "member",
+            "update",
+            "1234",
+            "--peer-urls",
+            "http://127.0.0.9:2",
+        ],
+    );
+    assert!(!ok && err.contains("member not found"), "{err}");
+    let taken = c.members[target].peer_url();
+    let (ok, _, err) = etcdctl(
+        &all,
+        &[
+            "member",
+            "update",
+            &format!("{id:x}"),
+            "--peer-urls",
+            &taken,
+        ],
+    );
+    assert!(!ok && err.contains("Peer URLs already exists"), "{err}");
+    write_anywhere_read_everywhere(&c, "updated");
 }
 
 #[test]
