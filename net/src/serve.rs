@@ -114,8 +114,7 @@ pub async fn serve<B: Backend>(
                 .max_decoding_message_size(limit),
         );
     let mut routes = routes.routes();
-    unserved::route(routes.axum_router_mut());
-    unserved::refuse_for_learner(routes.axum_router_mut(), learner);
+    unserved::route(routes.axum_router_mut(), learner);
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(16 << 20))

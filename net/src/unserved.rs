@@ -114,52 +114,36 @@ async fn answer(uri: http::Uri) -> http::Response<tonic::body::Body> {
     tonic::Status::unimplemented(message(uri.path())).into_http()
 }
 
-async fn reject_unknown_methods(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    if unknown_method_of_served(req.uri().path()) {
-        let answer: http::Response<axum::body::Body> =
-            tonic::Status::unimplemented(message(req.uri().path())).into_http();
-        return answer;
-    }
-    next.run(req).await
-}
-
 /// What a learner serves (etcd's isRPCSupportedForLearner; Range only when serializable, which
 /// the backend checks).
 const LEARNER_SERVES: &[&str] = &["/etcdserverpb.Maintenance/Status", "/etcdserverpb.KV/Range"];
 
-/// While `learner()` holds, every other call (streams included) gets etcd's "rpc not
-/// supported for learner".
-pub fn refuse_for_learner(
-    router: &mut axum::Router,
-    learner: std::sync::Arc<dyn Fn() -> bool + Send + Sync>,
-) {
+/// Routes every call the router does not serve to `answer`, answers unknown methods of served
+/// services the same way, and, while `learner()` holds, every call a learner does not serve
+/// (streams included) with etcd's "rpc not supported for learner". One layer checks both.
+pub fn route(router: &mut axum::Router, learner: std::sync::Arc<dyn Fn() -> bool + Send + Sync>) {
     let r = std::mem::take(router);
-    *router = r.layer(axum::middleware::from_fn(
+    *router = r.fallback(answer).layer(axum::middleware::from_fn(
         move |req: axum::extract::Request, next: axum::middleware::Next| {
-            let refuse = learner() && !LEARNER_SERVES.contains(&req.uri().path());
+            let path = req.uri().path();
+            let refused = if learner() && !LEARNER_SERVES.contains(&path) {
+                Some(tonic::Status::unavailable(
+                    "etcdserver: rpc not supported for learner",
+                ))
+            } else if unknown_method_of_served(path) {
+                Some(tonic::Status::unimplemented(message(path)))
+            } else {
+                None
+            };
             async move {
-                if refuse {
-                    let answer: http::Response<axum::body::Body> =
-                        tonic::Status::unavailable("etcdserver: rpc not supported for learner")
-                            .into_http();
+                if let Some(status) = refused {
+                    let answer: http::Response<axum::body::Body> = status.into_http();
                     return answer;
                 }
                 next.run(req).await
             }
         },
     ));
-}
-
-/// Routes every call the router does not serve to `answer`, and answers unknown methods of
-/// served services the same way.
-pub fn route(router: &mut axum::Router) {
-    let r = std::mem::take(router);
-    *router = r
-        .fallback(answer)
-        .layer(axum::middleware::from_fn(reject_unknown_methods));
 }
 
 #[cfg(test)]

@@ -39,6 +39,23 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
 /// etcd's quota estimate of what a lease grant adds (`leaseOverhead`).
 const LEASE_OVERHEAD_BYTES: usize = 64;
 
+/// The raft core's answer to `rx`, waited for up to `WRITE_TIMEOUT` (etcd's request timeout).
+async fn answer<T>(rx: oneshot::Receiver<Result<T, ApiError>>) -> Result<T, ApiError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(ApiError::Stopped),
+        Err(_) => Err(ApiError::Timeout),
+    }
+}
+
+/// etcd's check of a member's peer URLs: at least one, each a URL with a host and port.
+fn bad_peer_urls(urls: &[String]) -> bool {
+    urls.is_empty()
+        || urls
+            .iter()
+            .any(|u| crate::config::listen_addr(u).is_err() && !u.starts_with("https://"))
+}
+
 pub struct NodeBackend {
     pub control: Sender<crate::raft_core::Control>,
     pub membership: Arc<crate::cluster::Membership>,
@@ -74,11 +91,7 @@ impl NodeBackend {
         };
         async move {
             let Some(asked) = asked else { return Ok(()) };
-            match tokio::time::timeout(WRITE_TIMEOUT, asked?).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(ApiError::Stopped),
-                Err(_) => Err(ApiError::Timeout),
-            }
+            answer(asked?).await
         }
     }
 
@@ -104,11 +117,7 @@ impl NodeBackend {
         });
         async move {
             sent?;
-            match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(ApiError::Stopped),
-                Err(_) => Err(ApiError::Timeout),
-            }
+            answer(rx).await
         }
     }
 
@@ -316,11 +325,7 @@ impl Backend for NodeBackend {
             });
         futures::future::Either::Right(async move {
             sent?;
-            let result = match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(ApiError::Stopped),
-                Err(_) => Err(ApiError::Timeout),
-            };
+            let result = answer(rx).await;
             if let (Ok(_), Some(rev)) = (&result, physical) {
                 while store.finished_compact_rev() < rev {
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -377,11 +382,7 @@ impl Backend for NodeBackend {
         // etcd keeps a member's URLs sorted (types.NewURLs).
         peer_urls.sort();
         let checked = (|| {
-            if peer_urls.is_empty()
-                || peer_urls
-                    .iter()
-                    .any(|u| crate::config::listen_addr(u).is_err() && !u.starts_with("https://"))
-            {
+            if bad_peer_urls(&peer_urls) {
                 return Err(ApiError::MemberBadUrls);
             }
             if !is_learner && !self.ready_to_add_voter() {
@@ -454,10 +455,7 @@ impl Backend for NodeBackend {
         mut peer_urls: Vec<String>,
     ) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
         peer_urls.sort();
-        let bad = peer_urls.is_empty()
-            || peer_urls
-                .iter()
-                .any(|u| crate::config::listen_addr(u).is_err() && !u.starts_with("https://"));
+        let bad = bad_peer_urls(&peer_urls);
         let req = InternalRequest {
             member_update: Some(keel_proto::keelpb::MemberUpdate { id, peer_urls }),
             ..Default::default()
@@ -474,11 +472,7 @@ impl Backend for NodeBackend {
         async move {
             let (sent, rx) = call.ok_or(ApiError::MemberBadUrls)?;
             sent?;
-            match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
-                Ok(Ok(r)) => r.map(|_| ()),
-                Ok(Err(_)) => Err(ApiError::Stopped),
-                Err(_) => Err(ApiError::Timeout),
-            }
+            answer(rx).await.map(|_| ())
         }
     }
 
@@ -563,20 +557,16 @@ impl Backend for NodeBackend {
     {
         served_one();
         let header = Some(self.header(0));
-        let local = match self.lease_leader() {
-            Ok(None) => Ok(Some(self.leases.renew(id))),
-            Ok(Some(_)) => Ok(None),
-            Err(e) => Err(e),
-        };
-        let leader = self.lease_leader().ok().flatten();
+        // Renewed here (this member leads), or the leader to ask.
+        let route = self.lease_leader().map(|leader| match leader {
+            None => Ok(self.leases.renew(id)),
+            Some(l) => Err(l),
+        });
         let forwarder = self.forwarder.clone();
         async move {
-            let ttl = match local? {
-                Some(ttl) => ttl,
-                None => {
-                    let leader = leader.ok_or(ApiError::NoLeader)?;
-                    forwarder.call(leader, id, false).await?.ttl
-                }
+            let ttl = match route? {
+                Ok(ttl) => ttl,
+                Err(leader) => forwarder.call(leader, id, false).await?.ttl,
             };
             Ok(pb::LeaseKeepAliveResponse { header, id, ttl })
         }

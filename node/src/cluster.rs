@@ -255,6 +255,13 @@ impl PeerInbound {
 
 impl PeerInbound {
     fn keel_message(&self, from: u64, m: keelpb::PeerMessage) {
+        // An answer to one of this member's calls to the leader.
+        let answered = (m.lease_reply.as_ref().map(|r| r.request))
+            .or(m.promote_reply.as_ref().map(|r| r.request));
+        if let Some(request) = answered {
+            self.forwarder.answer(request, m);
+            return;
+        }
         if let Some(call) = m.lease {
             // A follower forwards its clients' keep-alives: only the leader's lessor counts.
             let leader = self.status.leader_id.load(Ordering::Acquire) == self.member_id;
@@ -284,9 +291,7 @@ impl PeerInbound {
                 p.send(from, frame);
             }
         }
-        if let Some(reply) = m.lease_reply {
-            self.forwarder.answer(reply);
-        }
+
         if let Some(call) = m.promote {
             let (tx, rx) = oneshot::channel();
             let sent = self.control.try_send(Control::Promote(call.id, tx)).is_ok();
@@ -309,17 +314,14 @@ impl PeerInbound {
                 }
             });
         }
-        if let Some(reply) = m.promote_reply {
-            self.forwarder.answer_promote(reply);
-        }
     }
 }
 
-/// A follower's lease calls on their way to the leader.
+/// A follower's calls to the leader over the peer transport (lease keep-alives and
+/// time-to-live, MemberPromote), each matched to its answer by a request number.
 pub struct LeaseForwarder {
     next: AtomicU64,
-    waiting: Mutex<HashMap<u64, oneshot::Sender<keelpb::LeaseForwardReply>>>,
-    promotes: Mutex<HashMap<u64, oneshot::Sender<String>>>,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<keelpb::PeerMessage>>>,
     pub peers: OnceLock<Arc<Peers>>,
 }
 
@@ -328,59 +330,59 @@ impl LeaseForwarder {
         LeaseForwarder {
             next: AtomicU64::new(1),
             waiting: Mutex::new(HashMap::new()),
-            promotes: Mutex::new(HashMap::new()),
             peers: OnceLock::new(),
         }
     }
 
-    fn answer(&self, reply: keelpb::LeaseForwardReply) {
-        let tx = self
-            .waiting
-            .lock()
-            .expect("lease forwarder")
-            .remove(&reply.request);
+    /// Hands the leader's answer to request `request` to whoever waits for it.
+    fn answer(&self, request: u64, reply: keelpb::PeerMessage) {
+        let tx = self.waiting.lock().expect("leader calls").remove(&request);
         if let Some(tx) = tx {
             let _ = tx.send(reply);
         }
     }
 
-    fn answer_promote(&self, reply: keelpb::PromoteForwardReply) {
-        let tx = self
-            .promotes
+    /// Sends `ask(request)` to `leader` and waits up to `limit` for its answer (None: not
+    /// sent, or no answer in time).
+    async fn call_leader(
+        &self,
+        leader: u64,
+        limit: Duration,
+        ask: impl FnOnce(u64) -> keelpb::PeerMessage,
+    ) -> Result<Option<keelpb::PeerMessage>, ApiError> {
+        let peers = self.peers.get().ok_or(ApiError::NoLeader)?;
+        let request = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiting
             .lock()
-            .expect("promote forwarder")
-            .remove(&reply.request);
-        if let Some(tx) = tx {
-            let _ = tx.send(reply.error);
-        }
+            .expect("leader calls")
+            .insert(request, tx);
+        let got = if peers.send(leader, keel_frame(&ask(request))) {
+            tokio::time::timeout(limit, rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        self.waiting.lock().expect("leader calls").remove(&request);
+        Ok(got)
     }
 
     /// Asks `leader` to promote learner `id` (it alone knows how far the learner is).
     pub async fn promote(&self, leader: u64, id: u64) -> Result<(), ApiError> {
-        let peers = self.peers.get().ok_or(ApiError::NoLeader)?;
-        let request = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.promotes
-            .lock()
-            .expect("promote forwarder")
-            .insert(request, tx);
-        let frame = keel_frame(&keelpb::PeerMessage {
-            promote: Some(keelpb::PromoteForward { request, id }),
-            ..Default::default()
-        });
-        let got = if peers.send(leader, frame) {
-            tokio::time::timeout(Duration::from_secs(7), rx).await.ok()
-        } else {
-            None
-        };
-        self.promotes
-            .lock()
-            .expect("promote forwarder")
-            .remove(&request);
-        match got {
-            Some(Ok(e)) if e.is_empty() => Ok(()),
-            Some(Ok(e)) => Err(api_error(&e)),
-            _ => Err(ApiError::Timeout),
+        let got = self
+            .call_leader(leader, Duration::from_secs(7), |request| {
+                keelpb::PeerMessage {
+                    promote: Some(keelpb::PromoteForward { request, id }),
+                    ..Default::default()
+                }
+            })
+            .await?;
+        match got.and_then(|m| m.promote_reply) {
+            Some(r) if r.error.is_empty() => Ok(()),
+            Some(r) => Err(api_error(&r.error)),
+            None => Err(ApiError::Timeout),
         }
     }
 
@@ -391,31 +393,16 @@ impl LeaseForwarder {
         id: i64,
         peek: bool,
     ) -> Result<keelpb::LeaseForwardReply, ApiError> {
-        let peers = self.peers.get().ok_or(ApiError::NoLeader)?;
-        let request = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.waiting
-            .lock()
-            .expect("lease forwarder")
-            .insert(request, tx);
-        let frame = keel_frame(&keelpb::PeerMessage {
-            lease: Some(keelpb::LeaseForward { request, id, peek }),
-            ..Default::default()
-        });
-        let sent = peers.send(leader, frame);
-        let got = if sent {
-            tokio::time::timeout(FORWARD_TIMEOUT, rx).await.ok()
-        } else {
-            None
-        };
-        self.waiting
-            .lock()
-            .expect("lease forwarder")
-            .remove(&request);
-        match got {
-            Some(Ok(r)) if !r.not_leader => Ok(r),
-            Some(Ok(_)) => Err(ApiError::LeaderChanged),
-            _ => Err(ApiError::Timeout),
+        let got = self
+            .call_leader(leader, FORWARD_TIMEOUT, |request| keelpb::PeerMessage {
+                lease: Some(keelpb::LeaseForward { request, id, peek }),
+                ..Default::default()
+            })
+            .await?;
+        match got.and_then(|m| m.lease_reply) {
+            Some(r) if !r.not_leader => Ok(r),
+            Some(_) => Err(ApiError::LeaderChanged),
+            None => Err(ApiError::Timeout),
         }
     }
 }

@@ -607,6 +607,10 @@ fn publish_attributes(backend: &NodeBackend) {
         ..Default::default()
     }
     .encode_to_vec();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime for publishing");
     loop {
         if backend.status.leader_id.load(Ordering::Acquire) != 0 {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -617,10 +621,6 @@ fn publish_attributes(backend: &NodeBackend) {
             if backend.proposals.send(proposal).is_err() {
                 return;
             }
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .build()
-                .expect("runtime for publishing");
             let done =
                 rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), rx).await });
             if let Ok(Ok(Ok(_))) = done {

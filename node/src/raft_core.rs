@@ -506,14 +506,24 @@ impl RaftCore {
     fn propose(&mut self, p: Proposal) {
         self.last_proposal = Instant::now();
         self.collected = false;
+        self.track(p.tx, |node, ctx| node.propose(ctx, p.data));
+    }
+
+    /// Proposes through `propose` with a new proposal ID as the entry's context, and keeps
+    /// `tx` until the entry applies; raft refusing it (no leader) answers at once.
+    fn track(
+        &mut self,
+        tx: Responder,
+        propose: impl FnOnce(&mut RawNode<RaftLog>, Vec<u8>) -> raft::Result<()>,
+    ) {
         let id = self.next_id;
         self.next_id += 1;
-        match self.node.propose(id.to_le_bytes().to_vec(), p.data) {
+        match propose(&mut self.node, id.to_le_bytes().to_vec()) {
             Ok(()) => {
-                self.pending.insert(id, (self.node.raft.term, p.tx));
+                self.pending.insert(id, (self.node.raft.term, tx));
             }
             Err(_) => {
-                let _ = p.tx.send(Err(ApiError::NoLeader));
+                let _ = tx.send(Err(ApiError::NoLeader));
             }
         }
     }
@@ -585,9 +595,6 @@ impl RaftCore {
     fn apply_entries(&mut self, entries: Vec<Entry>) {
         for e in entries {
             if e.entry_type == EntryType::EntryConfChange {
-                let id = <[u8; 8]>::try_from(e.context.as_ref())
-                    .map(u64::from_le_bytes)
-                    .ok();
                 let result =
                     match <raft::eraftpb::ConfChange as protobuf::Message>::parse_from_bytes(
                         &e.data,
@@ -598,15 +605,10 @@ impl RaftCore {
                             e.index
                         ))),
                     };
-                if let Some((_, tx)) = id.and_then(|id| self.pending.remove(&id)) {
-                    let _ = tx.send(result);
-                }
+                self.answer(&e.context, result);
             }
             if e.entry_type == EntryType::EntryNormal && !e.data.is_empty() {
                 fail::fail_point!("raft-apply");
-                let id = <[u8; 8]>::try_from(e.context.as_ref())
-                    .map(u64::from_le_bytes)
-                    .ok();
                 let result = match InternalRequest::decode(e.data.clone()) {
                     Ok(req) if req.member_attributes.is_some() => {
                         self.apply_attributes(req.member_attributes.unwrap_or_default())
@@ -620,12 +622,19 @@ impl RaftCore {
                         e.index
                     ))),
                 };
-                if let Some((_, tx)) = id.and_then(|id| self.pending.remove(&id)) {
-                    let _ = tx.send(result);
-                }
+                self.answer(&e.context, result);
             }
             self.store.set_applied(e.index, e.term);
             self.status.applied_index.store(e.index, Ordering::Release);
+        }
+    }
+
+    /// Answers whoever waits for the proposal an applied entry's context names (if it was
+    /// made on this member).
+    fn answer(&mut self, context: &[u8], result: Result<WriteResponse, ApiError>) {
+        let id = <[u8; 8]>::try_from(context).map(u64::from_le_bytes);
+        if let Some((_, tx)) = id.ok().and_then(|id| self.pending.remove(&id)) {
+            let _ = tx.send(result);
         }
     }
 
@@ -748,16 +757,7 @@ impl RaftCore {
             let _ = tx.send(Err(ApiError::Timeout));
             return;
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        match self.node.propose_conf_change(id.to_le_bytes().to_vec(), cc) {
-            Ok(()) => {
-                self.pending.insert(id, (self.node.raft.term, tx));
-            }
-            Err(_) => {
-                let _ = tx.send(Err(ApiError::NoLeader));
-            }
-        }
+        self.track(tx, |node, ctx| node.propose_conf_change(ctx, cc));
     }
 
     /// `--auto-promote-learners`: the leader promotes a learner once it has caught up, one
