@@ -5,7 +5,9 @@
 //! net cores through `Mvcc`'s concurrent read API.
 
 pub mod backend;
+pub mod bolt;
 pub mod error;
+pub mod etcdfmt;
 pub mod mvcc;
 pub mod raftlog;
 pub mod store;

@@ -49,14 +49,14 @@ use crate::mvcc::{decode_record, encode_record, record_key, Change, Key, Mvcc, W
 
 pub(crate) const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
 pub(crate) const META_TERM: &[u8] = b"m/term";
-const META_CURRENT_REV: &[u8] = b"m/current_rev";
-const META_COMPACT_REV: &[u8] = b"m/compact_rev";
-const META_ALARMS: &[u8] = b"m/alarms";
-const META_FINISHED_COMPACT_REV: &[u8] = b"m/finished_compact_rev";
+pub(crate) const META_CURRENT_REV: &[u8] = b"m/current_rev";
+pub(crate) const META_COMPACT_REV: &[u8] = b"m/compact_rev";
+pub(crate) const META_ALARMS: &[u8] = b"m/alarms";
+pub(crate) const META_FINISHED_COMPACT_REV: &[u8] = b"m/finished_compact_rev";
 pub(crate) const META_MEMBERS: &[u8] = b"m/members";
 /// Lease records: `l` + lease ID (8 bytes, big-endian) -> `ttl i64 | remaining_ttl i64`
 /// (little-endian; remaining 0: none checkpointed).
-const LEASE_PREFIX: u8 = b'l';
+pub(crate) const LEASE_PREFIX: u8 = b'l';
 
 /// A lease as the state machine keeps it (etcd's leasepb.Lease).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,7 +67,7 @@ pub struct LeaseRecord {
     pub remaining_ttl: i64,
 }
 
-fn lease_key(id: i64) -> [u8; 9] {
+pub(crate) fn lease_key(id: i64) -> [u8; 9] {
     let mut k = [LEASE_PREFIX; 9];
     k[1..].copy_from_slice(&(id as u64).to_be_bytes());
     k
@@ -828,7 +828,7 @@ fn write_batch(db: &mut Backend<MmapFile>, batch: &Batch) -> Result<()> {
     txn.commit()
 }
 
-fn encode_alarms(alarms: &[Alarm]) -> Vec<u8> {
+pub(crate) fn encode_alarms(alarms: &[Alarm]) -> Vec<u8> {
     let mut v = Vec::with_capacity(12 * alarms.len());
     for (member, alarm) in alarms {
         v.extend_from_slice(&member.to_le_bytes());
@@ -837,7 +837,7 @@ fn encode_alarms(alarms: &[Alarm]) -> Vec<u8> {
     v
 }
 
-fn decode_alarms(v: &[u8]) -> Option<Vec<Alarm>> {
+pub(crate) fn decode_alarms(v: &[u8]) -> Option<Vec<Alarm>> {
     if !v.len().is_multiple_of(12) {
         return None;
     }

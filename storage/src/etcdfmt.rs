@@ -1,0 +1,643 @@
+//! Keel's state as an etcd backend file and back: what an etcd-format snapshot holds.
+//!
+//! ```text
+//! etcd bucket       key                                  value
+//! "alarm"           etcdserverpb.AlarmMember (protobuf)  empty
+//! "auth"            "authRevision", "authEnabled"        u64 BE, 1 byte
+//! "authRoles"       role name                            authpb.Role
+//! "authUsers"       user name                            authpb.User
+//! "cluster"         "clusterVersion"                     "3.4.0" (left out here: the etcd
+//!                                                        that restores decides it)
+//! "key"             main u64 BE | '_' | sub u64 BE       mvccpb.KeyValue; a tombstone's key
+//!                   (| 't' for a tombstone)              ends in 't' and its value holds only
+//!                                                        the key
+//! "lease"           lease ID u64 BE                      leasepb.Lease {ID, TTL, RemainingTTL}
+//! "members"         member ID in hex                     JSON {"id","peerURLs","isLearner",
+//!                                                        "name","clientURLs"}
+//! "members_removed" member ID in hex                     "removed"
+//! "meta"            "consistent_index", "term"           u64 BE
+//!                   "scheduledCompactRev",               a revision as in "key" (17 bytes)
+//!                   "finishedCompactRev"
+//! ```
+//!
+//! Keel has no auth yet: the auth buckets of an imported file are kept verbatim in the
+//! backend (`AUTH_PREFIX` + bucket + NUL + key), so they go out again in an export.
+
+use std::io::Write;
+use std::path::Path;
+
+use keel_proto::prost::Message;
+use keel_proto::{mvccpb, pb};
+
+use crate::backend::file::{MmapFile, PageFile};
+use crate::backend::{Backend, Snapshot};
+use crate::bolt::{BoltError, BoltFile, Layout, Writer};
+use crate::mvcc::{decode_record, encode_record, record_key};
+use crate::store::{
+    decode_alarms, encode_alarms, lease_key, Alarm, LeaseRecord, LEASE_PREFIX, META_ALARMS,
+    META_COMPACT_REV, META_CONSISTENT_INDEX, META_CURRENT_REV, META_FINISHED_COMPACT_REV,
+    META_MEMBERS, META_TERM,
+};
+
+/// Backend keys of the auth buckets kept from an imported file.
+pub const AUTH_PREFIX: u8 = b'a';
+const AUTH_BUCKETS: [&[u8]; 3] = [b"auth", b"authRoles", b"authUsers"];
+/// The receiver commits its file every this many bytes.
+const TXN_BYTES: usize = 16 << 20;
+
+impl From<crate::Error> for BoltError {
+    fn from(e: crate::Error) -> BoltError {
+        BoltError::Bad(e.to_string())
+    }
+}
+
+fn bad<T>(why: impl Into<String>) -> Result<T, BoltError> {
+    Err(BoltError::Bad(why.into()))
+}
+
+/// leasepb.Lease.
+#[derive(Clone, PartialEq, Message)]
+struct LeasePb {
+    #[prost(int64, tag = "1")]
+    id: i64,
+    #[prost(int64, tag = "2")]
+    ttl: i64,
+    #[prost(int64, tag = "3")]
+    remaining_ttl: i64,
+}
+
+/// etcd's revision key: main BE | '_' | sub BE, and 't' for a tombstone.
+fn rev_key(main: i64, sub: i64, tombstone: bool) -> Vec<u8> {
+    let mut k = Vec::with_capacity(18);
+    k.extend_from_slice(&(main as u64).to_be_bytes());
+    k.push(b'_');
+    k.extend_from_slice(&(sub as u64).to_be_bytes());
+    if tombstone {
+        k.push(b't');
+    }
+    k
+}
+
+/// (main, sub, tombstone) of an etcd revision key.
+fn parse_rev_key(k: &[u8]) -> Option<(i64, i64, bool)> {
+    let tombstone = match k.len() {
+        17 => false,
+        18 if k[17] == b't' => true,
+        _ => return None,
+    };
+    if k[8] != b'_' {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(k[..8].try_into().ok()?) as i64,
+        u64::from_be_bytes(k[9..17].try_into().ok()?) as i64,
+        tombstone,
+    ))
+}
+
+/// A member as etcd stores it in "members".
+pub struct MemberEntry {
+    pub id: u64,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    pub is_learner: bool,
+}
+
+impl MemberEntry {
+    /// etcd's membership.Member as JSON (Go's field order and omitempty rules).
+    fn json(&self) -> String {
+        let list = |v: &[String]| serde_json::to_string(v).expect("strings");
+        let mut s = format!(r#"{{"id":{},"peerURLs":{}"#, self.id, list(&self.peer_urls));
+        if self.is_learner {
+            s.push_str(r#","isLearner":true"#);
+        }
+        if !self.name.is_empty() {
+            s.push_str(&format!(
+                r#","name":{}"#,
+                serde_json::to_string(&self.name).expect("a string")
+            ));
+        }
+        if !self.client_urls.is_empty() {
+            s.push_str(&format!(r#","clientURLs":{}"#, list(&self.client_urls)));
+        }
+        s.push('}');
+        s
+    }
+}
+
+/// Plans an export of `snap` (the planning pass); its size is `layout.size()`.
+pub fn plan_export<F: PageFile>(
+    snap: &Snapshot<F>,
+    members: &[MemberEntry],
+) -> Result<Layout, BoltError> {
+    let mut w = Writer::plan();
+    feed(snap, members, &mut w)?;
+    Ok(w.finish()?.0)
+}
+
+/// Writes the export planned as `layout` to `out` (exactly `layout.size()` bytes).
+pub fn write_export<F: PageFile, W: Write>(
+    snap: &Snapshot<F>,
+    members: &[MemberEntry],
+    layout: Layout,
+    out: W,
+) -> Result<W, BoltError> {
+    let mut w = Writer::write(out, layout)?;
+    feed(snap, members, &mut w)?;
+    Ok(w.finish()?.1.expect("the writing pass has an output"))
+}
+
+fn meta_i64<F: PageFile>(snap: &Snapshot<F>, key: &[u8], default: i64) -> Result<i64, BoltError> {
+    match snap.get(key)? {
+        Some(v) => match v.try_into() {
+            Ok(b) => Ok(i64::from_le_bytes(b)),
+            Err(_) => bad(format!("bad {}", String::from_utf8_lossy(key))),
+        },
+        None => Ok(default),
+    }
+}
+
+/// Gives the writer every bucket of the export, in name order.
+fn feed<F: PageFile, W: Write>(
+    snap: &Snapshot<F>,
+    members: &[MemberEntry],
+    w: &mut Writer<W>,
+) -> Result<(), BoltError> {
+    let mut failed: Option<BoltError> = None;
+    w.begin_bucket(b"alarm")?;
+    let alarms = match snap.get(META_ALARMS)? {
+        Some(v) => decode_alarms(v).ok_or_else(|| BoltError::Bad("bad alarms".into()))?,
+        None => Vec::new(),
+    };
+    let mut keys: Vec<Vec<u8>> = alarms
+        .iter()
+        .map(|(member, alarm)| {
+            pb::AlarmMember {
+                member_id: *member,
+                alarm: *alarm,
+            }
+            .encode_to_vec()
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        w.put(&k, b"")?;
+    }
+    for name in AUTH_BUCKETS {
+        w.begin_bucket(name)?;
+        let prefix = auth_prefix(name);
+        let mut end = prefix.clone();
+        *end.last_mut().expect("a prefix") += 1;
+        let mut any = false;
+        snap.range(&prefix, Some(&end), |k, v| {
+            any = true;
+            match w.put(&k[prefix.len()..], v) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = failed.take() {
+            return Err(e);
+        }
+        if name == b"auth" && !any {
+            // What a new etcd keeps: auth disabled, revision 1.
+            w.put(b"authRevision", &1u64.to_be_bytes())?;
+        }
+    }
+    w.begin_bucket(b"cluster")?;
+    w.begin_bucket(b"key")?;
+    snap.range(b"r", Some(b"s"), |k, v| {
+        let mut step = || -> Result<(), BoltError> {
+            let (Some(main), Some(sub), Some(rec)) = (
+                k.get(1..9).and_then(|b| b.try_into().ok()),
+                k.get(9..17).and_then(|b| b.try_into().ok()),
+                decode_record(v),
+            ) else {
+                return bad("a record that does not decode");
+            };
+            let (main, sub) = (
+                u64::from_be_bytes(main) as i64,
+                u64::from_be_bytes(sub) as i64,
+            );
+            let tombstone = rec.version == 0;
+            let kv = if tombstone {
+                mvccpb::KeyValue {
+                    key: bytes::Bytes::copy_from_slice(rec.key),
+                    ..Default::default()
+                }
+            } else {
+                mvccpb::KeyValue {
+                    key: bytes::Bytes::copy_from_slice(rec.key),
+                    create_revision: rec.create_rev,
+                    mod_revision: main,
+                    version: rec.version,
+                    value: bytes::Bytes::copy_from_slice(rec.value),
+                    lease: rec.lease,
+                }
+            };
+            w.put(&rev_key(main, sub, tombstone), &kv.encode_to_vec())
+        };
+        match step() {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = failed.take() {
+        return Err(e);
+    }
+    w.begin_bucket(b"lease")?;
+    snap.range(&[LEASE_PREFIX], Some(&[LEASE_PREFIX + 1]), |k, v| {
+        let (Some(id), true) = (k.get(1..9), v.len() == 16) else {
+            failed = Some(BoltError::Bad("a lease that does not decode".into()));
+            return false;
+        };
+        let lease = LeasePb {
+            id: u64::from_be_bytes(id.try_into().expect("8 bytes")) as i64,
+            ttl: i64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
+            remaining_ttl: i64::from_le_bytes(v[8..].try_into().expect("8 bytes")),
+        };
+        match w.put(id, &lease.encode_to_vec()) {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = failed.take() {
+        return Err(e);
+    }
+    w.begin_bucket(b"members")?;
+    let mut entries: Vec<(String, String)> = members
+        .iter()
+        .map(|m| (format!("{:x}", m.id), m.json()))
+        .collect();
+    entries.sort();
+    for (k, v) in entries {
+        w.put(k.as_bytes(), v.as_bytes())?;
+    }
+    w.begin_bucket(b"members_removed")?;
+    w.begin_bucket(b"meta")?;
+    let index = meta_i64(snap, META_CONSISTENT_INDEX, 0)? as u64;
+    let term = meta_i64(snap, META_TERM, 0)? as u64;
+    let scheduled = meta_i64(snap, META_COMPACT_REV, -1)?;
+    let finished = meta_i64(snap, META_FINISHED_COMPACT_REV, -1)?;
+    w.put(b"consistent_index", &index.to_be_bytes())?;
+    if finished > 0 {
+        w.put(b"finishedCompactRev", &rev_key(finished, 0, false))?;
+    }
+    if scheduled > 0 {
+        w.put(b"scheduledCompactRev", &rev_key(scheduled, 0, false))?;
+    }
+    w.put(b"term", &term.to_be_bytes())?;
+    Ok(())
+}
+
+fn auth_prefix(bucket: &[u8]) -> Vec<u8> {
+    let mut p = vec![AUTH_PREFIX];
+    p.extend_from_slice(bucket);
+    p.push(0);
+    p
+}
+
+/// What an import found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Imported {
+    /// The store's revision (the last record's, or the compaction's if higher).
+    pub revision: i64,
+    /// The compaction revision (-1: never compacted).
+    pub compact_rev: i64,
+    /// Records (versions and tombstones) and leases.
+    pub records: u64,
+    pub leases: u64,
+}
+
+/// A backend file being filled in bounded transactions.
+struct Filler {
+    db: Backend<MmapFile>,
+    txn: Vec<(Vec<u8>, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Filler {
+    fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> Result<(), BoltError> {
+        self.bytes += k.len() + v.len();
+        self.txn.push((k, v));
+        if self.bytes >= TXN_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), BoltError> {
+        if self.txn.is_empty() {
+            return Ok(());
+        }
+        let mut t = self.db.write()?;
+        for (k, v) in self.txn.drain(..) {
+            t.put_owned(k, v)?;
+        }
+        t.commit()?;
+        self.bytes = 0;
+        self.db.release_map();
+        Ok(())
+    }
+}
+
+/// Writes a new Keel backend at `dest` holding the etcd backend file `file`'s state, as of
+/// raft entry `applied` (index, term), with `members` (the node's encoding) as its
+/// membership. etcd's membership, cluster version and consistent index are not carried over
+/// (a restore starts a new cluster, as etcd's does).
+pub fn import(
+    file: &BoltFile<'_>,
+    dest: &Path,
+    applied: (u64, u64),
+    members: Option<Vec<u8>>,
+) -> Result<Imported, BoltError> {
+    if dest.exists() {
+        return bad(format!("{} exists", dest.display()));
+    }
+    let mut fill = Filler {
+        db: Backend::open(MmapFile::open(dest)?)?,
+        txn: Vec::new(),
+        bytes: 0,
+    };
+    let mut out = Imported {
+        revision: 1,
+        compact_rev: -1,
+        records: 0,
+        leases: 0,
+    };
+    let mut finished = -1;
+    let mut alarms: Vec<Alarm> = Vec::new();
+    for b in file.buckets()? {
+        match b.name {
+            b"key" => file.for_each(&b, |k, v| {
+                let Some((main, sub, tombstone)) = parse_rev_key(k) else {
+                    return bad(format!("\"key\" bucket: bad revision key {k:02x?}"));
+                };
+                let at = || format!("\"key\" bucket: the record of revision {main}.{sub}");
+                let Ok(mut kv) = mvccpb::KeyValue::decode(v) else {
+                    return bad(format!("{} does not decode", at()));
+                };
+                if kv.key.is_empty() {
+                    return bad(format!("{} has no key", at()));
+                }
+                if tombstone {
+                    kv = mvccpb::KeyValue {
+                        key: kv.key,
+                        ..Default::default()
+                    };
+                } else if kv.mod_revision != main || kv.version < 1 || kv.create_revision < 1 {
+                    return bad(format!(
+                        "{} says mod_revision {}, create_revision {}, version {}",
+                        at(),
+                        kv.mod_revision,
+                        kv.create_revision,
+                        kv.version
+                    ));
+                }
+                out.revision = out.revision.max(main);
+                out.records += 1;
+                fill.put(record_key(main, sub).to_vec(), encode_record(&kv))?;
+                Ok(true)
+            })?,
+            b"lease" => file.for_each(&b, |k, v| {
+                let l = LeasePb::decode(v).ok().filter(|l| {
+                    k.len() == 8 && l.id == u64::from_be_bytes(k.try_into().expect("8")) as i64
+                });
+                let Some(l) = l else {
+                    return bad(format!("\"lease\" bucket: bad lease {k:02x?}"));
+                };
+                let rec = LeaseRecord {
+                    ttl: l.ttl,
+                    remaining_ttl: l.remaining_ttl,
+                };
+                let mut v = Vec::with_capacity(16);
+                v.extend_from_slice(&rec.ttl.to_le_bytes());
+                v.extend_from_slice(&rec.remaining_ttl.to_le_bytes());
+                out.leases += 1;
+                fill.put(lease_key(l.id).to_vec(), v)?;
+                Ok(true)
+            })?,
+            b"meta" => file.for_each(&b, |k, v| {
+                let rev = || match parse_rev_key(v) {
+                    Some((main, _, false)) => Ok(main),
+                    _ => bad(format!(
+                        "\"meta\" bucket: bad {}",
+                        String::from_utf8_lossy(k)
+                    )),
+                };
+                match k {
+                    b"scheduledCompactRev" => out.compact_rev = out.compact_rev.max(rev()?),
+                    b"finishedCompactRev" => finished = rev()?,
+                    _ => {}
+                }
+                Ok(true)
+            })?,
+            b"alarm" => file.for_each(&b, |k, _| {
+                let Ok(a) = pb::AlarmMember::decode(k) else {
+                    return bad("\"alarm\" bucket: an alarm that does not decode");
+                };
+                alarms.push((a.member_id, a.alarm));
+                Ok(true)
+            })?,
+            name if AUTH_BUCKETS.contains(&name) => {
+                let prefix = auth_prefix(name);
+                file.for_each(&b, |k, v| {
+                    let mut key = prefix.clone();
+                    key.extend_from_slice(k);
+                    fill.put(key, v.to_vec())?;
+                    Ok(true)
+                })?
+            }
+            // members, members_removed, cluster: the new cluster's own.
+            _ => {}
+        }
+    }
+    out.compact_rev = out.compact_rev.max(finished);
+    out.revision = out.revision.max(out.compact_rev);
+    alarms.sort();
+    alarms.dedup();
+    fill.put(META_ALARMS.to_vec(), encode_alarms(&alarms))?;
+    fill.put(
+        META_CONSISTENT_INDEX.to_vec(),
+        applied.0.to_le_bytes().to_vec(),
+    )?;
+    fill.put(META_TERM.to_vec(), applied.1.to_le_bytes().to_vec())?;
+    fill.put(
+        META_CURRENT_REV.to_vec(),
+        out.revision.to_le_bytes().to_vec(),
+    )?;
+    fill.put(
+        META_COMPACT_REV.to_vec(),
+        out.compact_rev.to_le_bytes().to_vec(),
+    )?;
+    fill.put(
+        META_FINISHED_COMPACT_REV.to_vec(),
+        finished.to_le_bytes().to_vec(),
+    )?;
+    if let Some(m) = members {
+        fill.put(META_MEMBERS.to_vec(), m)?;
+    }
+    fill.flush()?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Store, StoreOptions};
+    use bytes::Bytes;
+
+    fn members() -> Vec<MemberEntry> {
+        vec![MemberEntry {
+            id: 0x3e3d1def8903a6d0,
+            name: "s1".into(),
+            peer_urls: vec!["http://127.0.0.1:23800".into()],
+            client_urls: vec!["http://127.0.0.1:23790".into()],
+            is_learner: false,
+        }]
+    }
+
+    #[test]
+    fn member_json_is_etcds() {
+        assert_eq!(
+            members()[0].json(),
+            r#"{"id":4484773718563989200,"peerURLs":["http://127.0.0.1:23800"],"name":"s1","clientURLs":["http://127.0.0.1:23790"]}"#
+        );
+        let learner = MemberEntry {
+            id: 1,
+            name: String::new(),
+            peer_urls: vec!["http://a:1".into()],
+            client_urls: vec![],
+            is_learner: true,
+        };
+        assert_eq!(
+            learner.json(),
+            r#"{"id":1,"peerURLs":["http://a:1"],"isLearner":true}"#
+        );
+    }
+
+    /// A store with history, a tombstone, a compaction, a lease and an alarm; exported, then
+    /// imported into a new backend: every record, the lease and the revisions come back.
+    #[test]
+    fn export_then_import_keeps_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("a.db"), StoreOptions::default()).unwrap();
+        let put = |s: &mut Store, k: &str, v: &str, lease: i64| {
+            let mut t = s.write();
+            t.put(k.as_bytes(), Bytes::from(v.to_string()), lease);
+            t.commit();
+        };
+        put(&mut store, "a", "1", 0);
+        put(&mut store, "b", "2", 0);
+        put(&mut store, "a", "3", 0);
+        store.put_lease(
+            77,
+            LeaseRecord {
+                ttl: 600,
+                remaining_ttl: 0,
+            },
+        );
+        put(&mut store, "c", "4", 77);
+        {
+            let mut t = store.write();
+            t.delete_range(crate::mvcc::KeyRange::Single(b"b"));
+            t.commit();
+        }
+        store.compact(3).unwrap();
+        put(&mut store, "d", "5", 0);
+        store.activate_alarm((9, 1));
+        store.set_applied(12, 2);
+        store.commit().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.handle().finished_compact_rev() < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let before = store.mvcc().hash_kv(0).unwrap();
+        let snap = store.mvcc().backend().unwrap().snapshot();
+        let layout = plan_export(&snap, &members()).unwrap();
+        let bytes = write_export(&snap, &members(), layout, Vec::new()).unwrap();
+        assert_eq!(bytes.len() as u64, layout.size());
+        drop(snap);
+        drop(store);
+
+        let file = BoltFile::open(&bytes).unwrap();
+        let st = crate::bolt::status(&file).unwrap();
+        assert_eq!(st.revision, 7);
+        // alarm 1, auth 1, key 6 (a@2 survives the compaction at 3), lease 1, members 1,
+        // meta 4.
+        assert_eq!(st.total_key, 14);
+        let dest = dir.path().join("b.db");
+        let got = import(&file, &dest, (1, 1), Some(b"m".to_vec())).unwrap();
+        assert_eq!(
+            got,
+            Imported {
+                revision: 7,
+                compact_rev: 3,
+                records: 6,
+                leases: 1
+            }
+        );
+        let store = Store::open(&dest, StoreOptions::default()).unwrap();
+        assert_eq!(store.mvcc().current_rev(), 7);
+        assert_eq!(store.mvcc().compact_rev(), 3);
+        assert_eq!(store.mvcc().hash_kv(0).unwrap(), before);
+        assert_eq!(store.applied(), (1, 1));
+        assert_eq!(store.alarms(), &[(9, 1)]);
+        assert_eq!(store.members(), Some(&b"m"[..]));
+        assert_eq!(
+            store.leases().get(&77),
+            Some(&LeaseRecord {
+                ttl: 600,
+                remaining_ttl: 0
+            })
+        );
+        let c = store
+            .mvcc()
+            .range(
+                crate::mvcc::KeyRange::Single(b"c"),
+                crate::mvcc::RangeOptions::default(),
+            )
+            .unwrap();
+        assert_eq!(c.kvs[0].lease, 77);
+        assert_eq!(c.kvs[0].mod_revision, 5);
+    }
+
+    #[test]
+    fn a_damaged_record_is_refused_by_name() {
+        let mut w = Writer::plan();
+        let feed = |w: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), BoltError>| {
+            w(b"key", b"", true)?;
+            w(
+                &rev_key(2, 0, false),
+                b"\x0a\x01a\x10\x02\x18\x09\x20\x01",
+                false,
+            )
+        };
+        feed(&mut |k, v, b| if b { w.begin_bucket(k) } else { w.put(k, v) }).unwrap();
+        let (layout, _) = w.finish().unwrap();
+        let mut w = Writer::write(Vec::new(), layout).unwrap();
+        feed(&mut |k, v, b| if b { w.begin_bucket(k) } else { w.put(k, v) }).unwrap();
+        let bytes = w.finish().unwrap().1.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let err = import(
+            &BoltFile::open(&bytes).unwrap(),
+            &dir.path().join("x.db"),
+            (1, 1),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("revision 2.0 says mod_revision 9"), "{err}");
+    }
+}
