@@ -54,6 +54,10 @@ pub type WatchResponses = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Ap
 pub type RangeChunks =
     Pin<Box<dyn Stream<Item = Result<pb::RangeStreamResponse, ApiError>> + Send>>;
 
+/// Maintenance.Snapshot's pieces: the etcd backend file, then its sha256.
+pub type SnapshotChunks =
+    Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, ApiError>> + Send>>;
+
 /// Election.Observe's responses.
 pub type ObserveResponses =
     Pin<Box<dyn Stream<Item = Result<keel_proto::v3electionpb::LeaderResponse, ApiError>> + Send>>;
@@ -111,6 +115,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Rewrites this member's backend compactly (etcd's defrag; not through raft).
     fn defragment(&self) -> impl Future<Output = Result<(), ApiError>> + Send;
+
+    /// Maintenance.Snapshot: this member's state as an etcd backend file (bbolt), streamed,
+    /// then its sha256.
+    fn snapshot(&self) -> SnapshotChunks;
 
     /// etcd's Hash (of this member's whole backend).
     fn hash(&self) -> impl Future<Output = Result<u32, ApiError>> + Send;

@@ -14,7 +14,7 @@ pub mod validate;
 pub mod watch;
 
 pub use backend::{
-    Backend, Limits, ObserveResponses, RangeChunks, WatchRequests, WatchResponses, WriteRequest,
-    WriteResponse, GRPC_OVERHEAD_BYTES,
+    Backend, Limits, ObserveResponses, RangeChunks, SnapshotChunks, WatchRequests, WatchResponses,
+    WriteRequest, WriteResponse, GRPC_OVERHEAD_BYTES,
 };
 pub use error::ApiError;

@@ -219,10 +219,12 @@ impl<B: Backend> pb::maintenance_server::Maintenance for MaintenanceService<B> {
         ))
     }
 
-    type SnapshotStream = futures::stream::Empty<Result<pb::SnapshotResponse, Status>>;
+    type SnapshotStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
 
     async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Reply<Self::SnapshotStream> {
-        Err(not_yet("Snapshot"))
+        let chunks = self.backend.snapshot().map(|c| c.map_err(Status::from));
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn move_leader(

@@ -527,6 +527,23 @@ impl Backend for NodeBackend {
         }
     }
 
+    fn snapshot(&self) -> keel_net::SnapshotChunks {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let store = self.store.clone();
+        let applied = self.status.applied_index.load(Ordering::Acquire);
+        let members = crate::snapshot::member_entries(&self.members());
+        let header = self.header(0);
+        let spawned = std::thread::Builder::new()
+            .name("keel-snapshot".into())
+            .spawn(move || crate::snapshot::serve(store, applied, members, header, tx));
+        if let Err(e) = spawned {
+            return Box::pin(futures::stream::once(async move {
+                Err(ApiError::Internal(format!("snapshot: {e}")))
+            }));
+        }
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
     fn hash(&self) -> impl std::future::Future<Output = Result<u32, ApiError>> + Send {
         self.blocking("hash", |store, applied| store.hash(applied))
     }

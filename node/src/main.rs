@@ -12,9 +12,11 @@ mod config;
 mod ids;
 mod install;
 mod lease;
+mod migrate;
 mod placement;
 mod raft_core;
 mod range_stream;
+mod snapshot;
 mod watch;
 
 use std::fs::OpenOptions;
@@ -86,7 +88,13 @@ fn exit_on_panic() {
 
 fn main() -> ExitCode {
     exit_on_panic();
-    let cfg = match Config::load(std::env::args().collect()) {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("snapshot") => return snapshot::snapshot_main(args[1..].to_vec()),
+        Some("migrate") => return snapshot::migrate_main(args[1..].to_vec()),
+        _ => {}
+    }
+    let cfg = match Config::load(args) {
         Ok(Some(cfg)) => cfg,
         Ok(None) => {
             println!("keel Version: {}", env!("CARGO_PKG_VERSION"));

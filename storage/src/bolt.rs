@@ -735,39 +735,42 @@ pub fn status(file: &BoltFile<'_>) -> Result<Status, BoltError> {
     Ok(st)
 }
 
+/// Buckets and their entries, in order (for tests).
+#[cfg(test)]
+pub(crate) type Buckets = Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+/// A whole file from `buckets`, through both passes (for tests).
+#[cfg(test)]
+pub(crate) fn build_file(buckets: &Buckets) -> Vec<u8> {
+    fn feed<W: Write>(w: &mut Writer<W>, buckets: &Buckets) {
+        for (name, entries) in buckets {
+            w.begin_bucket(name).unwrap();
+            for (k, v) in entries {
+                w.put(k, v).unwrap();
+            }
+        }
+    }
+    let mut plan = Writer::plan();
+    feed(&mut plan, buckets);
+    let (layout, _) = plan.finish().unwrap();
+    let mut w = Writer::write(Vec::new(), layout).unwrap();
+    feed(&mut w, buckets);
+    let (written, out) = w.finish().unwrap();
+    assert_eq!(written, layout);
+    out.unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    type Buckets = Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>;
-
     fn build(buckets: &Buckets) -> Vec<u8> {
-        let feed = |w: &mut dyn FnMut(Option<&[u8]>, &[u8], &[u8]) -> Result<(), BoltError>| {
-            for (name, entries) in buckets {
-                w(Some(name), b"", b"")?;
-                for (k, v) in entries {
-                    w(None, k, v)?;
-                }
-            }
-            Ok::<(), BoltError>(())
-        };
-        let mut plan = Writer::plan();
-        feed(&mut |b, k, v| match b {
-            Some(n) => plan.begin_bucket(n),
-            None => plan.put(k, v),
-        })
-        .unwrap();
-        let (layout, _) = plan.finish().unwrap();
-        let mut w = Writer::write(Vec::new(), layout).unwrap();
-        feed(&mut |b, k, v| match b {
-            Some(n) => w.begin_bucket(n),
-            None => w.put(k, v),
-        })
-        .unwrap();
-        let (l2, out) = w.finish().unwrap();
-        let out = out.unwrap();
-        assert_eq!(l2, layout);
-        assert_eq!(out.len() as u64, layout.size());
+        let out = build_file(buckets);
+        assert_eq!(
+            out.len() as u64,
+            BoltFile::open(&out).unwrap().size(),
+            "the file is exactly its pages"
+        );
         out
     }
 

@@ -615,20 +615,13 @@ mod tests {
 
     #[test]
     fn a_damaged_record_is_refused_by_name() {
-        let mut w = Writer::plan();
-        let feed = |w: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), BoltError>| {
-            w(b"key", b"", true)?;
-            w(
-                &rev_key(2, 0, false),
-                b"\x0a\x01a\x10\x02\x18\x09\x20\x01",
-                false,
-            )
-        };
-        feed(&mut |k, v, b| if b { w.begin_bucket(k) } else { w.put(k, v) }).unwrap();
-        let (layout, _) = w.finish().unwrap();
-        let mut w = Writer::write(Vec::new(), layout).unwrap();
-        feed(&mut |k, v, b| if b { w.begin_bucket(k) } else { w.put(k, v) }).unwrap();
-        let bytes = w.finish().unwrap().1.unwrap();
+        let bytes = crate::bolt::build_file(&vec![(
+            b"key".to_vec(),
+            vec![(
+                rev_key(2, 0, false),
+                b"\x0a\x01a\x10\x02\x18\x09\x20\x01".to_vec(),
+            )],
+        )]);
         let dir = tempfile::tempdir().unwrap();
         let err = import(
             &BoltFile::open(&bytes).unwrap(),

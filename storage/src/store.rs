@@ -623,6 +623,17 @@ impl StoreHandle {
         Ok(crc)
     }
 
+    /// The state once everything applied up to `applied` is in the backend, pinned (its
+    /// pages are not reused while it is held): what Maintenance.Snapshot sends.
+    pub fn pinned(&self, applied: u64) -> Result<Arc<crate::backend::Snapshot<MmapFile>>> {
+        self.wait_for(Duration::from_secs(10), || self.persisted() >= applied);
+        Ok(self
+            .mvcc
+            .backend()
+            .expect("a store's index reads its backend")
+            .snapshot())
+    }
+
     /// Rewrites the backend file compactly (etcd's defrag) once everything applied up to
     /// `applied` is in it (the raft core hands batches over within the commit interval), and
     /// waits for it. Writes go on being applied meanwhile; their batches wait for the rewrite.

@@ -14,5 +14,6 @@ mod kube;
 mod lease;
 mod range_stream;
 mod recovery;
+mod snapshot;
 mod wal_io;
 mod watch;

@@ -1,0 +1,348 @@
+//! etcd-format snapshots both ways, with the real tools: Keel -> `etcdctl snapshot save` ->
+//! `etcdctl snapshot status|restore` -> a real etcd serves it; etcd -> `etcdctl snapshot save`
+//! -> `keel snapshot restore` -> Keel serves it; an etcd data dir -> `keel migrate` -> Keel
+//! serves it. "Serves it" means every key with the same create/mod revisions, versions,
+//! values and leases, the same HashKV, and compacted history still compacted.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::harness::{etcdctl, Keel, LiveEtcd};
+
+fn ok(ep: &str, args: &[&str]) -> String {
+    let (success, out, err) = etcdctl(ep, args, None);
+    assert!(success, "etcdctl {args:?} failed: {err}");
+    out
+}
+
+fn json(ep: &str, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend(["-w", "json"]);
+    serde_json::from_str(&ok(ep, &a)).unwrap()
+}
+
+/// Every key as served (revisions, version, value, lease).
+fn all_keys(ep: &str) -> Value {
+    json(ep, &["get", "", "--prefix"])["kvs"].clone()
+}
+
+fn hash_kv(ep: &str, rev: i64) -> u64 {
+    json(ep, &["endpoint", "hashkv", "--rev", &rev.to_string()])[0]["HashKV"]["hash"]
+        .as_u64()
+        .unwrap()
+}
+
+fn revision(ep: &str) -> i64 {
+    json(ep, &["get", "x"])["header"]["revision"]
+        .as_i64()
+        .unwrap()
+}
+
+/// Runs the keel binary's offline commands; (ok, stdout, stderr).
+fn keel(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn etcdctl_offline(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(args)
+        .output()
+        .expect("etcdctl on PATH (scripts/setup.sh)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A history with everything a snapshot carries: overwrites, a delete, a lease with a key,
+/// a compaction, values large enough for overflow pages and enough keys for branch pages.
+/// Returns the lease ID (hex) and the compaction revision.
+fn write_history(ep: &str) -> (String, i64) {
+    ok(ep, &["put", "a", "1"]);
+    ok(ep, &["put", "b", "2"]);
+    ok(ep, &["put", "a", "3"]);
+    let lease = ok(ep, &["lease", "grant", "900"]);
+    let lease = lease.split_whitespace().nth(1).unwrap().to_string();
+    ok(ep, &["put", "c", "4", "--lease", &lease]);
+    ok(ep, &["del", "b"]);
+    ok(ep, &["compact", "4"]);
+    ok(ep, &["put", "big", &"v".repeat(20_000)]);
+    // One txn of many puts: many records (branch pages) in one etcdctl call.
+    let ops: String = (0..120)
+        .map(|i| format!("put key{i:03} {}\n", "x".repeat(100 + i)))
+        .collect();
+    let (success, _, err) = etcdctl(ep, &["txn"], Some(&format!("\n{ops}\n\n")));
+    assert!(success, "txn: {err}");
+    ok(ep, &["put", "a", "5"]);
+    (lease, 4)
+}
+
+fn check_compacted(ep: &str, compacted: i64) {
+    let (success, _, err) = etcdctl(
+        ep,
+        &["get", "a", "--rev", &(compacted - 1).to_string()],
+        None,
+    );
+    assert!(
+        !success && err.contains("required revision has been compacted"),
+        "{err}"
+    );
+    assert!(etcdctl(ep, &["get", "a", "--rev", &compacted.to_string()], None).0);
+}
+
+fn restore_into_etcd(file: &Path, dir: &Path) {
+    let (success, _, err) = etcdctl_offline(&[
+        "snapshot",
+        "restore",
+        file.to_str().unwrap(),
+        "--name",
+        "ref",
+        "--initial-cluster",
+        "ref=http://127.0.0.1:1",
+        "--initial-advertise-peer-urls",
+        "http://127.0.0.1:1",
+        "--data-dir",
+        dir.join("ref.etcd").to_str().unwrap(),
+    ]);
+    assert!(success, "etcdctl snapshot restore: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_snapshot_saves_and_restores_into_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("k")).unwrap();
+    let k = Keel::start_async(&dir.path().join("k"), &[]).await;
+    // The guide's endpoint form: the whole URL.
+    let ep = k.url();
+    let (lease, compacted) = write_history(&ep);
+    let file = dir.path().join("backup.db");
+    let out = ok(&ep, &["snapshot", "save", file.to_str().unwrap()]);
+    assert!(out.contains("Snapshot saved at"), "{out}");
+    let rev = revision(&ep);
+    let before = all_keys(&ep);
+    let hash = hash_kv(&ep, rev);
+
+    // etcdctl reads the file with bbolt.
+    let (success, st, err) =
+        etcdctl_offline(&["snapshot", "status", file.to_str().unwrap(), "-w", "json"]);
+    assert!(success, "{err}");
+    let st: Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(st["revision"].as_i64(), Some(rev));
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert_eq!(
+        st["totalSize"].as_u64(),
+        Some(size - 32),
+        "the file is the db + sha256"
+    );
+    // Records kept by the compaction at 4: a@4, b@3 (b's latest at 4), c@5, b's tombstone
+    // @6, big@7, 120 keys @8, a@9; then 1 lease, 1 member, auth's revision and 4 meta entries
+    // (consistent index, term, both compaction revisions).
+    assert_eq!(st["totalKey"].as_u64(), Some(126 + 1 + 1 + 1 + 4));
+    // keel's own status prints what etcdctl prints, in every format.
+    for format in ["simple", "table", "json"] {
+        let (a_ok, a, a_err) =
+            etcdctl_offline(&["snapshot", "status", file.to_str().unwrap(), "-w", format]);
+        let (b_ok, b, b_err) = keel(&["snapshot", "status", file.to_str().unwrap(), "-w", format]);
+        assert!(a_ok && b_ok, "{a_err} {b_err}");
+        assert_eq!(a, b, "-w {format}");
+    }
+
+    // A real etcd restored from it serves the same keys, lease and hash.
+    restore_into_etcd(&file, dir.path());
+    let etcd = LiveEtcd::start(dir.path()).await;
+    let eep = etcd.endpoint();
+    assert_eq!(revision(&eep), rev);
+    assert_eq!(all_keys(&eep), before);
+    assert_eq!(hash_kv(&eep, rev), hash);
+    check_compacted(&eep, compacted);
+    let ttl = json(&eep, &["lease", "timetolive", &lease, "--keys"]);
+    assert_eq!(ttl["granted-ttl"].as_i64(), Some(900));
+    assert_eq!(ttl["keys"][0].as_str(), Some("Yw==")); // "c"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_snapshot_restores_into_keel() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LiveEtcd::start(dir.path()).await;
+    let eep = etcd.endpoint();
+    let (lease, compacted) = write_history(&eep);
+    let file = dir.path().join("etcd-backup.db");
+    ok(&eep, &["snapshot", "save", file.to_str().unwrap()]);
+    let rev = revision(&eep);
+    let before = all_keys(&eep);
+    let hash = hash_kv(&eep, rev);
+    drop(etcd);
+    let f = file.to_str().unwrap();
+
+    // What a damaged file gets: refused by name, nothing left behind.
+    let bytes = std::fs::read(&file).unwrap();
+    let bad_dir = dir.path().join("bad.keel");
+    let bd = bad_dir.to_str().unwrap();
+    let truncated = dir.path().join("truncated.db");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let (success, _, err) = keel(&[
+        "snapshot",
+        "restore",
+        truncated.to_str().unwrap(),
+        "--data-dir",
+        bd,
+    ]);
+    assert!(!success);
+    assert!(
+        err.contains("snapshot missing hash but --skip-hash-check=false"),
+        "{err}"
+    );
+    let (success, _, err) = keel(&[
+        "snapshot",
+        "restore",
+        truncated.to_str().unwrap(),
+        "--data-dir",
+        bd,
+        "--skip-hash-check",
+    ]);
+    assert!(!success && err.contains("truncated"), "{err}");
+    let flipped = dir.path().join("flipped.db");
+    let mut b = bytes.clone();
+    b[3 * 4096 + 100] ^= 0xff;
+    std::fs::write(&flipped, &b).unwrap();
+    let (success, _, err) = keel(&[
+        "snapshot",
+        "restore",
+        flipped.to_str().unwrap(),
+        "--data-dir",
+        bd,
+    ]);
+    assert!(
+        !success && err.contains("Error: expected sha256 ["),
+        "{err}"
+    );
+    assert!(!bad_dir.exists(), "a refused restore leaves no data dir");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("bad.keel"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // etcd's own file restores into a Keel member that serves every key as etcd did.
+    let kdir = dir.path().join("k");
+    std::fs::create_dir_all(&kdir).unwrap();
+    let data = kdir.join("data.keel");
+    let (success, _, err) = keel(&[
+        "snapshot",
+        "restore",
+        f,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(success, "{err}");
+    assert!(err.contains(r#""msg":"restored snapshot""#), "{err}");
+    let (success, _, err) = keel(&[
+        "snapshot",
+        "restore",
+        f,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!success);
+    assert_eq!(
+        err.trim(),
+        format!("Error: data-dir {:?} exists", data.display().to_string())
+    );
+    let k = Keel::start_async(&kdir, &[]).await;
+    let ep = k.endpoint();
+    assert_eq!(revision(&ep), rev);
+    assert_eq!(all_keys(&ep), before);
+    assert_eq!(hash_kv(&ep, rev), hash);
+    check_compacted(&ep, compacted);
+    let ttl = json(&ep, &["lease", "timetolive", &lease, "--keys"]);
+    assert_eq!(ttl["granted-ttl"].as_i64(), Some(900));
+    assert_eq!(ttl["keys"][0].as_str(), Some("Yw=="));
+    // The restored member is a new cluster of one, and takes writes.
+    assert_eq!(ok(&ep, &["put", "after", "restore"]), "OK\n");
+    assert_eq!(revision(&ep), rev + 1);
+    // And a file without its hash restores with --skip-hash-check (a copied member db).
+    let nohash = dir.path().join("nohash.db");
+    std::fs::write(&nohash, &bytes[..bytes.len() - 32]).unwrap();
+    let d2 = dir.path().join("k2.keel");
+    let (success, _, err) = keel(&[
+        "snapshot",
+        "restore",
+        nohash.to_str().unwrap(),
+        "--data-dir",
+        d2.to_str().unwrap(),
+        "--skip-hash-check",
+    ]);
+    assert!(success, "{err}");
+}
+
+/// A member killed with writes its backend had not committed yet (a long batch interval):
+/// those live only in its WAL, and the migration applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_data_dir_migrates_with_its_wal_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LiveEtcd::start_with(dir.path(), &["--backend-batch-interval", "1h"]).await;
+    let eep = etcd.endpoint();
+    let (lease, compacted) = write_history(&eep);
+    for i in 0..20 {
+        ok(&eep, &["put", &format!("tail{i}"), &i.to_string()]);
+    }
+    let rev = revision(&eep);
+    let before = all_keys(&eep);
+    let hash = hash_kv(&eep, rev);
+    drop(etcd); // SIGKILL: no clean close of the backend
+    let kdir = dir.path().join("k");
+    std::fs::create_dir_all(&kdir).unwrap();
+    let (success, _, err) = keel(&[
+        "migrate",
+        "--etcd-data-dir",
+        dir.path().join("ref.etcd").to_str().unwrap(),
+        "--data-dir",
+        kdir.join("data.keel").to_str().unwrap(),
+    ]);
+    assert!(success, "{err}");
+    let applied: Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert!(
+        applied["applied-entries"].as_u64().unwrap() >= 20,
+        "the WAL tail was applied: {err}"
+    );
+    let k = Keel::start_async(&kdir, &[]).await;
+    let ep = k.endpoint();
+    assert_eq!(revision(&ep), rev);
+    assert_eq!(all_keys(&ep), before);
+    assert_eq!(hash_kv(&ep, rev), hash);
+    check_compacted(&ep, compacted);
+    let ttl = json(&ep, &["lease", "timetolive", &lease, "--keys"]);
+    assert_eq!(ttl["granted-ttl"].as_i64(), Some(900));
+
+    // The way back: Keel's state exported offline, restored by etcdctl, served by etcd.
+    drop(k);
+    let file = dir.path().join("export.db");
+    let (success, _, err) = keel(&[
+        "snapshot",
+        "export",
+        file.to_str().unwrap(),
+        "--data-dir",
+        kdir.join("data.keel").to_str().unwrap(),
+    ]);
+    assert!(success, "{err}");
+    let back = dir.path().join("back");
+    std::fs::create_dir_all(&back).unwrap();
+    restore_into_etcd(&file, &back);
+    let etcd = LiveEtcd::start(&back).await;
+    let eep = etcd.endpoint();
+    assert_eq!(all_keys(&eep), before);
+    assert_eq!(hash_kv(&eep, rev), hash);
+}
