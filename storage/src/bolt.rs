@@ -897,6 +897,20 @@ mod tests {
         assert!(err(&d).contains("referenced twice"));
     }
 
+    /// Seeds for the libFuzzer target (scripts/fuzz-smoke.sh runs this to fill its corpus).
+    #[test]
+    #[ignore]
+    fn write_fuzz_seeds() {
+        let dir = std::env::var("KEEL_FUZZ_SEEDS").expect("KEEL_FUZZ_SEEDS names a directory");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, (n, value)) in [(0, 0), (3, 10), (200, 30), (5, 9000)]
+            .into_iter()
+            .enumerate()
+        {
+            std::fs::write(format!("{dir}/seed{i}"), build(&sample(n, value))).unwrap();
+        }
+    }
+
     #[test]
     fn random_bytes_never_panic() {
         use rand::{Rng, SeedableRng};
