@@ -190,7 +190,7 @@ pub fn migrate(etcd_dir: &Path, etcd_wal: Option<&Path>, target: Target) -> anyh
         .collect();
     let mut applied = 0u64;
     target.create("etcd data dir", etcd_dir, |path, members| {
-        etcdfmt::import(&bolt, path, (1, 1), Some(members))
+        etcdfmt::import(&bolt, path, (1, 1), Some(members), Default::default())
             .map_err(|e| anyhow::anyhow!("etcd backend {}: {e}", db_path.display()))?;
         let mut store = Store::open(path, StoreOptions::default())?;
         let shared = Arc::new(Leases::new(1, 100, 1000));

@@ -81,6 +81,13 @@ struct RestoreFlags {
     /// Ignore snapshot integrity hash value (required if copied from data directory).
     #[arg(long)]
     skip_hash_check: bool,
+    /// How much to increase the latest revision after restore.
+    #[arg(long, default_value_t = 0)]
+    bump_revision: u64,
+    /// Mark the latest revision after restore as the point of scheduled compaction (required
+    /// if --bump-revision > 0).
+    #[arg(long)]
+    mark_compacted: bool,
 }
 
 #[derive(Parser, Debug)]
@@ -520,6 +527,13 @@ fn restore(f: RestoreFlags) -> anyhow::Result<()> {
         initial_advertise_peer_urls: f.initial_advertise_peer_urls,
     }
     .into_target();
+    if f.bump_revision > 0 && !f.mark_compacted {
+        anyhow::bail!("--mark-compacted required if --bump-revision > 0");
+    }
+    let adjust = etcdfmt::Adjust {
+        bump_revision: f.bump_revision.min(i64::MAX as u64 / 2) as i64,
+        mark_compacted: f.mark_compacted,
+    };
     let file = Mapped::open(&f.file)?;
     if target.data_dir.exists() {
         anyhow::bail!(
@@ -531,7 +545,7 @@ fn restore(f: RestoreFlags) -> anyhow::Result<()> {
     let bolt = BoltFile::open(db)
         .map_err(|e| anyhow::anyhow!("invalid snapshot {}: {e}", f.file.display()))?;
     target.create("snapshot", &f.file, |path, members| {
-        etcdfmt::import(&bolt, path, (1, 1), Some(members))
+        etcdfmt::import(&bolt, path, (1, 1), Some(members), adjust)
             .map_err(|e| anyhow::anyhow!("invalid snapshot {}: {e}", f.file.display()))
     })?;
     Ok(())

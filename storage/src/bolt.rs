@@ -42,6 +42,8 @@ const FLAG_LEAF: u16 = 0x02;
 const FLAG_META: u16 = 0x04;
 const ELEM_BUCKET: u32 = 0x01;
 const NO_FREELIST: u64 = u64::MAX;
+/// Most bytes in a leaf made of large entries.
+const LARGE_NODE_BYTES: usize = 64 << 10;
 /// Deepest tree the reader follows.
 const DEPTH_MAX: usize = 64;
 
@@ -458,7 +460,12 @@ impl Tree {
         }
         let size = ELEMENT + e.key.len() + e.value.len();
         let l = &self.levels[level];
-        if !l.elems.is_empty() && HEADER + l.bytes + size > PAGE_SIZE {
+        let now = HEADER + l.bytes;
+        // A page holds what fits; large entries (over half a page each) share a run of
+        // pages up to LARGE_NODE_BYTES instead of taking a run each, half of it padding.
+        let fits = now + size <= PAGE_SIZE
+            || (now > PAGE_SIZE / 2 && size > PAGE_SIZE / 2 && now + size <= LARGE_NODE_BYTES);
+        if !l.elems.is_empty() && !fits {
             let (key, id) = self.flush(out, level)?;
             self.add(out, level + 1, branch(key, id))?;
         }
@@ -816,6 +823,17 @@ mod tests {
             let data = build(&b);
             assert_eq!(read_all(&data).unwrap(), b, "n={n} value={value}");
         }
+    }
+
+    #[test]
+    fn large_values_share_page_runs() {
+        // 300 values of 5000 bytes: one run each would take 2 pages (8 KiB) per value.
+        let data = build(&sample(300, 5000));
+        assert!(
+            data.len() < 300 * 5000 * 21 / 20,
+            "{} bytes for 1.5 MB of values",
+            data.len()
+        );
     }
 
     #[test]

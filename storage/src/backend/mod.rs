@@ -66,6 +66,12 @@ impl<F: PageFile> Snapshot<F> {
         self.meta.txid
     }
 
+    /// Drops the resident pages of this snapshot's map from RSS (a long read of the whole
+    /// tree calls it as it goes); safe beside readers, which fault back what they touch.
+    pub fn release_map(&self) {
+        F::release(&self.view);
+    }
+
     fn page(&self, id: PageId, what: &str) -> Result<PageRef<'_>> {
         page::read(&self.view, id, what)
     }
