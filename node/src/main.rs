@@ -238,6 +238,8 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let started = Instant::now();
+    // An etcd member's data dir (say, what `etcdctl snapshot restore` made) becomes Keel's.
+    migrate::adopt(&cfg).context("take over the etcd data dir")?;
     // The backend first: the WAL is read from the entry after its consistent index.
     let db_path = cfg.db_path();
     let store_opts = StoreOptions {

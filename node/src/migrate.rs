@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use keel_proto::keelpb::InternalRequest;
+use keel_proto::keelpb::{self, InternalRequest};
 use keel_proto::prost::Message as _;
 use keel_storage::bolt::BoltFile;
 use keel_storage::etcdfmt;
@@ -32,8 +32,9 @@ use protobuf::Message as _;
 use raft::eraftpb::{Entry, EntryType, HardState};
 
 use crate::lease::{LeaseBook, Leases};
-use crate::snapshot::{log, Mapped, Target};
+use crate::snapshot::{log, sync_dir, Mapped, Target};
 
+const REC_METADATA: i64 = 1;
 const REC_ENTRY: i64 = 2;
 const REC_STATE: i64 = 3;
 const REC_CRC: i64 = 4;
@@ -59,12 +60,42 @@ struct WalSnapshot {
     term: u64,
 }
 
-/// What an etcd WAL holds: its entries (later ones replacing earlier ones at the same index)
-/// and the last hard state.
+/// etcd's raftpb.ConfChange (its change types differ from raft-rs's: etcd has UpdateNode).
+#[derive(Clone, PartialEq, keel_proto::prost::Message)]
+struct ConfChange {
+    #[prost(int32, tag = "2")]
+    kind: i32,
+    #[prost(uint64, tag = "3")]
+    node_id: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    context: Vec<u8>,
+}
+
+const CC_ADD_NODE: i32 = 0;
+const CC_REMOVE_NODE: i32 = 1;
+const CC_UPDATE_NODE: i32 = 2;
+const CC_ADD_LEARNER_NODE: i32 = 3;
+
+/// etcdserverpb.Metadata: the member a WAL belongs to.
+#[derive(Clone, PartialEq, keel_proto::prost::Message)]
+struct WalMetadata {
+    #[prost(uint64, tag = "1")]
+    node_id: u64,
+    #[prost(uint64, tag = "2")]
+    cluster_id: u64,
+}
+
+/// What an etcd WAL holds: its entries after its last snapshot (later ones replacing earlier
+/// ones at the same index), the last hard state's commit, the member it belongs to, and every
+/// membership change it still holds (snapshot or not: a restored member's membership lives in
+/// the conf changes its restore wrote before the snapshot record).
 #[derive(Default)]
 pub struct EtcdWal {
     pub entries: Vec<Entry>,
     pub commit: u64,
+    pub member_id: u64,
+    pub cluster_id: u64,
+    conf: Vec<(u64, ConfChange)>,
 }
 
 /// Reads every `.wal` file of `dir` in name order.
@@ -125,12 +156,24 @@ fn read_wal_file(b: &[u8], crc: &mut u32, wal: &mut EtcdWal, last: bool) -> anyh
                 anyhow::bail!("record at offset {at}: crc mismatch (corrupted)");
             }
             match rec.kind {
+                REC_METADATA => {
+                    if let Ok(m) = WalMetadata::decode(rec.data.as_slice()) {
+                        wal.member_id = m.node_id;
+                        wal.cluster_id = m.cluster_id;
+                    }
+                }
                 REC_ENTRY => {
                     let e = Entry::parse_from_bytes(&rec.data)
                         .with_context(|| format!("entry at offset {at}"))?;
                     // A later entry at an index replaces it and everything after.
                     let keep = wal.entries.partition_point(|x| x.index < e.index);
                     wal.entries.truncate(keep);
+                    wal.conf.retain(|(i, _)| *i < e.index);
+                    if e.get_entry_type() == EntryType::EntryConfChange {
+                        if let Ok(cc) = ConfChange::decode(&e.data[..]) {
+                            wal.conf.push((e.index, cc));
+                        }
+                    }
                     wal.entries.push(e);
                 }
                 REC_STATE => {
@@ -173,6 +216,145 @@ fn consistent_index(f: &BoltFile<'_>) -> anyhow::Result<u64> {
     Ok(index)
 }
 
+/// A member as etcd's membership JSON has it.
+fn member_from_json(v: &[u8]) -> Option<keelpb::Member> {
+    let j: serde_json::Value = serde_json::from_slice(v).ok()?;
+    let list = |k: &str| -> Vec<String> {
+        let mut v: Vec<String> = j[k]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    Some(keelpb::Member {
+        id: j["id"].as_u64()?,
+        name: j["name"].as_str().unwrap_or_default().to_string(),
+        peer_urls: list("peerURLs"),
+        client_urls: list("clientURLs"),
+        is_learner: j["isLearner"].as_bool().unwrap_or(false),
+    })
+}
+
+/// The membership an etcd data dir records: its backend's "members" bucket (less
+/// "members_removed") when that names the WAL's member; else the committed membership changes
+/// of its WAL (a member `etcdctl snapshot restore` made: its backend still lists the old
+/// cluster's members, its WAL the new cluster's).
+fn etcd_members(bolt: &BoltFile<'_>, wal: &EtcdWal) -> anyhow::Result<Vec<keelpb::Member>> {
+    let mut members: Vec<keelpb::Member> = Vec::new();
+    let mut removed: Vec<u64> = Vec::new();
+    if let Some(b) = bolt.bucket(b"members_removed")? {
+        bolt.for_each(&b, |k, _| {
+            if let Some(id) = std::str::from_utf8(k)
+                .ok()
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+            {
+                removed.push(id);
+            }
+            Ok(true)
+        })?;
+    }
+    if let Some(b) = bolt.bucket(b"members")? {
+        bolt.for_each(&b, |_, v| {
+            if let Some(m) = member_from_json(v) {
+                members.push(m);
+            }
+            Ok(true)
+        })?;
+    }
+    members.retain(|m| !removed.contains(&m.id));
+    if !members.iter().any(|m| m.id == wal.member_id) {
+        members.clear();
+        for (index, cc) in &wal.conf {
+            if *index > wal.commit {
+                break;
+            }
+            let id = cc.node_id;
+            match cc.kind {
+                CC_ADD_NODE | CC_ADD_LEARNER_NODE => {
+                    if let Some(mut m) = member_from_json(&cc.context) {
+                        m.id = id;
+                        m.is_learner = cc.kind == CC_ADD_LEARNER_NODE;
+                        members.retain(|x| x.id != id);
+                        members.push(m);
+                    }
+                }
+                CC_REMOVE_NODE => members.retain(|x| x.id != id),
+                CC_UPDATE_NODE => {
+                    if let (Some(new), Some(m)) = (
+                        member_from_json(&cc.context),
+                        members.iter_mut().find(|x| x.id == id),
+                    ) {
+                        m.peer_urls = new.peer_urls;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    members.sort_by_key(|m| m.id);
+    Ok(members)
+}
+
+/// Writes the Keel backend at `path` from etcd's backend and the committed WAL entries after
+/// its consistent index; the number of entries applied.
+fn convert(
+    bolt: &BoltFile<'_>,
+    wal: &EtcdWal,
+    path: &Path,
+    members: Vec<u8>,
+) -> anyhow::Result<(etcdfmt::Imported, u64)> {
+    let from = consistent_index(bolt)?;
+    etcdfmt::import(bolt, path, (1, 1), Some(members), Default::default())
+        .map_err(|e| anyhow::anyhow!("etcd backend: {e}"))?;
+    let mut store = Store::open(path, StoreOptions::default())?;
+    let shared = Arc::new(Leases::new(1, 100, 1000));
+    let mut book = LeaseBook::recover(shared, &mut store, Duration::ZERO);
+    let mut applied = 0;
+    for e in &wal.entries {
+        if e.index <= from || e.index > wal.commit {
+            continue;
+        }
+        if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
+            continue;
+        }
+        // etcd's InternalRaftRequest: its KV, lease, compaction and alarm fields have the
+        // numbers Keel's InternalRequest uses; the rest (v2 requests, lease checkpoints,
+        // membership attributes, auth) do not change what a migration keeps.
+        let Ok(mut req) = InternalRequest::decode(&e.data[..]) else {
+            continue;
+        };
+        req.member_attributes = None;
+        req.member_update = None;
+        let kv = req.put.is_some()
+            || req.delete_range.is_some()
+            || req.txn.is_some()
+            || req.compaction.is_some()
+            || req.lease_grant.is_some()
+            || req.lease_revoke.is_some()
+            || req.alarm.is_some();
+        if !kv {
+            continue;
+        }
+        // An entry refused by etcd's apply is refused here too: no change.
+        let _ = crate::apply::apply(&mut store, &mut book, req);
+        applied += 1;
+    }
+    store.set_applied(1, 1);
+    store.commit()?;
+    let imported = etcdfmt::Imported {
+        revision: store.mvcc().current_rev(),
+        compact_rev: store.mvcc().compact_rev(),
+        records: 0,
+        leases: store.leases().len() as u64,
+    };
+    Ok((imported, applied))
+}
+
 pub fn migrate(etcd_dir: &Path, etcd_wal: Option<&Path>, target: Target) -> anyhow::Result<()> {
     let db_path = etcd_dir.join("member").join("snap").join("db");
     let wal_dir = etcd_wal
@@ -181,64 +363,127 @@ pub fn migrate(etcd_dir: &Path, etcd_wal: Option<&Path>, target: Target) -> anyh
     let db = Mapped::open(&db_path)?;
     let bolt = BoltFile::open(db.bytes())
         .map_err(|e| anyhow::anyhow!("etcd backend {}: {e}", db_path.display()))?;
-    let from = consistent_index(&bolt)?;
     let wal = read_wal(&wal_dir)?;
-    let tail: Vec<&Entry> = wal
-        .entries
-        .iter()
-        .filter(|e| e.index > from && e.index <= wal.commit)
-        .collect();
     let mut applied = 0u64;
     target.create("etcd data dir", etcd_dir, |path, members| {
-        etcdfmt::import(&bolt, path, (1, 1), Some(members), Default::default())
-            .map_err(|e| anyhow::anyhow!("etcd backend {}: {e}", db_path.display()))?;
-        let mut store = Store::open(path, StoreOptions::default())?;
-        let shared = Arc::new(Leases::new(1, 100, 1000));
-        let mut book = LeaseBook::recover(shared, &mut store, Duration::ZERO);
-        for e in &tail {
-            if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
-                continue;
-            }
-            // etcd's InternalRaftRequest: its KV, lease, compaction and alarm fields have the
-            // numbers Keel's InternalRequest uses; the rest (v2 requests, lease checkpoints,
-            // membership attributes, auth) do not change what a migration keeps.
-            let Ok(mut req) = InternalRequest::decode(&e.data[..]) else {
-                continue;
-            };
-            req.member_attributes = None;
-            req.member_update = None;
-            let kv = req.put.is_some()
-                || req.delete_range.is_some()
-                || req.txn.is_some()
-                || req.compaction.is_some()
-                || req.lease_grant.is_some()
-                || req.lease_revoke.is_some()
-                || req.alarm.is_some();
-            if !kv {
-                continue;
-            }
-            // An entry refused by etcd's apply is refused here too: no change.
-            let _ = crate::apply::apply(&mut store, &mut book, req);
-            applied += 1;
-        }
-        store.set_applied(1, 1);
-        store.commit()?;
-        let revision = store.mvcc().current_rev();
-        let compact_rev = store.mvcc().compact_rev();
-        Ok(etcdfmt::Imported {
-            revision,
-            compact_rev,
-            records: 0,
-            leases: store.leases().len() as u64,
-        })
+        let (imported, n) = convert(&bolt, &wal, path, members)?;
+        applied = n;
+        Ok(imported)
     })?;
     log(
         "applied the etcd wal's committed entries after the backend's consistent index",
         &[
-            ("consistent-index", from.into()),
+            ("consistent-index", consistent_index(&bolt)?.into()),
             ("wal-commit", wal.commit.into()),
             ("applied-entries", applied.into()),
         ],
     );
     Ok(())
+}
+
+/// Takes over an etcd member's data dir in place when Keel is started on one (the guide's
+/// `etcdctl snapshot restore ... --data-dir /var/lib/etcd`, then start the server): converts
+/// its backend and WAL tail into Keel's, keeping etcd's member ID, cluster ID and membership
+/// (its identity, as etcd would on restart), and moves etcd's files aside
+/// (`member/snap/etcd-imported.db`, the WAL dir + `.etcd-imported`). Every step is a rename
+/// after the new files are whole, so a crash at any point is finished by the next start.
+/// Returns whether it took one over.
+pub fn adopt(cfg: &crate::config::Config) -> anyhow::Result<bool> {
+    let keel_db = cfg.db_path();
+    let snap_dir = keel_db
+        .parent()
+        .expect("the backend is in a dir")
+        .to_path_buf();
+    let etcd_db = snap_dir.join("db");
+    let staged = snap_dir.join("keel.db.import");
+    let etcd_db_aside = snap_dir.join("etcd-imported.db");
+    let mut aside = cfg.wal_dir.clone().into_os_string();
+    aside.push(".etcd-imported");
+    let wal_aside = PathBuf::from(aside);
+    if keel_db.exists() {
+        return Ok(false);
+    }
+    if !etcd_db.exists() {
+        if staged.exists() && etcd_db_aside.exists() {
+            // The last start stopped just before the final rename.
+            std::fs::rename(&staged, &keel_db)?;
+            sync_dir(&snap_dir)?;
+            return Ok(true);
+        }
+        return Ok(false);
+    }
+    let _ = std::fs::remove_file(&staged);
+    let etcd_wal = if wal_aside.exists() {
+        wal_aside.clone()
+    } else {
+        cfg.wal_dir.clone()
+    };
+    let db = Mapped::open(&etcd_db)?;
+    let bolt = BoltFile::open(db.bytes())
+        .map_err(|e| anyhow::anyhow!("etcd backend {}: {e}", etcd_db.display()))?;
+    let wal = read_wal(&etcd_wal)?;
+    let members = etcd_members(&bolt, &wal)?;
+    if wal.member_id == 0 || !members.iter().any(|m| m.id == wal.member_id) {
+        anyhow::bail!(
+            "etcd data dir {}: its WAL names member {:x}, which its membership ({} members) \
+             lacks",
+            cfg.data_dir.display(),
+            wal.member_id,
+            members.len()
+        );
+    }
+    let (imported, applied) = convert(
+        &bolt,
+        &wal,
+        &staged,
+        crate::cluster::Membership::encode(&members),
+    )?;
+    drop(db);
+    if etcd_wal == cfg.wal_dir {
+        std::fs::rename(&cfg.wal_dir, &wal_aside)?;
+    } else if cfg.wal_dir.exists() {
+        // Keel's WAL from an attempt that stopped before the backend was renamed.
+        std::fs::remove_dir_all(&cfg.wal_dir)?;
+    }
+    let me = members
+        .iter()
+        .find(|m| m.id == wal.member_id)
+        .expect("checked above");
+    let meta = keel_storage::raftlog::MemberMeta {
+        member_id: wal.member_id,
+        cluster_id: wal.cluster_id,
+        voters: members
+            .iter()
+            .filter(|m| !m.is_learner)
+            .map(|m| m.id)
+            .collect(),
+        name: if me.name.is_empty() {
+            cfg.name.clone()
+        } else {
+            me.name.clone()
+        },
+    };
+    let (log, _) = keel_storage::raftlog::RaftLog::open(
+        &cfg.wal_dir,
+        keel_storage::wal::WalOptions::default(),
+        meta,
+        (1, 1),
+    )?;
+    drop(log);
+    std::fs::rename(&etcd_db, &etcd_db_aside)?;
+    std::fs::rename(&staged, &keel_db)?;
+    sync_dir(&snap_dir)?;
+    tracing::info!(
+        data_dir = %cfg.data_dir.display(),
+        member_id = format!("{:x}", wal.member_id),
+        cluster_id = format!("{:x}", wal.cluster_id),
+        members = members.len(),
+        revision = imported.revision,
+        compact_revision = imported.compact_rev,
+        wal_entries_applied = applied,
+        "took over an etcd data dir: etcd's files are kept as {} and {}",
+        etcd_db_aside.display(),
+        wal_aside.display()
+    );
+    Ok(true)
 }

@@ -511,7 +511,7 @@ impl Target {
     }
 }
 
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("sync {}", dir.display()))

@@ -75,6 +75,12 @@ impl Cluster {
     /// Starts `n` members (names m1..mn on 127.0.0.1..n) and waits until they serve and
     /// agree on a leader.
     pub fn start(n: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_with(n, extra, |_| {})
+    }
+
+    /// `start`, with `prepare` run on the members' dirs before any starts (to restore a
+    /// snapshot into them, say).
+    pub fn start_with(n: usize, extra: &[&str], prepare: impl FnOnce(&Cluster)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let proxy_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -99,6 +105,7 @@ impl Cluster {
             blocked,
             _proxy_rt: proxy_rt,
         };
+        prepare(&c);
         for i in 0..n {
             c.spawn(i);
         }

@@ -346,3 +346,97 @@ async fn etcd_data_dir_migrates_with_its_wal_tail() {
     assert_eq!(all_keys(&eep), before);
     assert_eq!(hash_kv(&eep, rev), hash);
 }
+
+/// The guide's disaster recovery as written: `etcdctl snapshot restore ... --data-dir D`
+/// makes an etcd data dir, and the server is started on D. Keel takes it over, as the member
+/// etcd's restore made (its member ID comes from the restore's flags, not the start flags).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_starts_on_a_data_dir_etcdctl_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LiveEtcd::start(dir.path()).await;
+    let eep = etcd.endpoint();
+    let (_, compacted) = write_history(&eep);
+    let file = dir.path().join("backup.db");
+    ok(&eep, &["snapshot", "save", file.to_str().unwrap()]);
+    let rev = revision(&eep);
+    let before = all_keys(&eep);
+    let hash = hash_kv(&eep, rev);
+    drop(etcd);
+    let kdir = dir.path().join("k");
+    std::fs::create_dir_all(&kdir).unwrap();
+    let data = kdir.join("data.keel");
+    let (success, _, err) = etcdctl_offline(&[
+        "snapshot",
+        "restore",
+        file.to_str().unwrap(),
+        "--name",
+        "node1",
+        "--initial-cluster",
+        "node1=http://127.0.0.1:2380",
+        "--initial-advertise-peer-urls",
+        "http://127.0.0.1:2380",
+        "--initial-cluster-token",
+        "new-token",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(success, "{err}");
+    let added: Value = serde_json::from_str(
+        err.lines()
+            .find(|l| l.contains(r#""msg":"added member""#))
+            .unwrap(),
+    )
+    .unwrap();
+    let k = Keel::start_async(&kdir, &[]).await;
+    let ep = k.endpoint();
+    assert_eq!(revision(&ep), rev);
+    assert_eq!(all_keys(&ep), before);
+    assert_eq!(hash_kv(&ep, rev), hash);
+    check_compacted(&ep, compacted);
+    let status = json(&ep, &["endpoint", "status"]);
+    let id = status[0]["Status"]["header"]["member_id"].as_u64().unwrap();
+    assert_eq!(format!("{id:x}"), added["added-peer-id"].as_str().unwrap());
+    let cid = status[0]["Status"]["header"]["cluster_id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(format!("{cid:x}"), added["cluster-id"].as_str().unwrap());
+    assert!(k.log_text().contains("took over an etcd data dir"));
+    assert!(data.join("member/snap/etcd-imported.db").exists());
+    // Writes go on, and a restart is an ordinary one.
+    assert_eq!(ok(&ep, &["put", "after", "1"]), "OK\n");
+    drop(k);
+    let k = Keel::start_async(&kdir, &[]).await;
+    assert_eq!(revision(&k.endpoint()), rev + 1);
+}
+
+/// A real etcd member killed with writes its backend had not committed, its data dir then
+/// given to Keel as it is: Keel takes it over with etcd's identity and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_takes_over_a_killed_etcd_members_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LiveEtcd::start_with(dir.path(), &["--backend-batch-interval", "1h"]).await;
+    let eep = etcd.endpoint();
+    write_history(&eep);
+    for i in 0..10 {
+        ok(&eep, &["put", &format!("tail{i}"), &i.to_string()]);
+    }
+    let rev = revision(&eep);
+    let before = all_keys(&eep);
+    let hash = hash_kv(&eep, rev);
+    let etcd_id = json(&eep, &["endpoint", "status"])[0]["Status"]["header"]["member_id"]
+        .as_u64()
+        .unwrap();
+    drop(etcd);
+    let kdir = dir.path().join("k");
+    std::fs::create_dir_all(&kdir).unwrap();
+    std::fs::rename(dir.path().join("ref.etcd"), kdir.join("data.keel")).unwrap();
+    let k = Keel::start_async(&kdir, &[]).await;
+    let ep = k.endpoint();
+    assert_eq!(revision(&ep), rev);
+    assert_eq!(all_keys(&ep), before);
+    assert_eq!(hash_kv(&ep, rev), hash);
+    let id = json(&ep, &["endpoint", "status"])[0]["Status"]["header"]["member_id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(id, etcd_id, "etcd's member ID is kept");
+}
