@@ -30,6 +30,7 @@ use keel_proto::prost::Message;
 use keel_proto::{mvccpb, pb};
 
 use crate::backend::file::{MmapFile, PageFile};
+use crate::backend::page::KEY_BYTES_MAX;
 use crate::backend::{Backend, Snapshot};
 use crate::bolt::{BoltError, BoltFile, Layout, Writer};
 use crate::mvcc::{decode_record, encode_record, record_key};
@@ -473,6 +474,14 @@ pub fn import(
             name if AUTH_BUCKETS.contains(&name) => {
                 let prefix = auth_prefix(name);
                 file.for_each(&b, |k, v| {
+                    if prefix.len() + k.len() > KEY_BYTES_MAX {
+                        return bad(format!(
+                            "{:?} bucket: a name of {} bytes (Keel keeps names of up to {})",
+                            String::from_utf8_lossy(name),
+                            k.len(),
+                            KEY_BYTES_MAX - prefix.len()
+                        ));
+                    }
                     let mut key = prefix.clone();
                     key.extend_from_slice(k);
                     fill.put(key, v.to_vec())?;
@@ -700,6 +709,25 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![(b"root".to_vec(), b"user record".to_vec())]);
+    }
+
+    #[test]
+    fn an_auth_name_too_long_to_keep_is_refused_not_a_panic() {
+        let bytes = crate::bolt::build_file(&vec![(
+            b"authUsers".to_vec(),
+            vec![(vec![b'u'; 600], b"user".to_vec())],
+        )]);
+        let dir = tempfile::tempdir().unwrap();
+        let err = import(
+            &BoltFile::open(&bytes).unwrap(),
+            &dir.path().join("x.db"),
+            (1, 1),
+            None,
+            Adjust::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("a name of 600 bytes"), "{err}");
     }
 
     #[test]

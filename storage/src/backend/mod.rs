@@ -666,12 +666,28 @@ fn load<F: PageFile>(base: &Snapshot<F>, id: PageId, freed: &mut Vec<PageId>) ->
                     let (k, v) = p.leaf(i)?;
                     let stored = match v {
                         LeafValue::Inline(b) => LeafBytes::Inline(b.to_vec()),
-                        LeafValue::Overflow { page, len } => LeafBytes::Overflow { page, len },
+                        // A run the transaction may free must lie in the file (found by the
+                        // backend_pages fuzz target: a wild one overflowed the freelist).
+                        LeafValue::Overflow { page, len }
+                            if page >= 2
+                                && page
+                                    .checked_add(page::run_pages(len) as u64)
+                                    .is_some_and(|end| end <= base.meta.page_count) =>
+                        {
+                            LeafBytes::Overflow { page, len }
+                        }
+                        LeafValue::Overflow { page, .. } => {
+                            return Err(corrupt(id, format!("overflow run at page {page}")))
+                        }
                     };
                     Ok((k.to_vec(), Val::Stored(stored)))
                 })
                 .collect::<Result<_>>()?,
         ),
+        // Keel never writes a branch without children (one left empty disappears).
+        page::KIND_BRANCH if p.count() == 0 => {
+            return Err(corrupt(id, "branch page with no children".into()))
+        }
         page::KIND_BRANCH => Node::Branch(
             (0..p.count())
                 .map(|i| {

@@ -159,7 +159,7 @@ pub fn read<'a>(file: &'a [u8], id: PageId, what: &str) -> Result<PageRef<'a>> {
 pub fn corrupt(id: PageId, reason: String) -> Error {
     Error::Corrupted {
         path: std::path::PathBuf::from("backend"),
-        offset: id * PAGE_BYTES as u64,
+        offset: id.saturating_mul(PAGE_BYTES as u64),
         reason,
     }
 }
@@ -190,6 +190,11 @@ impl<'a> PageRef<'a> {
 
     fn key_at(&self, off: usize, fixed: usize) -> Result<&'a [u8]> {
         let klen = u16_at(self.bytes, off) as usize;
+        if klen > KEY_BYTES_MAX {
+            // Keel never writes one: a branch of such keys could not be packed (found by
+            // the backend_pages fuzz target: a commit looped, growing the file).
+            return Err(corrupt(self.id, format!("a key of {klen} bytes")));
+        }
         let start = off + fixed;
         self.bytes
             .get(start..start + klen)
@@ -450,6 +455,29 @@ mod tests {
     /// Fuzz smoke: random page bodies sealed with a valid checksum (so they get past it) are
     /// decoded entry by entry; every answer is a value or `Corrupted`, never a panic.
     /// `KEEL_FUZZ_ITERS` sets the cases (scripts/fuzz-smoke.sh runs many more).
+    /// Found by the backend_pages fuzz target: a page id from a damaged branch, so large that
+    /// its file offset overflows, panicked while naming the corruption.
+    #[test]
+    fn a_page_id_past_any_file_is_an_error() {
+        let f = file_with(&[]);
+        let err = read(&f, u64::MAX / 2, "tree").err().unwrap().to_string();
+        assert!(err.contains("outside the file"), "{err}");
+    }
+
+    /// Found by the backend_pages fuzz target: branch keys longer than Keel writes made a
+    /// commit pack one key per page forever.
+    #[test]
+    fn a_key_longer_than_keel_writes_is_corruption() {
+        let long = vec![b'k'; KEY_BYTES_MAX + 1];
+        let mut run = encode_branch(&[(b"a".as_slice(), 3), (long.as_slice(), 4)]);
+        seal(&mut run, KIND_BRANCH, 2);
+        let f = file_with(&[run]);
+        let p = read(&f, 2, "tree").unwrap();
+        assert!(p.branch(0).is_ok());
+        let err = p.branch(1).err().unwrap().to_string();
+        assert!(err.contains("a key of 513 bytes"), "{err}");
+    }
+
     #[test]
     fn random_sealed_pages_never_panic() {
         use rand::{Rng, SeedableRng};
