@@ -96,28 +96,68 @@ pub struct EtcdWal {
     pub member_id: u64,
     pub cluster_id: u64,
     conf: Vec<(u64, ConfChange)>,
+    /// The index of the last raft snapshot the WAL records (entries before it are gone).
+    snapshot_index: u64,
+    /// Normal entries met (kept or not): none means a member that never ran, such as one
+    /// `etcdctl snapshot restore` just made (its WAL holds only membership changes).
+    normal_entries: u64,
 }
 
-/// Reads every `.wal` file of `dir` in name order.
-pub fn read_wal(dir: &Path) -> anyhow::Result<EtcdWal> {
+/// Reads every `.wal` file of `dir` in name order, keeping the entries after `skip_through`
+/// (those the backend already holds need no memory). Refuses a WAL a running etcd holds.
+pub fn read_wal(dir: &Path, skip_through: u64) -> anyhow::Result<EtcdWal> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("read wal dir {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "wal"))
         .collect();
     files.sort();
+    if let Some(last) = files.last() {
+        // etcd holds an exclusive flock on the WAL file it appends to.
+        let f = std::fs::File::open(last).with_context(|| format!("open {}", last.display()))?;
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on an fd we own; released when `f` closes below.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            anyhow::bail!(
+                "etcd is running on {} (its WAL {} is locked): stop it first",
+                dir.display(),
+                last.display()
+            );
+        }
+    }
     let mut wal = EtcdWal::default();
     let mut crc = 0u32;
     let n = files.len();
     for (i, f) in files.iter().enumerate() {
         let map = Mapped::open(f)?;
-        read_wal_file(map.bytes(), &mut crc, &mut wal, i + 1 == n)
+        read_wal_file(map.bytes(), &mut crc, &mut wal, i + 1 == n, skip_through)
             .with_context(|| format!("etcd wal {}", f.display()))?;
     }
     Ok(wal)
 }
 
-fn read_wal_file(b: &[u8], crc: &mut u32, wal: &mut EtcdWal, last: bool) -> anyhow::Result<()> {
+/// etcd's isTornEntry: a record whose CRC fails at the end of the last file is a write the
+/// crash cut short if one of its 512-byte sectors is all zeros.
+fn torn(b: &[u8], from: usize, to: usize) -> bool {
+    let mut at = from;
+    while at < to {
+        let next = ((at / 512) + 1) * 512;
+        let chunk = &b[at..next.min(to)];
+        if chunk.iter().all(|x| *x == 0) {
+            return true;
+        }
+        at = next;
+    }
+    false
+}
+
+fn read_wal_file(
+    b: &[u8],
+    crc: &mut u32,
+    wal: &mut EtcdWal,
+    last: bool,
+    skip_through: u64,
+) -> anyhow::Result<()> {
     let mut at = 0usize;
     while at + 8 <= b.len() {
         let len = u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
@@ -153,6 +193,9 @@ fn read_wal_file(b: &[u8], crc: &mut u32, wal: &mut EtcdWal, last: bool) -> anyh
         } else {
             *crc = crc32c::crc32c_append(*crc, &rec.data);
             if rec.crc != *crc {
+                if last && torn(b, at, end) {
+                    break;
+                }
                 anyhow::bail!("record at offset {at}: crc mismatch (corrupted)");
             }
             match rec.kind {
@@ -169,12 +212,18 @@ fn read_wal_file(b: &[u8], crc: &mut u32, wal: &mut EtcdWal, last: bool) -> anyh
                     let keep = wal.entries.partition_point(|x| x.index < e.index);
                     wal.entries.truncate(keep);
                     wal.conf.retain(|(i, _)| *i < e.index);
-                    if e.get_entry_type() == EntryType::EntryConfChange {
-                        if let Ok(cc) = ConfChange::decode(&e.data[..]) {
-                            wal.conf.push((e.index, cc));
+                    match e.get_entry_type() {
+                        EntryType::EntryConfChange => {
+                            if let Ok(cc) = ConfChange::decode(&e.data[..]) {
+                                wal.conf.push((e.index, cc));
+                            }
                         }
+                        EntryType::EntryNormal => wal.normal_entries += 1,
+                        _ => {}
                     }
-                    wal.entries.push(e);
+                    if e.index > skip_through {
+                        wal.entries.push(e);
+                    }
                 }
                 REC_STATE => {
                     let hs = HardState::parse_from_bytes(&rec.data)
@@ -187,6 +236,7 @@ fn read_wal_file(b: &[u8], crc: &mut u32, wal: &mut EtcdWal, last: bool) -> anyh
                     let s = WalSnapshot::decode(rec.data.as_slice())
                         .with_context(|| format!("snapshot record at offset {at}"))?;
                     wal.commit = wal.commit.max(s.index);
+                    wal.snapshot_index = wal.snapshot_index.max(s.index);
                     let keep = wal.entries.partition_point(|x| x.index <= s.index);
                     wal.entries.drain(..keep);
                 }
@@ -240,85 +290,123 @@ fn member_from_json(v: &[u8]) -> Option<keelpb::Member> {
     })
 }
 
-/// The membership an etcd data dir records: its backend's "members" bucket (less
-/// "members_removed") when that names the WAL's member; else the committed membership changes
-/// of its WAL (a member `etcdctl snapshot restore` made: its backend still lists the old
-/// cluster's members, its WAL the new cluster's).
-fn etcd_members(bolt: &BoltFile<'_>, wal: &EtcdWal) -> anyhow::Result<Vec<keelpb::Member>> {
+/// The membership an etcd data dir records. A WAL that still starts at index 1 holds every
+/// membership change, so it alone decides (a member `etcdctl snapshot restore` made has such
+/// a WAL, while its backend still lists the old cluster's members). Otherwise the backend's
+/// "members" bucket (less "members_removed") is the membership as of its consistent index,
+/// and the WAL's committed changes after that index apply on top.
+fn etcd_members(
+    bolt: &BoltFile<'_>,
+    wal: &EtcdWal,
+    from: u64,
+) -> anyhow::Result<Vec<keelpb::Member>> {
     let mut members: Vec<keelpb::Member> = Vec::new();
-    let mut removed: Vec<u64> = Vec::new();
-    if let Some(b) = bolt.bucket(b"members_removed")? {
-        bolt.for_each(&b, |k, _| {
-            if let Some(id) = std::str::from_utf8(k)
-                .ok()
-                .and_then(|h| u64::from_str_radix(h, 16).ok())
-            {
-                removed.push(id);
-            }
-            Ok(true)
-        })?;
-    }
-    if let Some(b) = bolt.bucket(b"members")? {
-        bolt.for_each(&b, |_, v| {
-            if let Some(m) = member_from_json(v) {
-                members.push(m);
-            }
-            Ok(true)
-        })?;
-    }
-    members.retain(|m| !removed.contains(&m.id));
-    if !members.iter().any(|m| m.id == wal.member_id) {
-        members.clear();
-        for (index, cc) in &wal.conf {
-            if *index > wal.commit {
-                break;
-            }
-            let id = cc.node_id;
-            match cc.kind {
-                CC_ADD_NODE | CC_ADD_LEARNER_NODE => {
-                    if let Some(mut m) = member_from_json(&cc.context) {
-                        m.id = id;
-                        m.is_learner = cc.kind == CC_ADD_LEARNER_NODE;
-                        members.retain(|x| x.id != id);
-                        members.push(m);
-                    }
+    let whole_log = wal.conf.first().is_some_and(|(i, _)| *i == 1);
+    if !whole_log {
+        let mut removed: Vec<u64> = Vec::new();
+        if let Some(b) = bolt.bucket(b"members_removed")? {
+            bolt.for_each(&b, |k, _| {
+                if let Some(id) = std::str::from_utf8(k)
+                    .ok()
+                    .and_then(|h| u64::from_str_radix(h, 16).ok())
+                {
+                    removed.push(id);
                 }
-                CC_REMOVE_NODE => members.retain(|x| x.id != id),
-                CC_UPDATE_NODE => {
-                    if let (Some(new), Some(m)) = (
-                        member_from_json(&cc.context),
-                        members.iter_mut().find(|x| x.id == id),
-                    ) {
-                        m.peer_urls = new.peer_urls;
-                    }
+                Ok(true)
+            })?;
+        }
+        if let Some(b) = bolt.bucket(b"members")? {
+            bolt.for_each(&b, |_, v| {
+                if let Some(m) = member_from_json(v) {
+                    members.push(m);
                 }
-                _ => {}
+                Ok(true)
+            })?;
+        }
+        members.retain(|m| !removed.contains(&m.id));
+    }
+    let after = if whole_log { 0 } else { from };
+    for (index, cc) in &wal.conf {
+        if *index <= after {
+            continue;
+        }
+        if *index > wal.commit {
+            break;
+        }
+        let id = cc.node_id;
+        match cc.kind {
+            CC_ADD_NODE | CC_ADD_LEARNER_NODE => {
+                if let Some(mut m) = member_from_json(&cc.context) {
+                    m.id = id;
+                    m.is_learner = cc.kind == CC_ADD_LEARNER_NODE;
+                    members.retain(|x| x.id != id);
+                    members.push(m);
+                }
             }
+            CC_REMOVE_NODE => members.retain(|x| x.id != id),
+            CC_UPDATE_NODE => {
+                if let (Some(new), Some(m)) = (
+                    member_from_json(&cc.context),
+                    members.iter_mut().find(|x| x.id == id),
+                ) {
+                    m.peer_urls = new.peer_urls;
+                }
+            }
+            _ => {}
         }
     }
     members.sort_by_key(|m| m.id);
     Ok(members)
 }
 
-/// Writes the Keel backend at `path` from etcd's backend and the committed WAL entries after
-/// its consistent index; the number of entries applied.
+/// What a conversion did.
+struct Converted {
+    imported: etcdfmt::Imported,
+    /// Committed WAL entries after the backend's consistent index that changed the state,
+    /// and those etcd's apply would have refused too (no change).
+    applied: u64,
+    refused: u64,
+}
+
+/// Writes the Keel backend at `path` from etcd's backend (consistent index `from`) and the
+/// WAL's committed entries after it, which must all be there: a gap means WAL files are
+/// missing, and going on would lose writes.
 fn convert(
     bolt: &BoltFile<'_>,
     wal: &EtcdWal,
+    from: u64,
     path: &Path,
     members: Vec<u8>,
-) -> anyhow::Result<(etcdfmt::Imported, u64)> {
-    let from = consistent_index(bolt)?;
-    etcdfmt::import(bolt, path, (1, 1), Some(members), Default::default())
+) -> anyhow::Result<Converted> {
+    // etcd 3.4 records the consistent index only with changes to keys, and snapshots its
+    // raft log after committing its backend: entries up to the later of the two are in it.
+    let from = from.max(wal.snapshot_index);
+    let tail: Vec<&Entry> = wal
+        .entries
+        .iter()
+        .filter(|e| e.index > from && e.index <= wal.commit)
+        .collect();
+    let expected = wal.commit.saturating_sub(from);
+    let contiguous = tail
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.index == from + 1 + i as u64);
+    if tail.len() as u64 != expected || !contiguous {
+        anyhow::bail!(
+            "the etcd WAL lacks committed entries: the backend holds entries up to {from}, the \
+             WAL's commit is {}, and it has {} of the {expected} entries between (is a WAL file \
+             missing, or --etcd-wal-dir wrong?)",
+            wal.commit,
+            tail.len()
+        );
+    }
+    let mut imported = etcdfmt::import(bolt, path, (1, 1), Some(members), Default::default())
         .map_err(|e| anyhow::anyhow!("etcd backend: {e}"))?;
     let mut store = Store::open(path, StoreOptions::default())?;
     let shared = Arc::new(Leases::new(1, 100, 1000));
     let mut book = LeaseBook::recover(shared, &mut store, Duration::ZERO);
-    let mut applied = 0;
-    for e in &wal.entries {
-        if e.index <= from || e.index > wal.commit {
-            continue;
-        }
+    let (mut applied, mut refused) = (0, 0);
+    for e in tail {
         if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
             continue;
         }
@@ -340,19 +428,22 @@ fn convert(
         if !kv {
             continue;
         }
-        // An entry refused by etcd's apply is refused here too: no change.
-        let _ = crate::apply::apply(&mut store, &mut book, req);
-        applied += 1;
+        match crate::apply::apply(&mut store, &mut book, req) {
+            Ok(_) => applied += 1,
+            // What etcd's apply refused (a compare that failed is not an error): no change.
+            Err(_) => refused += 1,
+        }
     }
     store.set_applied(1, 1);
     store.commit()?;
-    let imported = etcdfmt::Imported {
-        revision: store.mvcc().current_rev(),
-        compact_rev: store.mvcc().compact_rev(),
-        records: 0,
-        leases: store.leases().len() as u64,
-    };
-    Ok((imported, applied))
+    imported.revision = store.mvcc().current_rev();
+    imported.compact_rev = store.mvcc().compact_rev();
+    imported.leases = store.leases().len() as u64;
+    Ok(Converted {
+        imported,
+        applied,
+        refused,
+    })
 }
 
 pub fn migrate(etcd_dir: &Path, etcd_wal: Option<&Path>, target: Target) -> anyhow::Result<()> {
@@ -363,19 +454,23 @@ pub fn migrate(etcd_dir: &Path, etcd_wal: Option<&Path>, target: Target) -> anyh
     let db = Mapped::open(&db_path)?;
     let bolt = BoltFile::open(db.bytes())
         .map_err(|e| anyhow::anyhow!("etcd backend {}: {e}", db_path.display()))?;
-    let wal = read_wal(&wal_dir)?;
-    let mut applied = 0u64;
+    let from = consistent_index(&bolt)?;
+    let wal = read_wal(&wal_dir, from)?;
+    let mut done = None;
     target.create("etcd data dir", etcd_dir, |path, members| {
-        let (imported, n) = convert(&bolt, &wal, path, members)?;
-        applied = n;
+        let c = convert(&bolt, &wal, from, path, members)?;
+        let imported = c.imported;
+        done = Some(c);
         Ok(imported)
     })?;
+    let c = done.expect("created");
     log(
         "applied the etcd wal's committed entries after the backend's consistent index",
         &[
-            ("consistent-index", consistent_index(&bolt)?.into()),
+            ("consistent-index", from.into()),
             ("wal-commit", wal.commit.into()),
-            ("applied-entries", applied.into()),
+            ("applied-entries", c.applied.into()),
+            ("refused-entries", c.refused.into()),
         ],
     );
     Ok(())
@@ -421,8 +516,21 @@ pub fn adopt(cfg: &crate::config::Config) -> anyhow::Result<bool> {
     let db = Mapped::open(&etcd_db)?;
     let bolt = BoltFile::open(db.bytes())
         .map_err(|e| anyhow::anyhow!("etcd backend {}: {e}", etcd_db.display()))?;
-    let wal = read_wal(&etcd_wal)?;
-    let members = etcd_members(&bolt, &wal)?;
+    let from = consistent_index(&bolt)?;
+    let wal = read_wal(&etcd_wal, from)?;
+    let members = etcd_members(&bolt, &wal, from)?;
+    let voters = members.iter().filter(|m| !m.is_learner).count();
+    if voters > 1 && wal.normal_entries > 0 {
+        // Members of a cluster that ran stop at different points: taken over one by one, each
+        // would start Keel's log afresh from a different state, and nothing would repair it.
+        anyhow::bail!(
+            "etcd data dir {}: a member of a {voters}-member cluster that has run; its members \
+             stopped at different points, so they cannot be taken over one by one. Take one \
+             snapshot (etcdctl snapshot save) and restore it into every member (etcdctl or keel \
+             snapshot restore), or run `keel migrate` on one member's data dir for every member",
+            cfg.data_dir.display()
+        );
+    }
     if wal.member_id == 0 || !members.iter().any(|m| m.id == wal.member_id) {
         anyhow::bail!(
             "etcd data dir {}: its WAL names member {:x}, which its membership ({} members) \
@@ -432,9 +540,10 @@ pub fn adopt(cfg: &crate::config::Config) -> anyhow::Result<bool> {
             members.len()
         );
     }
-    let (imported, applied) = convert(
+    let c = convert(
         &bolt,
         &wal,
+        from,
         &staged,
         crate::cluster::Membership::encode(&members),
     )?;
@@ -463,12 +572,11 @@ pub fn adopt(cfg: &crate::config::Config) -> anyhow::Result<bool> {
             me.name.clone()
         },
     };
-    let (log, _) = keel_storage::raftlog::RaftLog::open(
-        &cfg.wal_dir,
-        keel_storage::wal::WalOptions::default(),
-        meta,
-        (1, 1),
-    )?;
+    let wal_opts = keel_storage::wal::WalOptions {
+        segment_bytes: cfg.wal_segment_bytes,
+        ..Default::default()
+    };
+    let (log, _) = keel_storage::raftlog::RaftLog::open(&cfg.wal_dir, wal_opts, meta, (1, 1))?;
     drop(log);
     std::fs::rename(&etcd_db, &etcd_db_aside)?;
     std::fs::rename(&staged, &keel_db)?;
@@ -478,9 +586,10 @@ pub fn adopt(cfg: &crate::config::Config) -> anyhow::Result<bool> {
         member_id = format!("{:x}", wal.member_id),
         cluster_id = format!("{:x}", wal.cluster_id),
         members = members.len(),
-        revision = imported.revision,
-        compact_revision = imported.compact_rev,
-        wal_entries_applied = applied,
+        revision = c.imported.revision,
+        compact_revision = c.imported.compact_rev,
+        wal_entries_applied = c.applied,
+        wal_entries_refused = c.refused,
         "took over an etcd data dir: etcd's files are kept as {} and {}",
         etcd_db_aside.display(),
         wal_aside.display()

@@ -60,24 +60,8 @@ enum SnapshotCmd {
 #[derive(clap::Args, Debug)]
 struct RestoreFlags {
     file: PathBuf,
-    /// Path to the data directory (default: ${name}.keel).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Path to the WAL directory (default: the data directory's member/wal).
-    #[arg(long)]
-    wal_dir: Option<PathBuf>,
-    /// Human-readable name for this member.
-    #[arg(long, default_value = "default")]
-    name: String,
-    /// Initial cluster configuration for restore bootstrap.
-    #[arg(long, default_value = "default=http://localhost:2380")]
-    initial_cluster: String,
-    /// Initial cluster token for the cluster during restore bootstrap.
-    #[arg(long, default_value = "etcd-cluster")]
-    initial_cluster_token: String,
-    /// List of this member's peer URLs to advertise to the rest of the cluster.
-    #[arg(long, default_value = "http://localhost:2380")]
-    initial_advertise_peer_urls: String,
+    #[command(flatten)]
+    target: TargetFlags,
     /// Ignore snapshot integrity hash value (required if copied from data directory).
     #[arg(long)]
     skip_hash_check: bool,
@@ -108,19 +92,25 @@ struct MigrateFlags {
     target: TargetFlags,
 }
 
-/// The new member a restore or migration creates.
+/// The new member a restore or migration creates (etcdctl snapshot restore's flags).
 #[derive(clap::Args, Debug)]
 struct TargetFlags {
+    /// Path to the data directory (default: ${name}.keel).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Path to the WAL directory (default: the data directory's member/wal).
     #[arg(long)]
     wal_dir: Option<PathBuf>,
+    /// Human-readable name for this member.
     #[arg(long, default_value = "default")]
     name: String,
+    /// Initial cluster configuration for restore bootstrap.
     #[arg(long, default_value = "default=http://localhost:2380")]
     initial_cluster: String,
+    /// Initial cluster token for the cluster during restore bootstrap.
     #[arg(long, default_value = "etcd-cluster")]
     initial_cluster_token: String,
+    /// List of this member's peer URLs to advertise to the rest of the cluster.
     #[arg(long, default_value = "http://localhost:2380")]
     initial_advertise_peer_urls: String,
 }
@@ -407,6 +397,17 @@ impl Target {
         Ok((members, meta))
     }
 
+    /// etcd's refusal to restore over anything.
+    fn check_free(&self) -> anyhow::Result<()> {
+        if self.data_dir.exists() {
+            anyhow::bail!("data-dir {:?} exists", self.data_dir.display().to_string());
+        }
+        if let Some(w) = self.wal_dir.as_ref().filter(|w| w.exists()) {
+            anyhow::bail!("wal-dir {:?} exists", w.display().to_string());
+        }
+        Ok(())
+    }
+
     /// Builds the member's data dir: `fill` writes the backend file at the path it is given
     /// (as of raft entry 1, term 1, with the membership bytes it is given); then the WAL is
     /// created with the member's meta. All of it happens in a directory beside the data dir,
@@ -417,14 +418,7 @@ impl Target {
         source: &Path,
         fill: impl FnOnce(&Path, Vec<u8>) -> anyhow::Result<etcdfmt::Imported>,
     ) -> anyhow::Result<etcdfmt::Imported> {
-        if self.data_dir.exists() {
-            anyhow::bail!("data-dir {:?} exists", self.data_dir.display().to_string());
-        }
-        if let Some(w) = &self.wal_dir {
-            if w.exists() {
-                anyhow::bail!("wal-dir {:?} exists", w.display().to_string());
-            }
-        }
+        self.check_free()?;
         let (members, meta) = self.cluster()?;
         let wal_dir = self.wal_dir_for(&self.data_dir);
         log(
@@ -518,15 +512,7 @@ pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn restore(f: RestoreFlags) -> anyhow::Result<()> {
-    let target = TargetFlags {
-        data_dir: f.data_dir,
-        wal_dir: f.wal_dir,
-        name: f.name,
-        initial_cluster: f.initial_cluster,
-        initial_cluster_token: f.initial_cluster_token,
-        initial_advertise_peer_urls: f.initial_advertise_peer_urls,
-    }
-    .into_target();
+    let target = f.target.into_target();
     if f.bump_revision > 0 && !f.mark_compacted {
         anyhow::bail!("--mark-compacted required if --bump-revision > 0");
     }
@@ -535,12 +521,8 @@ fn restore(f: RestoreFlags) -> anyhow::Result<()> {
         mark_compacted: f.mark_compacted,
     };
     let file = Mapped::open(&f.file)?;
-    if target.data_dir.exists() {
-        anyhow::bail!(
-            "data-dir {:?} exists",
-            target.data_dir.display().to_string()
-        );
-    }
+    // etcd's order: the data dir, then the file.
+    target.check_free()?;
     let db = checked_db(file.bytes(), f.skip_hash_check)?;
     let bolt = BoltFile::open(db)
         .map_err(|e| anyhow::anyhow!("invalid snapshot {}: {e}", f.file.display()))?;
@@ -552,33 +534,17 @@ fn restore(f: RestoreFlags) -> anyhow::Result<()> {
 }
 
 /// The members as etcd stores them.
-pub fn member_entries(members: &[keel_proto::pb::Member]) -> Vec<MemberEntry> {
+pub fn member_entries(members: &[keelpb::Member]) -> Vec<MemberEntry> {
     members
         .iter()
         .map(|m| MemberEntry {
             id: m.id,
             name: m.name.clone(),
-            peer_urls: m.peer_ur_ls.clone(),
-            client_urls: m.client_ur_ls.clone(),
+            peer_urls: m.peer_urls.clone(),
+            client_urls: m.client_urls.clone(),
             is_learner: m.is_learner,
         })
         .collect()
-}
-
-fn stored_member_entries(members: Option<&[u8]>) -> anyhow::Result<Vec<MemberEntry>> {
-    let Some(b) = members else {
-        return Ok(Vec::new());
-    };
-    Ok(crate::cluster::Membership::decode(b)?
-        .into_iter()
-        .map(|m| MemberEntry {
-            id: m.id,
-            name: m.name,
-            peer_urls: m.peer_urls,
-            client_urls: m.client_urls,
-            is_learner: m.is_learner,
-        })
-        .collect())
 }
 
 /// Writes a snapshot file (database + sha256) of a stopped member's data dir.
@@ -587,12 +553,15 @@ fn export_offline(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
     if !db_path.exists() {
         anyhow::bail!("no Keel backend at {}", db_path.display());
     }
-    // The member must be stopped: its lock says so.
-    let lock = data_dir.join("member").join("keel.lock");
-    if let Ok(f) = std::fs::File::open(&lock) {
+    // The member must be stopped, and stay so while this reads its backend: its lock, held
+    // until the end.
+    let lock_path = data_dir.join("member").join("keel.lock");
+    let lock =
+        std::fs::File::open(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
+    {
         use std::os::unix::io::AsRawFd;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+        // SAFETY: flock on an fd we own; released when `lock` closes.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             anyhow::bail!(
                 "data dir {} is in use by a running keel: use `etcdctl snapshot save`",
                 data_dir.display()
@@ -601,7 +570,10 @@ fn export_offline(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
     }
     let store = keel_storage::store::Store::open(&db_path, Default::default())
         .with_context(|| format!("open backend {}", db_path.display()))?;
-    let members = stored_member_entries(store.members())?;
+    let members = match store.members() {
+        Some(b) => member_entries(&crate::cluster::Membership::decode(b)?),
+        None => Vec::new(),
+    };
     let snap = store
         .mvcc()
         .backend()
@@ -627,6 +599,7 @@ fn export_offline(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
         ],
     );
     println!("Snapshot saved at {}", file.display());
+    drop(lock);
     Ok(())
 }
 

@@ -55,7 +55,7 @@ pub enum BoltError {
     Io(#[from] std::io::Error),
 }
 
-fn bad<T>(why: impl Into<String>) -> Result<T, BoltError> {
+pub(crate) fn bad<T>(why: impl Into<String>) -> Result<T, BoltError> {
     Err(BoltError::Bad(why.into()))
 }
 
@@ -730,10 +730,8 @@ pub fn status(file: &BoltFile<'_>) -> Result<Status, BoltError> {
         file.for_each(&b, |k, v| {
             st.hash = crc32c::crc32c_append(st.hash, k);
             st.hash = crc32c::crc32c_append(st.hash, v);
-            if is_key {
-                if let Some(main) = u64_at(k, 0) {
-                    st.revision = u64::from_be_bytes(main.to_le_bytes()) as i64;
-                }
+            if let (true, Some(main)) = (is_key, k.get(..8)) {
+                st.revision = u64::from_be_bytes(main.try_into().expect("8 bytes")) as i64;
             }
             st.total_key += 1;
             Ok(true)

@@ -32,7 +32,7 @@ use keel_proto::{mvccpb, pb};
 use crate::backend::file::{MmapFile, PageFile};
 use crate::backend::page::KEY_BYTES_MAX;
 use crate::backend::{Backend, Snapshot};
-use crate::bolt::{BoltError, BoltFile, Layout, Writer};
+use crate::bolt::{bad, BoltError, BoltFile, Layout, Writer};
 use crate::mvcc::{decode_record, encode_record, record_key};
 use crate::store::{
     decode_alarms, encode_alarms, lease_key, Alarm, LeaseRecord, LEASE_PREFIX, META_ALARMS,
@@ -52,10 +52,6 @@ impl From<crate::Error> for BoltError {
     fn from(e: crate::Error) -> BoltError {
         BoltError::Bad(e.to_string())
     }
-}
-
-fn bad<T>(why: impl Into<String>) -> Result<T, BoltError> {
-    Err(BoltError::Bad(why.into()))
 }
 
 /// leasepb.Lease.
@@ -167,7 +163,6 @@ fn feed<F: PageFile, W: Write>(
     members: &[MemberEntry],
     w: &mut Writer<W>,
 ) -> Result<(), BoltError> {
-    let mut failed: Option<BoltError> = None;
     w.begin_bucket(b"alarm")?;
     let alarms = match snap.get(META_ALARMS)? {
         Some(v) => decode_alarms(v).ok_or_else(|| BoltError::Bad("bad alarms".into()))?,
@@ -194,19 +189,10 @@ fn feed<F: PageFile, W: Write>(
         let mut end = prefix.clone();
         *end.last_mut().expect("a prefix") += 1;
         let mut any = false;
-        snap.range(&prefix, Some(&end), |k, v| {
+        snap.try_range(&prefix, Some(&end), |k, v| {
             any = true;
-            match w.put(&k[prefix.len()..], v) {
-                Ok(()) => true,
-                Err(e) => {
-                    failed = Some(e);
-                    false
-                }
-            }
+            w.put(&k[prefix.len()..], v).map(|_| true)
         })?;
-        if let Some(e) = failed.take() {
-            return Err(e);
-        }
         if name == b"auth" && !any {
             // What a new etcd keeps: auth disabled, revision 1.
             w.put(b"authRevision", &1u64.to_be_bytes())?;
@@ -215,75 +201,54 @@ fn feed<F: PageFile, W: Write>(
     w.begin_bucket(b"cluster")?;
     w.begin_bucket(b"key")?;
     let mut read = 0usize;
-    snap.range(b"r", Some(b"s"), |k, v| {
+    snap.try_range(b"r", Some(b"s"), |k, v| {
         read += k.len() + v.len();
         if read >= RELEASE_BYTES {
             snap.release_map();
             read = 0;
         }
-        let mut step = || -> Result<(), BoltError> {
-            let (Some(main), Some(sub), Some(rec)) = (
-                k.get(1..9).and_then(|b| b.try_into().ok()),
-                k.get(9..17).and_then(|b| b.try_into().ok()),
-                decode_record(v),
-            ) else {
-                return bad("a record that does not decode");
-            };
-            let (main, sub) = (
-                u64::from_be_bytes(main) as i64,
-                u64::from_be_bytes(sub) as i64,
-            );
-            let tombstone = rec.version == 0;
-            let kv = if tombstone {
-                mvccpb::KeyValue {
-                    key: bytes::Bytes::copy_from_slice(rec.key),
-                    ..Default::default()
-                }
-            } else {
-                mvccpb::KeyValue {
-                    key: bytes::Bytes::copy_from_slice(rec.key),
-                    create_revision: rec.create_rev,
-                    mod_revision: main,
-                    version: rec.version,
-                    value: bytes::Bytes::copy_from_slice(rec.value),
-                    lease: rec.lease,
-                }
-            };
-            w.put(&rev_key(main, sub, tombstone), &kv.encode_to_vec())
+        let (Some(main), Some(sub), Some(rec)) = (
+            k.get(1..9).and_then(|b| b.try_into().ok()),
+            k.get(9..17).and_then(|b| b.try_into().ok()),
+            decode_record(v),
+        ) else {
+            return bad("a record that does not decode");
         };
-        match step() {
-            Ok(()) => true,
-            Err(e) => {
-                failed = Some(e);
-                false
+        let (main, sub) = (
+            u64::from_be_bytes(main) as i64,
+            u64::from_be_bytes(sub) as i64,
+        );
+        let tombstone = rec.version == 0;
+        let kv = if tombstone {
+            mvccpb::KeyValue {
+                key: bytes::Bytes::copy_from_slice(rec.key),
+                ..Default::default()
             }
-        }
+        } else {
+            mvccpb::KeyValue {
+                key: bytes::Bytes::copy_from_slice(rec.key),
+                create_revision: rec.create_rev,
+                mod_revision: main,
+                version: rec.version,
+                value: bytes::Bytes::copy_from_slice(rec.value),
+                lease: rec.lease,
+            }
+        };
+        w.put(&rev_key(main, sub, tombstone), &kv.encode_to_vec())
+            .map(|_| true)
     })?;
-    if let Some(e) = failed.take() {
-        return Err(e);
-    }
     w.begin_bucket(b"lease")?;
-    snap.range(&[LEASE_PREFIX], Some(&[LEASE_PREFIX + 1]), |k, v| {
+    snap.try_range(&[LEASE_PREFIX], Some(&[LEASE_PREFIX + 1]), |k, v| {
         let (Some(id), true) = (k.get(1..9), v.len() == 16) else {
-            failed = Some(BoltError::Bad("a lease that does not decode".into()));
-            return false;
+            return bad("a lease that does not decode");
         };
         let lease = LeasePb {
             id: u64::from_be_bytes(id.try_into().expect("8 bytes")) as i64,
             ttl: i64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
             remaining_ttl: i64::from_le_bytes(v[8..].try_into().expect("8 bytes")),
         };
-        match w.put(id, &lease.encode_to_vec()) {
-            Ok(()) => true,
-            Err(e) => {
-                failed = Some(e);
-                false
-            }
-        }
+        w.put(id, &lease.encode_to_vec()).map(|_| true)
     })?;
-    if let Some(e) = failed.take() {
-        return Err(e);
-    }
     w.begin_bucket(b"members")?;
     let mut entries: Vec<(String, String)> = members
         .iter()
@@ -405,6 +370,11 @@ pub fn import(
                 let Some((main, sub, tombstone)) = parse_rev_key(k) else {
                     return bad(format!("\"key\" bucket: bad revision key {k:02x?}"));
                 };
+                if v.is_empty() {
+                    // etcdutl restore --bump-revision's marker: the revision, no record.
+                    out.revision = out.revision.max(main);
+                    return Ok(true);
+                }
                 let at = || format!("\"key\" bucket: the record of revision {main}.{sub}");
                 let Ok(mut kv) = mvccpb::KeyValue::decode(v) else {
                     return bad(format!("{} does not decode", at()));
@@ -474,6 +444,13 @@ pub fn import(
             name if AUTH_BUCKETS.contains(&name) => {
                 let prefix = auth_prefix(name);
                 file.for_each(&b, |k, v| {
+                    if name == b"auth" && k == b"authEnabled" && v.first() == Some(&1) {
+                        return bad(
+                            "auth is enabled in this etcd state, and Keel does not serve Auth \
+                             yet: its users and roles would not be enforced. Disable it \
+                             (etcdctl auth disable), then take a new snapshot",
+                        );
+                    }
                     if prefix.len() + k.len() > KEY_BYTES_MAX {
                         return bad(format!(
                             "{:?} bucket: a name of {} bytes (Keel keeps names of up to {})",
@@ -709,6 +686,43 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![(b"root".to_vec(), b"user record".to_vec())]);
+    }
+
+    #[test]
+    fn a_bump_marker_raises_the_revision_and_enabled_auth_is_refused() {
+        let kv = mvccpb::KeyValue {
+            key: bytes::Bytes::from_static(b"a"),
+            create_revision: 2,
+            mod_revision: 2,
+            version: 1,
+            value: bytes::Bytes::from_static(b"v"),
+            lease: 0,
+        }
+        .encode_to_vec();
+        let key = (
+            b"key".to_vec(),
+            vec![
+                (rev_key(2, 0, false), kv),
+                (rev_key(1002, 0, false), vec![]),
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let run = |buckets: &crate::bolt::Buckets, name: &str| {
+            let bytes = crate::bolt::build_file(buckets);
+            let file = BoltFile::open(&bytes).unwrap();
+            import(
+                &file,
+                &dir.path().join(name),
+                (1, 1),
+                None,
+                Adjust::default(),
+            )
+        };
+        let got = run(&vec![key.clone()], "a.db").unwrap();
+        assert_eq!((got.revision, got.records), (1002, 1));
+        let auth = (b"auth".to_vec(), vec![(b"authEnabled".to_vec(), vec![1])]);
+        let err = run(&vec![auth, key], "b.db").unwrap_err().to_string();
+        assert!(err.contains("auth is enabled"), "{err}");
     }
 
     #[test]

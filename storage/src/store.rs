@@ -627,6 +627,13 @@ impl StoreHandle {
     /// pages are not reused while it is held): what Maintenance.Snapshot sends.
     pub fn pinned(&self, applied: u64) -> Result<Arc<crate::backend::Snapshot<MmapFile>>> {
         self.wait_for(Duration::from_secs(10), || self.persisted() >= applied);
+        if self.persisted() < applied {
+            // Never a state older than what was acknowledged before the call.
+            return Err(Error::Invalid(format!(
+                "the backend holds entries up to {}, not yet {applied}",
+                self.persisted()
+            )));
+        }
         Ok(self
             .mvcc
             .backend()

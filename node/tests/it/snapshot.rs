@@ -440,3 +440,44 @@ async fn keel_takes_over_a_killed_etcd_members_data_dir() {
         .unwrap();
     assert_eq!(id, etcd_id, "etcd's member ID is kept");
 }
+
+/// A member of an etcd cluster that has run cannot be taken over alone (its peers stopped
+/// at other points): Keel refuses with the way to do it, and leaves the dir as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_of_a_cluster_that_ran_is_not_taken_over_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LiveEtcd::start(dir.path()).await;
+    let eep = etcd.endpoint();
+    ok(&eep, &["put", "a", "1"]);
+    // A second voter: committed at once (etcd 3.4 has no strict check by default).
+    ok(
+        &eep,
+        &[
+            "member",
+            "add",
+            "other",
+            "--peer-urls",
+            "http://127.0.0.1:1",
+        ],
+    );
+    drop(etcd);
+    let data = dir.path().join("ref.etcd");
+    let port = crate::harness::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cannot be taken over one by one"), "{err}");
+    assert!(data.join("member/snap/db").exists(), "etcd's files stay");
+    assert!(!data.join("member/snap/keel.db").exists());
+}

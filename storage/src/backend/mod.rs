@@ -121,6 +121,24 @@ impl<F: PageFile> Snapshot<F> {
         self.walk(self.meta.root, start, end, &mut f, 0).map(|_| ())
     }
 
+    /// `range` with a callback that can fail: its first error ends the walk and is returned.
+    pub fn try_range<E: From<crate::Error>>(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], Value<'_>) -> std::result::Result<bool, E>,
+    ) -> std::result::Result<(), E> {
+        let mut failed = None;
+        self.range(start, end, |k, v| match f(k, v) {
+            Ok(go_on) => go_on,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        })?;
+        failed.map_or(Ok(()), Err)
+    }
+
     /// Returns false once `f` asked to stop or `end` was reached.
     fn walk(
         &self,
