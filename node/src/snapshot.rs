@@ -41,7 +41,7 @@ enum SnapshotCmd {
     /// Gets backend snapshot status of a given file.
     Status {
         file: PathBuf,
-        /// set the output format (simple, table, json).
+        /// set the output format (fields, json, simple, table).
         #[arg(short = 'w', long = "write-out", default_value = "simple")]
         write_out: String,
     },
@@ -274,7 +274,12 @@ fn status(path: &Path, write_out: &str) -> anyhow::Result<()> {
             )
         ),
         "simple" => println!("{hash}, {}, {}, {size}", db.revision, db.total_key),
-        other => anyhow::bail!("unknown output format {other:?}"),
+        "fields" => print!(
+            "\"Hash\" : {}\n\"Revision\" : {}\n\"Keys\" : {}\n\"Size\" : {}\n",
+            db.hash, db.revision, db.total_key, db.total_size
+        ),
+        "protobuf" => anyhow::bail!("protobuf not supported as output format"),
+        _ => anyhow::bail!("unsupported output format"),
     }
     Ok(())
 }

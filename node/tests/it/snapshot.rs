@@ -151,7 +151,7 @@ async fn keel_snapshot_saves_and_restores_into_etcd() {
     // (consistent index, term, both compaction revisions).
     assert_eq!(st["totalKey"].as_u64(), Some(126 + 1 + 1 + 1 + 4));
     // keel's own status prints what etcdctl prints, in every format.
-    for format in ["simple", "table", "json"] {
+    for format in ["simple", "table", "json", "fields"] {
         let (a_ok, a, a_err) =
             etcdctl_offline(&["snapshot", "status", file.to_str().unwrap(), "-w", format]);
         let (b_ok, b, b_err) = keel(&["snapshot", "status", file.to_str().unwrap(), "-w", format]);
