@@ -150,6 +150,13 @@ pub struct Flags {
     /// etcd 3.4/3.5's name of --watch-progress-notify-interval.
     #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL")]
     pub experimental_watch_progress_notify_interval: Option<String>,
+    /// Enable leader to send regular checkpoints to other members to prevent reset of
+    /// remaining TTL on leader change.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT")]
+    pub experimental_enable_lease_checkpoint: bool,
+    /// Duration of periodic lease checkpoints (a Go duration, default 5m).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL")]
+    pub experimental_lease_checkpoint_interval: Option<String>,
     /// Keel only: size of a WAL segment file (default 64 MiB, as etcd's; at least 64 KiB).
     #[arg(long, env = "KEEL_WAL_SEGMENT_BYTES", default_value_t = 64 << 20)]
     pub wal_segment_bytes: u64,
@@ -179,6 +186,8 @@ pub struct Config {
     pub log_level: String,
     pub cores: usize,
     pub auto_promote_learners: bool,
+    /// etcd's lease checkpoint interval, when checkpoints are on.
+    pub lease_checkpoint: Option<std::time::Duration>,
     pub wal_segment_bytes: u64,
     pub auto_compaction: Option<crate::autocompact::Mode>,
     pub backend_batch_interval: std::time::Duration,
@@ -212,6 +221,8 @@ const YAML_KEYS: &[&str] = &[
     "backend-batch-limit",
     "watch-progress-notify-interval",
     "experimental-watch-progress-notify-interval",
+    "experimental-enable-lease-checkpoint",
+    "experimental-lease-checkpoint-interval",
     "auto-compaction-mode",
     "auto-compaction-retention",
     "snapshot-catchup-entries",
@@ -297,6 +308,16 @@ impl Flags {
                 "watch-progress-notify-interval" => f.watch_progress_notify_interval = text,
                 "experimental-watch-progress-notify-interval" => {
                     f.experimental_watch_progress_notify_interval = text
+                }
+                "experimental-lease-checkpoint-interval" => {
+                    f.experimental_lease_checkpoint_interval = text
+                }
+                "experimental-enable-lease-checkpoint" => {
+                    f.experimental_enable_lease_checkpoint = match text.as_deref() {
+                        Some("true") => true,
+                        Some("false") | None => false,
+                        Some(_) => return Err(bad("expected true or false")),
+                    }
                 }
                 "backend-batch-limit" => {
                     f.backend_batch_limit = Some(
@@ -527,6 +548,22 @@ impl Config {
             log_level: f.log_level,
             cores: cores.max(1),
             auto_promote_learners: f.auto_promote_learners,
+            lease_checkpoint: match (
+                f.experimental_enable_lease_checkpoint,
+                &f.experimental_lease_checkpoint_interval,
+            ) {
+                (false, _) => None,
+                (true, None) => Some(std::time::Duration::from_secs(300)),
+                (true, Some(d)) => Some(
+                    crate::autocompact::parse_go_duration(d)
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "invalid --experimental-lease-checkpoint-interval {d:?}"
+                            )
+                        })?,
+                ),
+            },
             wal_segment_bytes: f.wal_segment_bytes,
             backend_batch_interval: match &f.backend_batch_interval {
                 None => std::time::Duration::from_millis(100),

@@ -43,6 +43,10 @@ pub struct Lease {
     retry_us: AtomicI64,
     /// The remaining TTL last checkpointed (0: none): where a new leader restarts it.
     checkpoint: AtomicI64,
+    /// When the leader checkpoints it next, in µs on the lessor's clock (i64::MAX: not due).
+    next_checkpoint_us: AtomicI64,
+    /// Renewed since its last checkpoint: the leader tells the members to forget it.
+    clear_checkpoint: AtomicBool,
     keys: Mutex<BTreeSet<Bytes>>,
 }
 
@@ -53,6 +57,8 @@ impl Lease {
             deadline_us: AtomicI64::new(deadline_us),
             retry_us: AtomicI64::new(0),
             checkpoint: AtomicI64::new(0),
+            next_checkpoint_us: AtomicI64::new(FOREVER),
+            clear_checkpoint: AtomicBool::new(false),
             keys: Mutex::new(BTreeSet::new()),
         })
     }
@@ -80,6 +86,8 @@ pub struct Leases {
     /// This member leads: deadlines run. A follower's leases never expire (etcd's demoted
     /// lessor); they start running when it leads (`promote`).
     primary: AtomicBool,
+    /// etcd's lease checkpoint interval, µs (0: checkpointing off, etcd's default).
+    checkpoint_us: AtomicI64,
 }
 
 /// A deadline that never comes (a follower's).
@@ -99,7 +107,63 @@ impl Leases {
             id_prefix: (member_id & 0xffff) << 48,
             id_suffix: AtomicU64::new((now_ms << 8) & SUFFIX_MASK),
             primary: AtomicBool::new(false),
+            checkpoint_us: AtomicI64::new(0),
         }
+    }
+
+    /// Turns on etcd's lease checkpoints (--experimental-enable-lease-checkpoint): the leader
+    /// records each lease's remaining TTL through raft every `interval`, so a new leader
+    /// resumes it from there rather than from its full TTL.
+    pub fn set_checkpointing(&self, interval: Duration) {
+        self.checkpoint_us
+            .store(interval.as_micros() as i64, Ordering::Release);
+    }
+
+    /// Schedules a lease's next checkpoint, if it lives longer than one interval (etcd's
+    /// scheduleCheckpointIfNeeded).
+    fn schedule_checkpoint(&self, l: &Lease, left_secs: i64) {
+        let every = self.checkpoint_us.load(Ordering::Acquire);
+        let at = if every > 0 && left_secs * 1_000_000 > every {
+            self.now_us() + every
+        } else {
+            FOREVER
+        };
+        l.next_checkpoint_us.store(at, Ordering::Release);
+    }
+
+    /// The leader's checkpoints due now (etcd's findDueScheduledCheckpoints, at most `max`):
+    /// (lease, remaining seconds rounded up), and a 0 for each lease renewed since its last
+    /// checkpoint (etcd's Renew clears it).
+    pub fn take_checkpoints(&self, max: usize) -> Vec<(i64, i64)> {
+        if !self.primary.load(Ordering::Acquire) || self.checkpoint_us.load(Ordering::Acquire) == 0
+        {
+            return Vec::new();
+        }
+        let now = self.now_us();
+        let mut out = Vec::new();
+        for e in self.map.iter() {
+            if out.len() == max {
+                break;
+            }
+            let l = e.value();
+            if l.clear_checkpoint.swap(false, Ordering::AcqRel) {
+                out.push((*e.key(), 0));
+                continue;
+            }
+            if l.next_checkpoint_us.load(Ordering::Acquire) > now {
+                continue;
+            }
+            l.next_checkpoint_us.store(FOREVER, Ordering::Release);
+            let deadline = l.deadline_us.load(Ordering::Acquire);
+            if deadline <= now {
+                continue;
+            }
+            let left = (deadline - now + 999_999) / 1_000_000;
+            if left < l.ttl {
+                out.push((*e.key(), left));
+            }
+        }
+        out
     }
 
     /// This member leads from now: every lease runs again from its remaining TTL (its last
@@ -116,6 +180,7 @@ impl Leases {
             let deadline = self.after(left) + extend.as_micros() as i64;
             l.deadline_us.store(deadline, Ordering::Release);
             l.retry_us.store(0, Ordering::Release);
+            self.schedule_checkpoint(l, left);
         }
     }
 
@@ -179,6 +244,12 @@ impl Leases {
             return 0;
         }
         l.deadline_us.store(self.deadline(l.ttl), Ordering::Release);
+        if self.checkpoint_us.load(Ordering::Acquire) > 0 {
+            if l.checkpoint.load(Ordering::Acquire) > 0 {
+                l.clear_checkpoint.store(true, Ordering::Release);
+            }
+            self.schedule_checkpoint(&l, l.ttl);
+        }
         l.ttl
     }
 
@@ -276,8 +347,33 @@ impl LeaseBook {
             },
         );
         let deadline = self.shared.deadline(ttl);
-        self.shared.map.insert(id, Lease::new(ttl, deadline));
+        let lease = Lease::new(ttl, deadline);
+        if self.shared.primary.load(Ordering::Acquire) {
+            self.shared.schedule_checkpoint(&lease, ttl);
+        }
+        self.shared.map.insert(id, lease);
         Ok(ttl)
+    }
+
+    /// Applies the leader's checkpoint (etcd's lessor.Checkpoint): each lease's remaining TTL
+    /// is where a new leader restarts it; it is kept with the lease in the store.
+    pub fn checkpoint(&mut self, store: &mut Store, checkpoints: &[(i64, i64)]) {
+        for &(id, remaining) in checkpoints {
+            let Some(l) = self.shared.get(id) else {
+                continue;
+            };
+            l.checkpoint.store(remaining.max(0), Ordering::Release);
+            store.put_lease(
+                id,
+                LeaseRecord {
+                    ttl: l.ttl,
+                    remaining_ttl: remaining.max(0),
+                },
+            );
+            if self.shared.primary.load(Ordering::Acquire) && remaining > 0 {
+                self.shared.schedule_checkpoint(&l, remaining);
+            }
+        }
     }
 
     /// Revokes a lease: its keys go in one revision (in key order, as etcd's), then the lease.
@@ -393,5 +489,32 @@ mod tests {
         l.demote();
         assert!(l.take_expired().is_empty());
         assert!(l.remaining(2).unwrap().1 > MAX_LEASE_TTL);
+    }
+
+    #[test]
+    fn checkpoints_come_due_apply_and_a_renewal_clears_them() {
+        let shared = Arc::new(Leases::new(1, 100, 1000));
+        shared.set_checkpointing(Duration::from_millis(1));
+        shared.promote(Duration::ZERO);
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db"), Default::default()).unwrap();
+        let mut book = LeaseBook::new(shared.clone());
+        book.grant(&mut store, 7, 60).unwrap();
+        // Nothing is due before a whole second is gone (59.x s rounds up to the full TTL).
+        std::thread::sleep(Duration::from_millis(1100));
+        let due = shared.take_checkpoints(10);
+        assert_eq!(due, vec![(7, 59)]);
+        book.checkpoint(&mut store, &due);
+        assert_eq!(store.leases()[&7].remaining_ttl, 59);
+        assert_eq!(
+            shared.get(7).unwrap().checkpoint.load(Ordering::Acquire),
+            59
+        );
+        // A keep-alive restarts the lease: the members are told to forget the checkpoint.
+        assert_eq!(shared.renew(7), 60);
+        assert_eq!(shared.take_checkpoints(10), vec![(7, 0)]);
+        // A follower proposes none.
+        shared.demote();
+        assert!(shared.take_checkpoints(10).is_empty());
     }
 }

@@ -364,6 +364,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.heartbeat_ms,
         cfg.election_ms,
     ));
+    if let Some(every) = cfg.lease_checkpoint {
+        leases.set_checkpointing(every);
+    }
     // Leading from now on: every lease gets its full TTL plus an election timeout (etcd's
     // Promote).
     let book = lease::LeaseBook::recover(

@@ -321,6 +321,7 @@ impl RaftCore {
                 if self.last_expiry_scan.elapsed() >= crate::lease::EXPIRY_SCAN {
                     self.last_expiry_scan = Instant::now();
                     self.revoke_expired();
+                    self.checkpoint_leases();
                 }
                 self.retry_reads();
                 self.sweep_orphans();
@@ -503,6 +504,34 @@ impl RaftCore {
         }
     }
 
+    /// Proposes the lease checkpoints due (the leader's job; etcd batches up to 1000).
+    fn checkpoint_leases(&mut self) {
+        if self.node.raft.state != StateRole::Leader {
+            return;
+        }
+        let due = self.leases.shared.take_checkpoints(1000);
+        if due.is_empty() {
+            return;
+        }
+        let req = InternalRequest {
+            lease_checkpoint: Some(keel_proto::pb::LeaseCheckpointRequest {
+                checkpoints: due
+                    .into_iter()
+                    .map(|(id, remaining_ttl)| keel_proto::pb::LeaseCheckpoint {
+                        id,
+                        remaining_ttl,
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        };
+        let (tx, _) = oneshot::channel();
+        self.propose(Proposal {
+            data: req.encode_to_vec(),
+            tx,
+        });
+    }
+
     fn propose(&mut self, p: Proposal) {
         self.last_proposal = Instant::now();
         self.collected = false;
@@ -615,6 +644,18 @@ impl RaftCore {
                     }
                     Ok(req) if req.member_update.is_some() => {
                         self.apply_member_update(req.member_update.unwrap_or_default())
+                    }
+                    Ok(req) if req.lease_checkpoint.is_some() => {
+                        let cps: Vec<(i64, i64)> = req
+                            .lease_checkpoint
+                            .unwrap_or_default()
+                            .checkpoints
+                            .iter()
+                            .map(|c| (c.id, c.remaining_ttl))
+                            .collect();
+                        self.leases.checkpoint(&mut self.store, &cps);
+                        // Nobody waits for this answer.
+                        Ok(WriteResponse::Alarm(Default::default()))
                     }
                     Ok(req) => apply::apply(&mut self.store, &mut self.leases, req),
                     Err(err) => Err(ApiError::Internal(format!(

@@ -1114,3 +1114,71 @@ fn a_backup_restores_into_a_new_three_member_cluster() {
         );
     }
 }
+
+/// The remaining TTL (seconds) of `lease`, asked of the member at `url`.
+async fn ttl_left(url: &str, lease: i64) -> i64 {
+    let ch = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    pb::lease_client::LeaseClient::new(ch)
+        .lease_time_to_live(pb::LeaseTimeToLiveRequest {
+            id: lease,
+            keys: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ttl
+}
+
+/// etcd's lease checkpoints (--experimental-enable-lease-checkpoint): the leader records
+/// the remaining TTLs through raft, so a new leader resumes a lease where it was rather than
+/// at its full TTL. Without them (the first round) the new leader restarts it at its full TTL.
+#[test]
+fn a_new_leader_resumes_checkpointed_leases_where_they_were() {
+    let _s = serial();
+    for checkpoints in [false, true] {
+        let extra: &[&str] = if checkpoints {
+            &[
+                "--experimental-enable-lease-checkpoint",
+                "--experimental-lease-checkpoint-interval",
+                "1s",
+            ]
+        } else {
+            &[]
+        };
+        let mut c = Cluster::start(3, extra);
+        let leader = c.wait_leader(Duration::from_secs(10));
+        let rt = rt();
+        let url = c.members[leader].url();
+        let lease = rt.block_on(async {
+            let ch = Channel::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            pb::lease_client::LeaseClient::new(ch)
+                .lease_grant(pb::LeaseGrantRequest { ttl: 30, id: 0 })
+                .await
+                .unwrap()
+                .into_inner()
+                .id
+        });
+        // Let 8 of its 30 seconds run out, checkpointed every second.
+        std::thread::sleep(Duration::from_secs(8));
+        c.kill9(leader);
+        let new = c.wait_leader(Duration::from_secs(10));
+        let left = rt.block_on(ttl_left(&c.members[new].url(), lease));
+        if checkpoints {
+            // About 22 s left at the checkpoint, plus the election timeout the new leader adds.
+            assert!((18..=24).contains(&left), "with checkpoints: {left} s left");
+        } else {
+            assert!(
+                left >= 29,
+                "without checkpoints the TTL restarts: {left} s left"
+            );
+        }
+    }
+}
