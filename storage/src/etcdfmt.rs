@@ -16,6 +16,7 @@
 //!                                                        "name","clientURLs"}
 //! "members_removed" member ID in hex                     "removed"
 //! "meta"            "consistent_index", "term"           u64 BE
+//!                   "confState"                          raftpb.ConfState as JSON
 //!                   "scheduledCompactRev",               a revision as in "key" (17 bytes)
 //!                   "finishedCompactRev"
 //! ```
@@ -264,6 +265,28 @@ fn feed<F: PageFile, W: Write>(
     let term = meta_i64(snap, META_TERM, 0)? as u64;
     let scheduled = meta_i64(snap, META_COMPACT_REV, -1)?;
     let finished = meta_i64(snap, META_FINISHED_COMPACT_REV, -1)?;
+    // etcd 3.5+ keeps raft's configuration beside the index (etcd 3.6 reads it to tell a
+    // 3.5 schema); Go's JSON of raftpb.ConfState.
+    let ids = |learners: bool| -> String {
+        let v: Vec<String> = members
+            .iter()
+            .filter(|m| m.is_learner == learners)
+            .map(|m| m.id.to_string())
+            .collect();
+        if v.is_empty() {
+            "null".into()
+        } else {
+            format!("[{}]", v.join(","))
+        }
+    };
+    if !members.is_empty() {
+        let conf = format!(
+            r#"{{"voters":{},"learners":{},"voters_outgoing":null,"learners_next":null,"auto_leave":false}}"#,
+            ids(false),
+            ids(true)
+        );
+        w.put(b"confState", conf.as_bytes())?;
+    }
     w.put(b"consistent_index", &index.to_be_bytes())?;
     if finished > 0 {
         w.put(b"finishedCompactRev", &rev_key(finished, 0, false))?;
@@ -585,8 +608,8 @@ mod tests {
         let st = crate::bolt::status(&file).unwrap();
         assert_eq!(st.revision, 7);
         // alarm 1, auth 1, key 6 (a@2 survives the compaction at 3), lease 1, members 1,
-        // meta 4.
-        assert_eq!(st.total_key, 14);
+        // meta 5.
+        assert_eq!(st.total_key, 15);
         let dest = dir.path().join("b.db");
         let got = import(&file, &dest, (1, 1), Some(b"m".to_vec()), Adjust::default()).unwrap();
         assert_eq!(

@@ -147,9 +147,9 @@ async fn keel_snapshot_saves_and_restores_into_etcd() {
         "the file is the db + sha256"
     );
     // Records kept by the compaction at 4: a@4, b@3 (b's latest at 4), c@5, b's tombstone
-    // @6, big@7, 120 keys @8, a@9; then 1 lease, 1 member, auth's revision and 4 meta entries
-    // (consistent index, term, both compaction revisions).
-    assert_eq!(st["totalKey"].as_u64(), Some(126 + 1 + 1 + 1 + 4));
+    // @6, big@7, 120 keys @8, a@9; then 1 lease, 1 member, auth's revision and 5 meta entries
+    // (raft's configuration, consistent index, term, both compaction revisions).
+    assert_eq!(st["totalKey"].as_u64(), Some(126 + 1 + 1 + 1 + 5));
     // keel's own status prints what etcdctl prints, in every format.
     for format in ["simple", "table", "json", "fields"] {
         let (a_ok, a, a_err) =
