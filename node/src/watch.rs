@@ -110,6 +110,9 @@ impl WatchContext {
     }
 }
 
+/// A stream hands its core's freed memory back every this many watcher creations.
+const CREATES_PER_COLLECT: u64 = 1024;
+
 pub type Responses = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, ApiError>> + Send>>;
 
 /// Serves one Watch stream: spawns its task on the calling (net core's) runtime.
@@ -122,49 +125,73 @@ pub fn serve(
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// One watcher, kept small (tens of thousands live on a core): its key and range end share
+/// one allocation, its options and state are bits.
 struct Watcher {
-    key: Vec<u8>,
-    /// None: the key alone; empty: every key from `key` on; else `[key, end)`.
-    end: Option<Vec<u8>>,
-    no_put: bool,
-    no_delete: bool,
-    prev_kv: bool,
-    progress_notify: bool,
-    fragment: bool,
+    /// The key, then for a span the range end (empty: every key from the key on).
+    bytes: Box<[u8]>,
+    /// Where the key ends in `bytes`.
+    key_len: u32,
+    flags: u16,
     /// The start revision asked for (0: none).
     start_rev: i64,
     next_rev: i64,
-    synced: bool,
-    /// Canceled by a compaction: it takes nothing more, but keeps its ID until the client
-    /// cancels it (as etcd's).
-    compacted: bool,
-    /// Sent events since the last periodic progress tick (which then skips it, as etcd's).
-    sent_since_tick: bool,
 }
 
+/// `Watcher::flags`: what it asked for...
+const NO_PUT: u16 = 1;
+const NO_DELETE: u16 = 1 << 1;
+const PREV_KV: u16 = 1 << 2;
+const PROGRESS_NOTIFY: u16 = 1 << 3;
+const FRAGMENT: u16 = 1 << 4;
+/// ... a range rather than one key ...
+const SPAN: u16 = 1 << 5;
+/// ... and where it is: taking events from the ring;
+const SYNCED: u16 = 1 << 6;
+/// canceled by a compaction: it takes nothing more, but keeps its ID until the client
+/// cancels it (as etcd's);
+const COMPACTED: u16 = 1 << 7;
+/// sent events since the last periodic progress tick (which then skips it, as etcd's).
+const SENT_SINCE_TICK: u16 = 1 << 8;
+
 impl Watcher {
+    fn is(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+
+    fn set(&mut self, flag: u16, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
     fn range(&self) -> KeyRange<'_> {
-        match &self.end {
-            None => KeyRange::Single(&self.key),
-            Some(end) => KeyRange::Span(&self.key, end),
+        let (key, end) = self.bytes.split_at(self.key_len as usize);
+        if self.is(SPAN) {
+            KeyRange::Span(key, end)
+        } else {
+            KeyRange::Single(key)
         }
     }
 
     /// Unsynced and not canceled by a compaction: the catch-up path owes it history.
     fn catching_up(&self) -> bool {
-        !self.synced && !self.compacted
+        !self.is(SYNCED) && !self.is(COMPACTED)
     }
 
     /// Has been sent everything at or below `delivered` and wants nothing below its start:
     /// a progress response may vouch for it (etcd's progressIfSync).
     fn progress_ready(&self, delivered: i64) -> bool {
-        self.synced && !self.compacted && self.start_rev <= delivered
+        self.is(SYNCED) && !self.is(COMPACTED) && self.start_rev <= delivered
     }
 
     fn wants(&self, ev: &Event) -> bool {
         let Some(kv) = &ev.kv else { return false };
         let delete = ev.r#type == EventType::Delete as i32;
-        !(delete && self.no_delete || !delete && self.no_put) && self.range().contains(&kv.key)
+        !(delete && self.is(NO_DELETE) || !delete && self.is(NO_PUT))
+            && self.range().contains(&kv.key)
     }
 }
 
@@ -176,6 +203,8 @@ struct WatchStream {
     out: mpsc::Sender<Result<pb::WatchResponse, ApiError>>,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
+    /// Watchers created on this stream so far.
+    created: u64,
     delivered: i64,
     /// Where the catch-up path goes next (round robin over unsynced watchers).
     catch_up_from: i64,
@@ -194,6 +223,7 @@ async fn run(
         out,
         watchers: BTreeMap::new(),
         next_id: 0,
+        created: 0,
         catch_up_from: 0,
     };
     let mut progress =
@@ -242,7 +272,16 @@ impl WatchStream {
     ) -> Result<(), Gone> {
         use pb::watch_request::RequestUnion;
         match req.request_union {
-            Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
+            Some(RequestUnion::CreateRequest(c)) => {
+                self.created += 1;
+                if self.created.is_multiple_of(CREATES_PER_COLLECT) {
+                    // Creating watchers by the thousand leaves decoded requests and sent
+                    // responses freed on this core, which stay in RSS while the core is busy
+                    // (it purges only when idle): hand them back every so many creates.
+                    crate::return_freed_memory();
+                }
+                self.create(c).await
+            }
             Some(RequestUnion::CancelRequest(c)) => {
                 if self.watchers.remove(&c.watch_id).is_none() {
                     return Ok(());
@@ -300,6 +339,7 @@ impl WatchStream {
         if matches!(&end, Some(e) if !e.is_empty() && key >= *e) {
             return self.send(refuse("mvcc: watcher range is empty")).await;
         }
+        let key_len = key.len();
         let id = if c.watch_id == 0 {
             while self.watchers.contains_key(&self.next_id) {
                 self.next_id += 1;
@@ -317,20 +357,27 @@ impl WatchStream {
         } else {
             c.start_revision
         };
-        let w = Watcher {
-            key,
-            end,
-            no_put: c.filters.contains(&(FilterType::Noput as i32)),
-            no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
-            prev_kv: c.prev_kv,
-            progress_notify: c.progress_notify,
-            fragment: c.fragment,
+        let mut bytes = key;
+        if let Some(e) = &end {
+            bytes.extend_from_slice(e);
+        }
+        let mut w = Watcher {
+            bytes: bytes.into_boxed_slice(),
+            key_len: key_len as u32,
+            flags: 0,
             start_rev: c.start_revision,
             next_rev,
-            synced: next_rev > current,
-            compacted: false,
-            sent_since_tick: false,
         };
+        w.set(SPAN, end.is_some());
+        w.set(NO_PUT, c.filters.contains(&(FilterType::Noput as i32)));
+        w.set(
+            NO_DELETE,
+            c.filters.contains(&(FilterType::Nodelete as i32)),
+        );
+        w.set(PREV_KV, c.prev_kv);
+        w.set(PROGRESS_NOTIFY, c.progress_notify);
+        w.set(FRAGMENT, c.fragment);
+        w.set(SYNCED, next_rev > current);
         self.watchers.insert(id, w);
         self.send(pb::WatchResponse {
             header: Some(self.ctx.header(current)),
@@ -361,7 +408,7 @@ impl WatchStream {
         self.delivered = rev.rev;
         let mut sends = Vec::new();
         for (id, w) in self.watchers.iter_mut() {
-            if !w.synced || w.compacted || w.next_rev > rev.rev {
+            if !w.is(SYNCED) || w.is(COMPACTED) || w.next_rev > rev.rev {
                 continue;
             }
             w.next_rev = rev.rev + 1;
@@ -379,7 +426,7 @@ impl WatchStream {
     /// The stream fell out of the ring: every synced watcher catches up from the store.
     fn lagged(&mut self) {
         for w in self.watchers.values_mut() {
-            w.synced = false;
+            w.set(SYNCED, false);
         }
     }
 
@@ -397,13 +444,13 @@ impl WatchStream {
         let now = mvcc.current_rev();
         let w = self.watchers.get_mut(&id).expect("found above");
         if w.next_rev > now {
-            w.synced = true;
+            w.set(SYNCED, true);
             return Ok(());
         }
         match mvcc.changes(w.range(), w.next_rev, now, CATCH_UP_CHANGES) {
             Ok((changes, last)) => {
                 w.next_rev = last + 1;
-                w.synced = last >= now;
+                w.set(SYNCED, last >= now);
                 let events: Vec<Event> = changes
                     .into_iter()
                     .map(|(_, kv)| event_of(kv))
@@ -415,7 +462,7 @@ impl WatchStream {
                 Ok(())
             }
             Err(StoreError::Compacted) => {
-                w.compacted = true;
+                w.set(COMPACTED, true);
                 // As etcd: the header carries no revision, compact_revision says where
                 // history now starts; the ID stays taken until the client cancels it.
                 let r = pb::WatchResponse {
@@ -445,8 +492,8 @@ impl WatchStream {
         let Some(w) = self.watchers.get_mut(&id) else {
             return Ok(());
         };
-        w.sent_since_tick = true;
-        let (prev_kv, fragment) = (w.prev_kv, w.fragment);
+        w.set(SENT_SINCE_TICK, true);
+        let (prev_kv, fragment) = (w.is(PREV_KV), w.is(FRAGMENT));
         if prev_kv {
             for ev in &mut events {
                 ev.prev_kv = self.prev_kv(ev);
@@ -529,8 +576,9 @@ impl WatchStream {
         let delivered = self.delivered;
         let mut ids = Vec::new();
         for (id, w) in self.watchers.iter_mut() {
-            let quiet = !std::mem::take(&mut w.sent_since_tick);
-            if w.progress_notify && quiet && w.progress_ready(delivered) {
+            let quiet = !w.is(SENT_SINCE_TICK);
+            w.set(SENT_SINCE_TICK, false);
+            if w.is(PROGRESS_NOTIFY) && quiet && w.progress_ready(delivered) {
                 ids.push(*id);
             }
         }

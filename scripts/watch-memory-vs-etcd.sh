@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# watch-memory-vs-etcd.sh - etcd 3.4 (Debian) and Keel side by side: memory per watcher.
+# Starts a fresh server, notes its RSS, then runs keel-bench's watch fan-out (W watchers on 10
+# streams over 1000 keys, 150 puts/s for 10 s) while sampling the server's RSS every 250 ms;
+# per watcher = (median RSS while watching - RSS before) / W. Interleaved, REPS times each;
+# prints one markdown row per run and the medians.
+#
+# Usage: scripts/watch-memory-vs-etcd.sh [W] [REPS]   (default 10000 watchers, 3 reps)
+# Env:   WORK_DIR (default /tmp/keel-watchmem), KEEL_BIN, BENCH_BIN (as bench-vs-etcd.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W="${1:-10000}"
+REPS="${2:-3}"
+WORK="${WORK_DIR:-/tmp/keel-watchmem}"
+scripts/setup.sh
+if [ -z "${KEEL_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
+  cargo build --release -q --bin keel --bin keel-bench
+fi
+KEEL="${KEEL_BIN:-target/release/keel}"
+BENCH="${BENCH_BIN:-target/release/keel-bench}"
+PORT=23899
+mkdir -p "$WORK"
+export ETCDCTL_API=3
+
+start() { # which
+  rm -rf "$WORK/$1.data"
+  if [ "$1" = etcd ]; then
+    etcd --name r --data-dir "$WORK/etcd.data" \
+      --listen-client-urls "http://127.0.0.1:$PORT" --advertise-client-urls "http://127.0.0.1:$PORT" \
+      --listen-peer-urls "http://127.0.0.1:$((PORT+1))" --initial-advertise-peer-urls "http://127.0.0.1:$((PORT+1))" \
+      --initial-cluster "r=http://127.0.0.1:$((PORT+1))" >> "$WORK/etcd.log" 2>&1 &
+  else
+    "$KEEL" --data-dir "$WORK/keel.data" \
+      --listen-client-urls "http://127.0.0.1:$PORT" --advertise-client-urls "http://127.0.0.1:$PORT" \
+      >> "$WORK/keel.log" 2>&1 &
+  fi
+  PID=$!
+  for _ in $(seq 1 300); do
+    etcdctl --endpoints "127.0.0.1:$PORT" --dial-timeout 1s get probe >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "$1 did not start" >&2; exit 1
+}
+rss_kib() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+
+per_stream=$((W / 10))
+declare -A results
+echo "| server | run | RSS before MiB | RSS watching MiB | bytes per watcher |"
+echo "|---|---|---|---|---|"
+for rep in $(seq 1 "$REPS"); do
+  for which in etcd keel; do
+    start "$which"
+    sleep 2
+    before=$(rss_kib "$PID")
+    "$BENCH" --endpoints "127.0.0.1:$PORT" --conns 10 watch --streams 10 \
+      --watchers-per-stream "$per_stream" --watched-key-total 1000 --put-total 1500 --put-rate 150 \
+      > "$WORK/bench.out" 2>&1 &
+    B=$!
+    samples=()
+    sleep 3
+    while kill -0 "$B" 2>/dev/null; do
+      samples+=("$(rss_kib "$PID")")
+      sleep 0.25
+    done
+    wait "$B" || true
+    med=$(printf '%s\n' "${samples[@]}" | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}')
+    per=$(( (med - before) * 1024 / W ))
+    results[$which]+="$per "
+    echo "| $which | $rep | $((before / 1024)) | $((med / 1024)) | $per |"
+    kill "$PID"; wait "$PID" 2>/dev/null || true
+  done
+done
+for which in etcd keel; do
+  m=$(printf '%s\n' ${results[$which]} | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}')
+  echo "median $which: $m bytes per watcher"
+done
