@@ -30,9 +30,9 @@ use std::path::Path;
 use keel_proto::prost::Message;
 use keel_proto::{mvccpb, pb};
 
-use crate::backend::file::{MmapFile, PageFile};
+use crate::backend::file::PageFile;
 use crate::backend::page::KEY_BYTES_MAX;
-use crate::backend::{Backend, Snapshot};
+use crate::backend::Snapshot;
 use crate::bolt::{bad, BoltError, BoltFile, Layout, Writer};
 use crate::mvcc::{decode_record, encode_record, record_key};
 use crate::store::{
@@ -40,12 +40,11 @@ use crate::store::{
     META_COMPACT_REV, META_CONSISTENT_INDEX, META_CURRENT_REV, META_FINISHED_COMPACT_REV,
     META_MEMBERS, META_TERM,
 };
+use crate::transfer::Filler;
 
 /// Backend keys of the auth buckets kept from an imported file.
 pub const AUTH_PREFIX: u8 = b'a';
 const AUTH_BUCKETS: [&[u8]; 3] = [b"auth", b"authRoles", b"authUsers"];
-/// The receiver commits its file every this many bytes.
-const TXN_BYTES: usize = 16 << 20;
 /// An export drops the pages it has read from RSS every this many bytes.
 const RELEASE_BYTES: usize = 8 << 20;
 
@@ -328,38 +327,6 @@ pub struct Imported {
     pub leases: u64,
 }
 
-/// A backend file being filled in bounded transactions.
-struct Filler {
-    db: Backend<MmapFile>,
-    txn: Vec<(Vec<u8>, Vec<u8>)>,
-    bytes: usize,
-}
-
-impl Filler {
-    fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> Result<(), BoltError> {
-        self.bytes += k.len() + v.len();
-        self.txn.push((k, v));
-        if self.bytes >= TXN_BYTES {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), BoltError> {
-        if self.txn.is_empty() {
-            return Ok(());
-        }
-        let mut t = self.db.write()?;
-        for (k, v) in self.txn.drain(..) {
-            t.put_owned(k, v)?;
-        }
-        t.commit()?;
-        self.bytes = 0;
-        self.db.release_map();
-        Ok(())
-    }
-}
-
 /// Writes a new Keel backend at `dest` holding the etcd backend file `file`'s state, as of
 /// raft entry `applied` (index, term), with `members` (the node's encoding) as its
 /// membership. etcd's membership, cluster version and consistent index are not carried over
@@ -374,11 +341,7 @@ pub fn import(
     if dest.exists() {
         return bad(format!("{} exists", dest.display()));
     }
-    let mut fill = Filler {
-        db: Backend::open(MmapFile::open(dest)?)?,
-        txn: Vec::new(),
-        bytes: 0,
-    };
+    let mut fill = Filler::create(dest)?;
     let mut out = Imported {
         revision: 1,
         compact_rev: -1,
@@ -748,22 +711,28 @@ mod tests {
         assert!(err.contains("auth is enabled"), "{err}");
     }
 
-    #[test]
-    fn an_auth_name_too_long_to_keep_is_refused_not_a_panic() {
-        let bytes = crate::bolt::build_file(&vec![(
-            b"authUsers".to_vec(),
-            vec![(vec![b'u'; 600], b"user".to_vec())],
-        )]);
+    /// Why importing the file `bytes` fails.
+    fn import_error(bytes: &[u8]) -> String {
         let dir = tempfile::tempdir().unwrap();
-        let err = import(
-            &BoltFile::open(&bytes).unwrap(),
+        let file = BoltFile::open(bytes).unwrap();
+        import(
+            &file,
             &dir.path().join("x.db"),
             (1, 1),
             None,
             Adjust::default(),
         )
         .unwrap_err()
-        .to_string();
+        .to_string()
+    }
+
+    #[test]
+    fn an_auth_name_too_long_to_keep_is_refused_not_a_panic() {
+        let bytes = crate::bolt::build_file(&vec![(
+            b"authUsers".to_vec(),
+            vec![(vec![b'u'; 600], b"user".to_vec())],
+        )]);
+        let err = import_error(&bytes);
         assert!(err.contains("a name of 600 bytes"), "{err}");
     }
 
@@ -776,16 +745,7 @@ mod tests {
                 b"\x0a\x01a\x10\x02\x18\x09\x20\x01".to_vec(),
             )],
         )]);
-        let dir = tempfile::tempdir().unwrap();
-        let err = import(
-            &BoltFile::open(&bytes).unwrap(),
-            &dir.path().join("x.db"),
-            (1, 1),
-            None,
-            Adjust::default(),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = import_error(&bytes);
         assert!(err.contains("revision 2.0 says mod_revision 9"), "{err}");
     }
 }

@@ -99,11 +99,51 @@ fn end_frame(pairs: u64, crc: u32) -> Vec<u8> {
     end
 }
 
+/// A new backend file filled in bounded transactions (commits every `TXN_BYTES`).
+pub(crate) struct Filler {
+    pub(crate) db: Backend<MmapFile>,
+    txn: Vec<(Vec<u8>, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Filler {
+    /// Starts a new file at `path`.
+    pub(crate) fn create(path: &Path) -> Result<Filler> {
+        Ok(Filler {
+            db: Backend::open(MmapFile::open(path)?)?,
+            txn: Vec::new(),
+            bytes: 0,
+        })
+    }
+
+    pub(crate) fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> Result<()> {
+        self.bytes += k.len() + v.len();
+        self.txn.push((k, v));
+        if self.bytes >= TXN_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Commits what is waiting (synced).
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if self.txn.is_empty() {
+            return Ok(());
+        }
+        let mut t = self.db.write()?;
+        for (k, v) in self.txn.drain(..) {
+            t.put_owned(k, v)?;
+        }
+        t.commit()?;
+        self.bytes = 0;
+        self.db.release_map();
+        Ok(())
+    }
+}
+
 /// A state being received into a new backend file.
 pub struct Incoming {
-    db: Backend<MmapFile>,
-    txn: Vec<(Vec<u8>, Vec<u8>)>,
-    txn_bytes: usize,
+    fill: Filler,
     pairs: u64,
     crc: u32,
     last_key: Option<Vec<u8>>,
@@ -119,9 +159,7 @@ impl Incoming {
     pub fn create(path: &Path) -> Result<Incoming> {
         let _ = std::fs::remove_file(path);
         Ok(Incoming {
-            db: Backend::open(MmapFile::open(path)?)?,
-            txn: Vec::new(),
-            txn_bytes: 0,
+            fill: Filler::create(path)?,
             pairs: 0,
             crc: 0,
             last_key: None,
@@ -166,26 +204,8 @@ impl Incoming {
             }
             self.last_key = Some(k.clone());
             self.pairs += 1;
-            self.txn_bytes += k.len() + v.len();
-            self.txn.push((k, v));
-            if self.txn_bytes >= TXN_BYTES {
-                self.flush()?;
-            }
+            self.fill.put(k, v)?;
         }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if self.txn.is_empty() {
-            return Ok(());
-        }
-        let mut t = self.db.write()?;
-        for (k, v) in self.txn.drain(..) {
-            t.put_owned(k, v)?;
-        }
-        t.commit()?;
-        self.txn_bytes = 0;
-        self.db.release_map();
         Ok(())
     }
 
@@ -195,8 +215,8 @@ impl Incoming {
         if !self.done {
             return Err(bad("the stream ended before its end frame"));
         }
-        self.flush()?;
-        let snap = self.db.snapshot();
+        self.fill.flush()?;
+        let snap = self.fill.db.snapshot();
         let get = |key: &[u8]| -> Result<u64> {
             snap.get(key)?
                 .and_then(|v| v.try_into().ok())

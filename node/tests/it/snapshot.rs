@@ -40,6 +40,36 @@ fn revision(ep: &str) -> i64 {
         .unwrap()
 }
 
+/// What a server serves, to compare another with: its revision, every key, its HashKV.
+struct Served {
+    rev: i64,
+    keys: Value,
+    hash: u64,
+}
+
+impl Served {
+    fn of(ep: &str) -> Served {
+        let rev = revision(ep);
+        Served {
+            rev,
+            keys: all_keys(ep),
+            hash: hash_kv(ep, rev),
+        }
+    }
+
+    /// `ep` serves the same (at the same revision).
+    fn check(&self, ep: &str) {
+        assert_eq!(revision(ep), self.rev);
+        self.check_keys(ep);
+    }
+
+    /// `ep` serves the same keys and hash (its revision may have moved on).
+    fn check_keys(&self, ep: &str) {
+        assert_eq!(all_keys(ep), self.keys);
+        assert_eq!(hash_kv(ep, self.rev), self.hash);
+    }
+}
+
 /// Runs the keel binary's offline commands; (ok, stdout, stderr).
 fn keel(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
@@ -130,16 +160,14 @@ async fn keel_snapshot_saves_and_restores_into_etcd() {
     let file = dir.path().join("backup.db");
     let out = ok(&ep, &["snapshot", "save", file.to_str().unwrap()]);
     assert!(out.contains("Snapshot saved at"), "{out}");
-    let rev = revision(&ep);
-    let before = all_keys(&ep);
-    let hash = hash_kv(&ep, rev);
+    let served = Served::of(&ep);
 
     // etcdctl reads the file with bbolt.
     let (success, st, err) =
         etcdctl_offline(&["snapshot", "status", file.to_str().unwrap(), "-w", "json"]);
     assert!(success, "{err}");
     let st: Value = serde_json::from_str(&st).unwrap();
-    assert_eq!(st["revision"].as_i64(), Some(rev));
+    assert_eq!(st["revision"].as_i64(), Some(served.rev));
     let size = std::fs::metadata(&file).unwrap().len();
     assert_eq!(
         st["totalSize"].as_u64(),
@@ -163,9 +191,7 @@ async fn keel_snapshot_saves_and_restores_into_etcd() {
     restore_into_etcd(&file, dir.path());
     let etcd = LiveEtcd::start(dir.path()).await;
     let eep = etcd.endpoint();
-    assert_eq!(revision(&eep), rev);
-    assert_eq!(all_keys(&eep), before);
-    assert_eq!(hash_kv(&eep, rev), hash);
+    served.check(&eep);
     check_compacted(&eep, compacted);
     let ttl = json(&eep, &["lease", "timetolive", &lease, "--keys"]);
     assert_eq!(ttl["granted-ttl"].as_i64(), Some(900));
@@ -180,9 +206,7 @@ async fn etcd_snapshot_restores_into_keel() {
     let (lease, compacted) = write_history(&eep);
     let file = dir.path().join("etcd-backup.db");
     ok(&eep, &["snapshot", "save", file.to_str().unwrap()]);
-    let rev = revision(&eep);
-    let before = all_keys(&eep);
-    let hash = hash_kv(&eep, rev);
+    let served = Served::of(&eep);
     drop(etcd);
     let f = file.to_str().unwrap();
 
@@ -263,16 +287,14 @@ async fn etcd_snapshot_restores_into_keel() {
     );
     let k = Keel::start_async(&kdir, &[]).await;
     let ep = k.endpoint();
-    assert_eq!(revision(&ep), rev);
-    assert_eq!(all_keys(&ep), before);
-    assert_eq!(hash_kv(&ep, rev), hash);
+    served.check(&ep);
     check_compacted(&ep, compacted);
     let ttl = json(&ep, &["lease", "timetolive", &lease, "--keys"]);
     assert_eq!(ttl["granted-ttl"].as_i64(), Some(900));
     assert_eq!(ttl["keys"][0].as_str(), Some("Yw=="));
     // The restored member is a new cluster of one, and takes writes.
     assert_eq!(ok(&ep, &["put", "after", "restore"]), "OK\n");
-    assert_eq!(revision(&ep), rev + 1);
+    assert_eq!(revision(&ep), served.rev + 1);
     // And a file without its hash restores with --skip-hash-check (a copied member db).
     let nohash = dir.path().join("nohash.db");
     std::fs::write(&nohash, &bytes[..bytes.len() - 32]).unwrap();
@@ -299,9 +321,7 @@ async fn etcd_data_dir_migrates_with_its_wal_tail() {
     for i in 0..20 {
         ok(&eep, &["put", &format!("tail{i}"), &i.to_string()]);
     }
-    let rev = revision(&eep);
-    let before = all_keys(&eep);
-    let hash = hash_kv(&eep, rev);
+    let served = Served::of(&eep);
     drop(etcd); // SIGKILL: no clean close of the backend
     let kdir = dir.path().join("k");
     std::fs::create_dir_all(&kdir).unwrap();
@@ -320,9 +340,7 @@ async fn etcd_data_dir_migrates_with_its_wal_tail() {
     );
     let k = Keel::start_async(&kdir, &[]).await;
     let ep = k.endpoint();
-    assert_eq!(revision(&ep), rev);
-    assert_eq!(all_keys(&ep), before);
-    assert_eq!(hash_kv(&ep, rev), hash);
+    served.check(&ep);
     check_compacted(&ep, compacted);
     let ttl = json(&ep, &["lease", "timetolive", &lease, "--keys"]);
     assert_eq!(ttl["granted-ttl"].as_i64(), Some(900));
@@ -343,8 +361,7 @@ async fn etcd_data_dir_migrates_with_its_wal_tail() {
     restore_into_etcd(&file, &back);
     let etcd = LiveEtcd::start(&back).await;
     let eep = etcd.endpoint();
-    assert_eq!(all_keys(&eep), before);
-    assert_eq!(hash_kv(&eep, rev), hash);
+    served.check_keys(&eep);
 }
 
 /// The guide's disaster recovery as written: `etcdctl snapshot restore ... --data-dir D`
@@ -358,9 +375,7 @@ async fn keel_starts_on_a_data_dir_etcdctl_restored() {
     let (_, compacted) = write_history(&eep);
     let file = dir.path().join("backup.db");
     ok(&eep, &["snapshot", "save", file.to_str().unwrap()]);
-    let rev = revision(&eep);
-    let before = all_keys(&eep);
-    let hash = hash_kv(&eep, rev);
+    let served = Served::of(&eep);
     drop(etcd);
     let kdir = dir.path().join("k");
     std::fs::create_dir_all(&kdir).unwrap();
@@ -389,9 +404,7 @@ async fn keel_starts_on_a_data_dir_etcdctl_restored() {
     .unwrap();
     let k = Keel::start_async(&kdir, &[]).await;
     let ep = k.endpoint();
-    assert_eq!(revision(&ep), rev);
-    assert_eq!(all_keys(&ep), before);
-    assert_eq!(hash_kv(&ep, rev), hash);
+    served.check(&ep);
     check_compacted(&ep, compacted);
     let status = json(&ep, &["endpoint", "status"]);
     let id = status[0]["Status"]["header"]["member_id"].as_u64().unwrap();
@@ -406,7 +419,7 @@ async fn keel_starts_on_a_data_dir_etcdctl_restored() {
     assert_eq!(ok(&ep, &["put", "after", "1"]), "OK\n");
     drop(k);
     let k = Keel::start_async(&kdir, &[]).await;
-    assert_eq!(revision(&k.endpoint()), rev + 1);
+    assert_eq!(revision(&k.endpoint()), served.rev + 1);
 }
 
 /// A real etcd member killed with writes its backend had not committed, its data dir then
@@ -420,9 +433,7 @@ async fn keel_takes_over_a_killed_etcd_members_data_dir() {
     for i in 0..10 {
         ok(&eep, &["put", &format!("tail{i}"), &i.to_string()]);
     }
-    let rev = revision(&eep);
-    let before = all_keys(&eep);
-    let hash = hash_kv(&eep, rev);
+    let served = Served::of(&eep);
     let etcd_id = json(&eep, &["endpoint", "status"])[0]["Status"]["header"]["member_id"]
         .as_u64()
         .unwrap();
@@ -432,9 +443,7 @@ async fn keel_takes_over_a_killed_etcd_members_data_dir() {
     std::fs::rename(dir.path().join("ref.etcd"), kdir.join("data.keel")).unwrap();
     let k = Keel::start_async(&kdir, &[]).await;
     let ep = k.endpoint();
-    assert_eq!(revision(&ep), rev);
-    assert_eq!(all_keys(&ep), before);
-    assert_eq!(hash_kv(&ep, rev), hash);
+    served.check(&ep);
     let id = json(&ep, &["endpoint", "status"])[0]["Status"]["header"]["member_id"]
         .as_u64()
         .unwrap();

@@ -350,12 +350,8 @@ fn a_compact_copy_holds_the_same_tree_in_fewer_pages() {
     check(&b.snapshot(), &model);
 }
 
-/// Found by the backend_pages fuzz target: a root branch with no children (checksummed, so
-/// only a bug could write it) made a write transaction index an empty list and panic.
-#[test]
-fn a_branch_without_children_is_corruption_not_a_panic() {
-    let mut branch = vec![0u8; page::PAGE_BYTES];
-    page::seal(&mut branch, page::KIND_BRANCH, 0);
+/// A file whose tree is the one (sealed) page `root`, behind valid metas.
+fn root_page_file(root: &[u8]) -> CrashFile {
     let meta = Meta {
         txid: 5,
         root: 2,
@@ -364,8 +360,17 @@ fn a_branch_without_children_is_corruption_not_a_panic() {
     };
     let mut file = meta.encode().to_vec();
     file.extend_from_slice(&Meta { txid: 4, ..meta }.encode());
-    file.extend_from_slice(&branch);
-    let mut db = Backend::open(CrashFile::from_bytes(file)).unwrap();
+    file.extend_from_slice(root);
+    CrashFile::from_bytes(file)
+}
+
+/// Found by the backend_pages fuzz target: a root branch with no children (checksummed, so
+/// only a bug could write it) made a write transaction index an empty list and panic.
+#[test]
+fn a_branch_without_children_is_corruption_not_a_panic() {
+    let mut branch = vec![0u8; page::PAGE_BYTES];
+    page::seal(&mut branch, page::KIND_BRANCH, 0);
+    let mut db = Backend::open(root_page_file(&branch)).unwrap();
     let mut t = db.write().unwrap();
     let err = t.put(b"key", b"value").unwrap_err().to_string();
     assert!(err.contains("branch page with no children"), "{err}");
@@ -383,16 +388,7 @@ fn an_overflow_run_outside_the_file_is_corruption() {
         },
     )]);
     page::seal(&mut leaf, page::KIND_LEAF, 1);
-    let meta = Meta {
-        txid: 5,
-        root: 2,
-        freelist: 0,
-        page_count: 3,
-    };
-    let mut file = meta.encode().to_vec();
-    file.extend_from_slice(&Meta { txid: 4, ..meta }.encode());
-    file.extend_from_slice(&leaf);
-    let mut db = Backend::open(CrashFile::from_bytes(file)).unwrap();
+    let mut db = Backend::open(root_page_file(&leaf)).unwrap();
     let mut t = db.write().unwrap();
     let err = t.put(b"key", b"value").unwrap_err().to_string();
     assert!(err.contains("overflow run at page"), "{err}");
