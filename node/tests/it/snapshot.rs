@@ -198,16 +198,21 @@ async fn keel_snapshot_saves_and_restores_into_etcd() {
     assert_eq!(ttl["keys"][0].as_str(), Some("Yw==")); // "c"
 }
 
+/// A real etcd with `write_history`, saved with `etcdctl snapshot save` into `dir`, then
+/// stopped: the file, what the etcd served, the lease (hex) and the compaction revision.
+async fn etcd_backup(dir: &Path) -> (std::path::PathBuf, Served, String, i64) {
+    let etcd = LiveEtcd::start(dir).await;
+    let eep = etcd.endpoint();
+    let (lease, compacted) = write_history(&eep);
+    let file = dir.join("etcd-backup.db");
+    ok(&eep, &["snapshot", "save", file.to_str().unwrap()]);
+    (file, Served::of(&eep), lease, compacted)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_snapshot_restores_into_keel() {
     let dir = tempfile::tempdir().unwrap();
-    let etcd = LiveEtcd::start(dir.path()).await;
-    let eep = etcd.endpoint();
-    let (lease, compacted) = write_history(&eep);
-    let file = dir.path().join("etcd-backup.db");
-    ok(&eep, &["snapshot", "save", file.to_str().unwrap()]);
-    let served = Served::of(&eep);
-    drop(etcd);
+    let (file, served, lease, compacted) = etcd_backup(dir.path()).await;
     let f = file.to_str().unwrap();
 
     // What a damaged file gets: refused by name, nothing left behind.
@@ -370,13 +375,7 @@ async fn etcd_data_dir_migrates_with_its_wal_tail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keel_starts_on_a_data_dir_etcdctl_restored() {
     let dir = tempfile::tempdir().unwrap();
-    let etcd = LiveEtcd::start(dir.path()).await;
-    let eep = etcd.endpoint();
-    let (_, compacted) = write_history(&eep);
-    let file = dir.path().join("backup.db");
-    ok(&eep, &["snapshot", "save", file.to_str().unwrap()]);
-    let served = Served::of(&eep);
-    drop(etcd);
+    let (file, served, _, compacted) = etcd_backup(dir.path()).await;
     let kdir = dir.path().join("k");
     std::fs::create_dir_all(&kdir).unwrap();
     let data = kdir.join("data.keel");
