@@ -351,13 +351,44 @@ impl Wal {
     /// us, where a write linked to an fdatasync took 165-189 us (the linked fsync is punted
     /// to an io-wq worker) and pwrite + fdatasync 122 us.
     fn write_and_sync(&mut self, len: usize) -> Result<()> {
+        let path = segment_path(&self.dir, self.segment_seq);
+        let mut attempts = 0;
+        let res = loop {
+            let res = self.submit_write(len, &path)?;
+            attempts += 1;
+            // A signal can interrupt the write itself, not only our wait (seen as -ECANCELED
+            // when the kernel had punted it to an io-wq worker, with a signal handler installed
+            // and signals arriving): nothing was acknowledged, and the same bytes at the same
+            // offset are written again.
+            let retryable = [-libc::ECANCELED, -libc::EINTR, -libc::EAGAIN].contains(&res);
+            if !retryable || attempts >= WRITE_ATTEMPTS_MAX {
+                break res;
+            }
+        };
+        if res != len as i32 {
+            let source = if res < 0 {
+                std::io::Error::from_raw_os_error(-res)
+            } else {
+                std::io::Error::other(format!("short write: {res} of {len} bytes"))
+            };
+            return Err(Error::Io {
+                op: "wal write (RWF_DSYNC)",
+                path,
+                source,
+            });
+        }
+        Ok(())
+    }
+
+    /// Submits the write of the buffer's first `len` bytes at the current offset and waits
+    /// for its completion; the completion's result.
+    fn submit_write(&mut self, len: usize, path: &Path) -> Result<i32> {
         let fd = types::Fd(self.file.as_raw_fd());
         let write = opcode::Write::new(fd, self.buf.ptr, len as u32)
             .offset(self.offset)
             .rw_flags(libc::RWF_DSYNC)
             .build()
             .user_data(1);
-        let path = segment_path(&self.dir, self.segment_seq);
         // SAFETY: the buffer outlives the submission: we wait for the completion below.
         unsafe {
             self.ring
@@ -376,7 +407,7 @@ impl Wal {
                     self.buf.leak();
                     return Err(Error::Io {
                         op: "io_uring submit wal write",
-                        path,
+                        path: path.to_path_buf(),
                         source: e,
                     });
                 }
@@ -385,20 +416,7 @@ impl Wal {
                 break cqe;
             }
         };
-        let res = cqe.result();
-        if res != len as i32 {
-            let source = if res < 0 {
-                std::io::Error::from_raw_os_error(-res)
-            } else {
-                std::io::Error::other(format!("short write: {res} of {len} bytes"))
-            };
-            return Err(Error::Io {
-                op: "wal write (RWF_DSYNC)",
-                path,
-                source,
-            });
-        }
-        Ok(())
+        Ok(cqe.result())
     }
 
     fn prepare_next(&mut self) {
@@ -442,6 +460,9 @@ impl Wal {
         Ok(())
     }
 }
+
+/// Most times one append's write is submitted again after a signal interrupted it.
+const WRITE_ATTEMPTS_MAX: u32 = 1000;
 
 /// Whether a failed `io_uring_enter` wait is worth repeating: interrupted by a signal, or the
 /// kernel was briefly out of resources. The submission stays queued either way.
@@ -836,7 +857,10 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_micros(20));
         }
         stop_tx.send(()).unwrap();
-        writer.join().unwrap().expect("no append fails on EINTR");
+        writer
+            .join()
+            .unwrap()
+            .expect("no append fails when signals interrupt it");
         assert!(signals > 100, "only {signals} signals sent");
         let (_, rec) = Wal::open(dir.path(), small()).unwrap();
         let got: Vec<u32> = rec
