@@ -69,6 +69,8 @@ pub enum ApiError {
     MemberNotEnoughStarted,
     #[error("etcdserver: not capable")]
     NotCapable,
+    #[error("etcdserver: unhealthy cluster")]
+    Unhealthy,
     /// What grpc-go (and so etcd) answers for a message over its receive limit.
     #[error("grpc: received message larger than max ({got} vs. {max})")]
     MessageTooLarge { got: usize, max: usize },
@@ -100,6 +102,7 @@ impl ApiError {
             | Timeout
             | LeaderChanged
             | NotCapable
+            | Unhealthy
             | NotSupportedForLearner
             | LeaderTransferTimeout
             | TimeoutDueToLeaderFail => Code::Unavailable,

@@ -93,6 +93,20 @@ pub async fn query(urls: &[String]) -> Option<Bytes> {
     None
 }
 
+/// A peer whose links have been silent for longer than this is not active (every link sends
+/// at least an empty frame every `KEEPALIVE`; the margin covers this member's own stalls).
+const ACTIVE_GAP: std::time::Duration = std::time::Duration::from_secs(3);
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A peer's links to this member.
+struct Heard {
+    /// Since when it has had one open.
+    since: std::time::Instant,
+    /// When a frame last came.
+    last: std::time::Instant,
+    open: u32,
+}
+
 struct Link {
     tx: mpsc::Sender<Bytes>,
     urls: Vec<String>,
@@ -108,6 +122,8 @@ pub struct Peers {
     /// Serialises link changes.
     changing: Mutex<()>,
     inbound: Arc<dyn Inbound>,
+    /// Per peer: its links to this member.
+    heard: Mutex<HashMap<u64, Heard>>,
 }
 
 impl Peers {
@@ -126,6 +142,7 @@ impl Peers {
             links: ArcSwap::from_pointee(HashMap::new()),
             changing: Mutex::new(()),
             inbound,
+            heard: Mutex::new(HashMap::new()),
         });
         for l in listeners {
             l.set_nonblocking(true)?;
@@ -167,6 +184,42 @@ impl Peers {
         let hello = hello(KIND_FRAMES, self.cluster, self.local, peer);
         let inbound = self.inbound.clone();
         self.rt.spawn(write_loop(peer, urls, hello, rx, inbound));
+    }
+
+    /// Since when `peer` has had a link open to this member (etcd's transport ActiveSince,
+    /// for its reconfiguration checks); None if it has none, or sent nothing for
+    /// `ACTIVE_GAP` (every link sends keep-alive frames, so a live peer always does).
+    pub fn active_since(&self, peer: u64) -> Option<std::time::Instant> {
+        let heard = self.heard.lock().expect("peer activity");
+        let h = heard.get(&peer)?;
+        (h.open > 0 && h.last.elapsed() <= ACTIVE_GAP).then_some(h.since)
+    }
+
+    /// A link from `peer` opened (`open`) or closed.
+    fn link_from(&self, peer: u64, open: bool) {
+        let now = std::time::Instant::now();
+        let mut heard = self.heard.lock().expect("peer activity");
+        let h = heard.entry(peer).or_insert(Heard {
+            since: now,
+            last: now,
+            open: 0,
+        });
+        if open {
+            if h.open == 0 {
+                h.since = now;
+            }
+            h.open += 1;
+            h.last = now;
+        } else {
+            h.open = h.open.saturating_sub(1);
+        }
+    }
+
+    /// Notes frames from `peer` now.
+    fn heard_from(&self, peer: u64) {
+        if let Some(h) = self.heard.lock().expect("peer activity").get_mut(&peer) {
+            h.last = std::time::Instant::now();
+        }
     }
 
     /// Stops the link to `peer` (its writer ends once its queue is dropped).
@@ -276,10 +329,21 @@ impl Peers {
         if kind == KIND_STREAM {
             return self.read_stream(s, from).await;
         }
+        self.link_from(from, true);
+        self.read_frames(s, from).await;
+        self.link_from(from, false);
+    }
+
+    async fn read_frames(&self, mut s: TcpStream, from: u64) {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         loop {
+            if !buf.is_empty() {
+                self.heard_from(from);
+            }
             while let Some(frame) = take_frame(&mut buf) {
                 match frame {
+                    // An empty frame only says the link is alive.
+                    Ok(f) if f.is_empty() => {}
                     Ok(f) => self.inbound.frame(from, f),
                     Err(len) => {
                         tracing::warn!(
@@ -430,11 +494,14 @@ async fn write_loop(
         was_up = true;
         backoff = BACKOFF_MIN;
         loop {
-            let Some(first) = rx.recv().await else {
-                return;
-            };
             out.clear();
-            push_frame(&mut out, &first);
+            // An idle link still sends an empty frame now and then, so the peer knows it is
+            // alive whatever raft has to say (etcd's links stay active the same way).
+            match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
+                Ok(Some(first)) => push_frame(&mut out, &first),
+                Ok(None) => return,
+                Err(_) => push_frame(&mut out, &[]),
+            }
             while out.len() < 4 << 20 {
                 match rx.try_recv() {
                     Ok(f) => push_frame(&mut out, &f),

@@ -70,6 +70,9 @@ pub struct NodeBackend {
     pub store: StoreHandle,
 }
 
+/// How long a peer must have been connected to count as active (etcd's HealthInterval).
+const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl NodeBackend {
     /// Waits until this member has applied everything committed now (a ReadIndex round,
     /// shared with every read waiting at the same moment): what it then reads is
@@ -140,6 +143,51 @@ impl NodeBackend {
             .collect();
         let started = left.iter().filter(|m| !m.name.is_empty()).count();
         started > left.len() / 2
+    }
+
+    /// etcd's second check before removing a voter (mayRemoveMember): a member not heard
+    /// from may always go; otherwise the voters heard from continuously for at least
+    /// `HEALTH_INTERVAL` (this one included) must stay a quorum without the one removed.
+    fn removal_keeps_active_quorum(&self, id: u64) -> bool {
+        let Some(peers) = self.forwarder.peers.get() else {
+            return true; // a lone member: no peers to count
+        };
+        if id != self.member_id && peers.active_since(id).is_none() {
+            return true;
+        }
+        let members = self.membership.get();
+        let voters: Vec<u64> = members
+            .iter()
+            .filter(|m| !m.is_learner)
+            .map(|m| m.id)
+            .collect();
+        let since = std::time::Instant::now().checked_sub(HEALTH_INTERVAL);
+        let active = voters
+            .iter()
+            .filter(|&&v| {
+                v == self.member_id
+                    || matches!((peers.active_since(v), since), (Some(t), Some(s)) if t <= s)
+            })
+            .count();
+        let ok = active > voters.len().saturating_sub(1) / 2 + 1;
+        if !ok {
+            let heard: Vec<String> = voters
+                .iter()
+                .map(|v| match peers.active_since(*v) {
+                    Some(t) => format!("{v:x}: {} ms", t.elapsed().as_millis()),
+                    None => format!("{v:x}: -"),
+                })
+                .collect();
+            tracing::warn!(
+                member_id = format!("{id:x}"),
+                active,
+                voters = voters.len(),
+                heard = ?heard,
+                "rejecting member remove request; local member has not been connected to all \
+                 peers, reconfigure breaks active quorum"
+            );
+        }
+        ok
     }
 
     /// The leader to forward a lease call to, if it is another member.
@@ -435,6 +483,9 @@ impl Backend for NodeBackend {
             None => Err(ApiError::MemberNotFound),
             Some(m) if !m.is_learner && !self.ready_to_remove_voter(id) => {
                 Err(ApiError::MemberNotEnoughStarted)
+            }
+            Some(m) if !m.is_learner && !self.removal_keeps_active_quorum(id) => {
+                Err(ApiError::Unhealthy)
             }
             Some(_) => Ok(()),
         };

@@ -738,6 +738,7 @@ fn added_id(out: &str) -> u64 {
 #[test]
 fn a_learner_joins_catches_up_is_promoted_and_a_member_is_removed() {
     let _s = serial();
+    let started = Instant::now();
     let mut c = Cluster::start(
         3,
         &[
@@ -860,14 +861,16 @@ fn a_learner_joins_catches_up_is_promoted_and_a_member_is_removed() {
     assert!(!c.status(n).unwrap().is_learner);
     write_anywhere_read_everywhere(&c, "four");
 
-    // A member removed stops by itself; the others go on.
+    // A member removed stops by itself; the others go on. As etcd, the leader first wants
+    // its peers connected for 5 s (its health interval), so a young cluster waits.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(started.elapsed()));
     let gone = (leader + 2) % 3;
     let gone_id = c.member_id(gone);
     let (ok, _, err) = etcdctl(
         &endpoints(&c, &[leader]),
         &["member", "remove", &format!("{gone_id:x}")],
     );
-    assert!(ok, "{err}");
+    assert!(ok, "{err}\n{}", c.logs());
     let exited = c.wait_exit(gone, Duration::from_secs(10));
     assert!(exited.is_some(), "the removed member kept running");
     assert!(c.members[gone]
@@ -1181,4 +1184,31 @@ fn a_new_leader_resumes_checkpointed_leases_where_they_were() {
             );
         }
     }
+}
+
+/// etcd's reconfiguration check on removal: with one member down, removing a healthy voter
+/// would leave no quorum of connected members, so it is refused ("etcdserver: unhealthy
+/// cluster"); the member that is down may go.
+#[test]
+fn removing_a_healthy_voter_while_another_is_down_is_refused() {
+    let _s = serial();
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let (healthy, down) = ((leader + 1) % 3, (leader + 2) % 3);
+    let (healthy_id, down_id) = (c.member_id(healthy), c.member_id(down));
+    // Peers count as active once connected for etcd's health interval (5 s).
+    std::thread::sleep(Duration::from_secs(6));
+    c.kill9(down);
+    // The leader stops hearing from it within a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let ep = endpoints(&c, &[leader]);
+    let (ok, _, err) = etcdctl(&ep, &["member", "remove", &format!("{healthy_id:x}")]);
+    assert!(
+        !ok && err.contains("etcdserver: unhealthy cluster"),
+        "{err}\n{}",
+        c.logs()
+    );
+    let (ok, out, err) = etcdctl(&ep, &["member", "remove", &format!("{down_id:x}")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("removed from cluster"), "{out}");
 }
