@@ -124,6 +124,11 @@ impl NodeBackend {
         }
     }
 
+    /// etcd's --strict-reconfig-check (default on): the checks below guard membership changes.
+    fn strict(&self) -> bool {
+        self.cfg.strict_reconfig_check
+    }
+
     /// etcd's strict reconfiguration check: a voter may join only if the members that have
     /// started (published themselves) would still be a quorum.
     fn ready_to_add_voter(&self) -> bool {
@@ -433,7 +438,7 @@ impl Backend for NodeBackend {
             if bad_peer_urls(&peer_urls) {
                 return Err(ApiError::MemberBadUrls);
             }
-            if !is_learner && !self.ready_to_add_voter() {
+            if self.strict() && !is_learner && !self.ready_to_add_voter() {
                 return Err(ApiError::MemberNotEnoughStarted);
             }
             let now = std::time::SystemTime::now()
@@ -481,10 +486,10 @@ impl Backend for NodeBackend {
         let members = self.membership.get();
         let checked = match members.iter().find(|m| m.id == id) {
             None => Err(ApiError::MemberNotFound),
-            Some(m) if !m.is_learner && !self.ready_to_remove_voter(id) => {
+            Some(m) if self.strict() && !m.is_learner && !self.ready_to_remove_voter(id) => {
                 Err(ApiError::MemberNotEnoughStarted)
             }
-            Some(m) if !m.is_learner && !self.removal_keeps_active_quorum(id) => {
+            Some(m) if self.strict() && !m.is_learner && !self.removal_keeps_active_quorum(id) => {
                 Err(ApiError::Unhealthy)
             }
             Some(_) => Ok(()),

@@ -152,8 +152,15 @@ pub struct Flags {
     pub experimental_watch_progress_notify_interval: Option<String>,
     /// Enable leader to send regular checkpoints to other members to prevent reset of
     /// remaining TTL on leader change.
-    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT")]
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT",
+          num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          action = clap::ArgAction::Set)]
     pub experimental_enable_lease_checkpoint: bool,
+    /// Reject reconfiguration requests that would cause quorum loss.
+    #[arg(long, env = "ETCD_STRICT_RECONFIG_CHECK",
+          num_args = 0..=1, default_value = "true", default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    pub strict_reconfig_check: bool,
     /// Duration of periodic lease checkpoints (a Go duration, default 5m).
     #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL")]
     pub experimental_lease_checkpoint_interval: Option<String>,
@@ -188,6 +195,8 @@ pub struct Config {
     pub auto_promote_learners: bool,
     /// etcd's lease checkpoint interval, when checkpoints are on.
     pub lease_checkpoint: Option<std::time::Duration>,
+    /// etcd's --strict-reconfig-check: refuse membership changes that risk the quorum.
+    pub strict_reconfig_check: bool,
     pub wal_segment_bytes: u64,
     pub auto_compaction: Option<crate::autocompact::Mode>,
     pub backend_batch_interval: std::time::Duration,
@@ -223,6 +232,7 @@ const YAML_KEYS: &[&str] = &[
     "experimental-watch-progress-notify-interval",
     "experimental-enable-lease-checkpoint",
     "experimental-lease-checkpoint-interval",
+    "strict-reconfig-check",
     "auto-compaction-mode",
     "auto-compaction-retention",
     "snapshot-catchup-entries",
@@ -252,7 +262,6 @@ const YAML_KEYS_ACCEPTED: &[&str] = &[
     "discovery-fallback",
     "discovery-proxy",
     "discovery-srv",
-    "strict-reconfig-check",
     "enable-v2",
     "enable-pprof",
     "proxy",
@@ -312,11 +321,16 @@ impl Flags {
                 "experimental-lease-checkpoint-interval" => {
                     f.experimental_lease_checkpoint_interval = text
                 }
-                "experimental-enable-lease-checkpoint" => {
-                    f.experimental_enable_lease_checkpoint = match text.as_deref() {
+                "experimental-enable-lease-checkpoint" | "strict-reconfig-check" => {
+                    let on = match text.as_deref() {
                         Some("true") => true,
                         Some("false") | None => false,
                         Some(_) => return Err(bad("expected true or false")),
+                    };
+                    if key == "strict-reconfig-check" {
+                        f.strict_reconfig_check = on;
+                    } else {
+                        f.experimental_enable_lease_checkpoint = on;
                     }
                 }
                 "backend-batch-limit" => {
@@ -548,6 +562,7 @@ impl Config {
             log_level: f.log_level,
             cores: cores.max(1),
             auto_promote_learners: f.auto_promote_learners,
+            strict_reconfig_check: f.strict_reconfig_check,
             lease_checkpoint: match (
                 f.experimental_enable_lease_checkpoint,
                 &f.experimental_lease_checkpoint_interval,
@@ -615,6 +630,26 @@ mod tests {
         let mut v = vec!["keel".to_string()];
         v.extend(args.iter().map(|s| s.to_string()));
         Config::load(v).map(|c| c.expect("not --version"))
+    }
+
+    #[test]
+    fn go_style_boolean_flags_take_a_value_or_none() {
+        let c = load(&[]).unwrap();
+        assert!(c.strict_reconfig_check && c.lease_checkpoint.is_none());
+        let c = load(&["--strict-reconfig-check=false"]).unwrap();
+        assert!(!c.strict_reconfig_check);
+        let c = load(&["--experimental-enable-lease-checkpoint=true"]).unwrap();
+        assert_eq!(
+            c.lease_checkpoint,
+            Some(std::time::Duration::from_secs(300))
+        );
+        let c = load(&[
+            "--experimental-enable-lease-checkpoint",
+            "--experimental-lease-checkpoint-interval",
+            "2s",
+        ])
+        .unwrap();
+        assert_eq!(c.lease_checkpoint, Some(std::time::Duration::from_secs(2)));
     }
 
     #[test]
