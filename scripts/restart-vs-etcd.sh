@@ -10,15 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-1000000}"
 WORK="${WORK_DIR:-/tmp/keel-restart}"
-scripts/setup.sh
-if [ -z "${KEEL_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
-  cargo build --release -q --bin keel --bin keel-bench
-fi
-KEEL="${KEEL_BIN:-target/release/keel}"
-BENCH="${BENCH_BIN:-target/release/keel-bench}"
+. scripts/common.sh
+keel_bins
 PORT=23895
 mkdir -p "$WORK"
-export ETCDCTL_API=3
 
 start() { # which
   if [ "$1" = etcd ]; then
@@ -43,7 +38,6 @@ first_answer() { # seconds from now until a get succeeds (at most 120 s)
   t1=$(date +%s.%N)
   echo "$t1 - $t0" | bc
 }
-rss_mib() { awk '/VmRSS/{printf "%d", $2/1024}' "/proc/$1/status"; }
 
 echo "| server | keys | load req/s | RSS after load MiB | on disk MiB | restart to first answer s | RSS after restart MiB |"
 echo "|---|---|---|---|---|---|---|"

@@ -12,41 +12,16 @@ cd "$(dirname "$0")/.."
 N="${1:-280000}"
 VAL="${2:-4096}"
 WORK="${WORK_DIR:-/tmp/keel-snapshot}"
-scripts/setup.sh
-if [ -z "${KEEL_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
-  cargo build --release -q --bin keel --bin keel-bench
-fi
-KEEL="${KEEL_BIN:-target/release/keel}"
-BENCH="${BENCH_BIN:-target/release/keel-bench}"
+. scripts/common.sh
+keel_bins
 PORT=23897
 mkdir -p "$WORK"
-export ETCDCTL_API=3
-
-start() { # which
-  if [ "$1" = etcd ]; then
-    etcd --name r --data-dir "$WORK/etcd.data" --quota-backend-bytes 8589934592 \
-      --listen-client-urls "http://127.0.0.1:$PORT" --advertise-client-urls "http://127.0.0.1:$PORT" \
-      --listen-peer-urls "http://127.0.0.1:$((PORT+1))" --initial-advertise-peer-urls "http://127.0.0.1:$((PORT+1))" \
-      --initial-cluster "r=http://127.0.0.1:$((PORT+1))" >> "$WORK/etcd.log" 2>&1 &
-  else
-    "$KEEL" --data-dir "$WORK/keel.data" --quota-backend-bytes 8589934592 \
-      --listen-client-urls "http://127.0.0.1:$PORT" --advertise-client-urls "http://127.0.0.1:$PORT" \
-      >> "$WORK/keel.log" 2>&1 &
-  fi
-  PID=$!
-  for _ in $(seq 1 600); do
-    etcdctl --endpoints "127.0.0.1:$PORT" --dial-timeout 1s get probe >/dev/null 2>&1 && return
-    sleep 0.1
-  done
-  echo "$1 did not start" >&2; exit 1
-}
-rss_mib() { awk '/VmRSS/{printf "%d", $2/1024}' "/proc/$1/status"; }
 
 echo "| server | keys x value | load req/s | save s | RSS before MiB | peak RSS during save MiB | growth MiB | snapshot MiB | etcdctl snapshot status |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for which in etcd keel; do
-  rm -rf "$WORK/$which.data" "$WORK/$which.snap.db"
-  start "$which"
+  rm -f "$WORK/$which.snap.db"
+  start_server "$which" "$WORK/$which.data" "$PORT" --quota-backend-bytes 8589934592
   rps=$($BENCH --endpoints "127.0.0.1:$PORT" --conns 20 --clients 200 --threads 2 put --total "$N" \
     --key-size 32 --val-size "$VAL" --key-space-size "$N" --sequential-keys --json | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["requests_per_sec"]))')
   sleep 3

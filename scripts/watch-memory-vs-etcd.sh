@@ -12,36 +12,10 @@ cd "$(dirname "$0")/.."
 W="${1:-10000}"
 REPS="${2:-3}"
 WORK="${WORK_DIR:-/tmp/keel-watchmem}"
-scripts/setup.sh
-if [ -z "${KEEL_BIN:-}" ] || [ -z "${BENCH_BIN:-}" ]; then
-  cargo build --release -q --bin keel --bin keel-bench
-fi
-KEEL="${KEEL_BIN:-target/release/keel}"
-BENCH="${BENCH_BIN:-target/release/keel-bench}"
+. scripts/common.sh
+keel_bins
 PORT=23899
 mkdir -p "$WORK"
-export ETCDCTL_API=3
-
-start() { # which
-  rm -rf "$WORK/$1.data"
-  if [ "$1" = etcd ]; then
-    etcd --name r --data-dir "$WORK/etcd.data" \
-      --listen-client-urls "http://127.0.0.1:$PORT" --advertise-client-urls "http://127.0.0.1:$PORT" \
-      --listen-peer-urls "http://127.0.0.1:$((PORT+1))" --initial-advertise-peer-urls "http://127.0.0.1:$((PORT+1))" \
-      --initial-cluster "r=http://127.0.0.1:$((PORT+1))" >> "$WORK/etcd.log" 2>&1 &
-  else
-    "$KEEL" --data-dir "$WORK/keel.data" \
-      --listen-client-urls "http://127.0.0.1:$PORT" --advertise-client-urls "http://127.0.0.1:$PORT" \
-      >> "$WORK/keel.log" 2>&1 &
-  fi
-  PID=$!
-  for _ in $(seq 1 300); do
-    etcdctl --endpoints "127.0.0.1:$PORT" --dial-timeout 1s get probe >/dev/null 2>&1 && return
-    sleep 0.1
-  done
-  echo "$1 did not start" >&2; exit 1
-}
-rss_kib() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 
 per_stream=$((W / 10))
 declare -A results
@@ -49,7 +23,7 @@ echo "| server | run | RSS before MiB | RSS watching MiB | bytes per watcher |"
 echo "|---|---|---|---|---|"
 for rep in $(seq 1 "$REPS"); do
   for which in etcd keel; do
-    start "$which"
+    start_server "$which" "$WORK/$which.data" "$PORT"
     sleep 2
     before=$(rss_kib "$PID")
     "$BENCH" --endpoints "127.0.0.1:$PORT" --conns 10 watch --streams 10 \

@@ -132,21 +132,32 @@ fn check_compacted(ep: &str, compacted: i64) {
     assert!(etcdctl(ep, &["get", "a", "--rev", &compacted.to_string()], None).0);
 }
 
-fn restore_into_etcd(file: &Path, dir: &Path) {
+/// `etcdctl snapshot restore FILE` into `data_dir` as member `name` (peer URL `peer`) of a
+/// new cluster of one with `token`; etcdctl's log (stderr).
+fn etcdctl_restore(file: &Path, data_dir: &Path, name: &str, peer: &str, token: &str) -> String {
     let (success, _, err) = etcdctl_offline(&[
         "snapshot",
         "restore",
         file.to_str().unwrap(),
         "--name",
-        "ref",
+        name,
         "--initial-cluster",
-        "ref=http://127.0.0.1:1",
+        &format!("{name}={peer}"),
         "--initial-advertise-peer-urls",
-        "http://127.0.0.1:1",
+        peer,
+        "--initial-cluster-token",
+        token,
         "--data-dir",
-        dir.join("ref.etcd").to_str().unwrap(),
+        data_dir.to_str().unwrap(),
     ]);
     assert!(success, "etcdctl snapshot restore: {err}");
+    err
+}
+
+/// Restores `file` into `dir`/ref.etcd, where `LiveEtcd::start(dir)` finds it.
+fn restore_into_etcd(file: &Path, dir: &Path) {
+    let data = dir.join("ref.etcd");
+    etcdctl_restore(file, &data, "ref", "http://127.0.0.1:1", "etcd-cluster");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,22 +390,7 @@ async fn keel_starts_on_a_data_dir_etcdctl_restored() {
     let kdir = dir.path().join("k");
     std::fs::create_dir_all(&kdir).unwrap();
     let data = kdir.join("data.keel");
-    let (success, _, err) = etcdctl_offline(&[
-        "snapshot",
-        "restore",
-        file.to_str().unwrap(),
-        "--name",
-        "node1",
-        "--initial-cluster",
-        "node1=http://127.0.0.1:2380",
-        "--initial-advertise-peer-urls",
-        "http://127.0.0.1:2380",
-        "--initial-cluster-token",
-        "new-token",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    assert!(success, "{err}");
+    let err = etcdctl_restore(&file, &data, "node1", "http://127.0.0.1:2380", "new-token");
     let added: Value = serde_json::from_str(
         err.lines()
             .find(|l| l.contains(r#""msg":"added member""#))
