@@ -83,6 +83,19 @@ fn keel(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `keel snapshot restore FILE --data-dir DIR [EXTRA...]`; (ok, stdout, stderr).
+fn keel_restore(file: &Path, data_dir: &Path, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "snapshot",
+        "restore",
+        file.to_str().unwrap(),
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    keel(&args)
+}
+
 fn etcdctl_offline(args: &[&str]) -> (bool, String, String) {
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
@@ -224,46 +237,25 @@ async fn etcd_backup(dir: &Path) -> (std::path::PathBuf, Served, String, i64) {
 async fn etcd_snapshot_restores_into_keel() {
     let dir = tempfile::tempdir().unwrap();
     let (file, served, lease, compacted) = etcd_backup(dir.path()).await;
-    let f = file.to_str().unwrap();
 
     // What a damaged file gets: refused by name, nothing left behind.
     let bytes = std::fs::read(&file).unwrap();
     let bad_dir = dir.path().join("bad.keel");
-    let bd = bad_dir.to_str().unwrap();
     let truncated = dir.path().join("truncated.db");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    let (success, _, err) = keel(&[
-        "snapshot",
-        "restore",
-        truncated.to_str().unwrap(),
-        "--data-dir",
-        bd,
-    ]);
+    let (success, _, err) = keel_restore(&truncated, &bad_dir, &[]);
     assert!(!success);
     assert!(
         err.contains("snapshot missing hash but --skip-hash-check=false"),
         "{err}"
     );
-    let (success, _, err) = keel(&[
-        "snapshot",
-        "restore",
-        truncated.to_str().unwrap(),
-        "--data-dir",
-        bd,
-        "--skip-hash-check",
-    ]);
+    let (success, _, err) = keel_restore(&truncated, &bad_dir, &["--skip-hash-check"]);
     assert!(!success && err.contains("truncated"), "{err}");
     let flipped = dir.path().join("flipped.db");
     let mut b = bytes.clone();
     b[3 * 4096 + 100] ^= 0xff;
     std::fs::write(&flipped, &b).unwrap();
-    let (success, _, err) = keel(&[
-        "snapshot",
-        "restore",
-        flipped.to_str().unwrap(),
-        "--data-dir",
-        bd,
-    ]);
+    let (success, _, err) = keel_restore(&flipped, &bad_dir, &[]);
     assert!(
         !success && err.contains("Error: expected sha256 ["),
         "{err}"
@@ -280,22 +272,10 @@ async fn etcd_snapshot_restores_into_keel() {
     let kdir = dir.path().join("k");
     std::fs::create_dir_all(&kdir).unwrap();
     let data = kdir.join("data.keel");
-    let (success, _, err) = keel(&[
-        "snapshot",
-        "restore",
-        f,
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let (success, _, err) = keel_restore(&file, &data, &[]);
     assert!(success, "{err}");
     assert!(err.contains(r#""msg":"restored snapshot""#), "{err}");
-    let (success, _, err) = keel(&[
-        "snapshot",
-        "restore",
-        f,
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let (success, _, err) = keel_restore(&file, &data, &[]);
     assert!(!success);
     assert_eq!(
         err.trim(),
@@ -315,14 +295,7 @@ async fn etcd_snapshot_restores_into_keel() {
     let nohash = dir.path().join("nohash.db");
     std::fs::write(&nohash, &bytes[..bytes.len() - 32]).unwrap();
     let d2 = dir.path().join("k2.keel");
-    let (success, _, err) = keel(&[
-        "snapshot",
-        "restore",
-        nohash.to_str().unwrap(),
-        "--data-dir",
-        d2.to_str().unwrap(),
-        "--skip-hash-check",
-    ]);
+    let (success, _, err) = keel_restore(&nohash, &d2, &["--skip-hash-check"]);
     assert!(success, "{err}");
 }
 
