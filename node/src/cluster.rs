@@ -31,6 +31,44 @@ pub const FRAME_KEEL: u8 = 2;
 /// How long a forwarded lease call waits for the leader's answer.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The members a new cluster starts with, from `--initial-cluster` (every member's name and
+/// peer URLs; client URLs come when each publishes them), and member `name`'s meta. IDs are
+/// etcd's: a member's from its peer URLs and `token`, the cluster's from the members'.
+pub fn bootstrap(
+    initial_cluster: &[(String, Vec<String>)],
+    token: &str,
+    name: &str,
+) -> (Vec<keelpb::Member>, keel_storage::raftlog::MemberMeta) {
+    let members: Vec<keelpb::Member> = initial_cluster
+        .iter()
+        .map(|(name, urls)| keelpb::Member {
+            id: crate::ids::member_id(urls, token),
+            name: name.clone(),
+            // etcd keeps a member's URLs sorted (types.NewURLsMap).
+            peer_urls: {
+                let mut u = urls.clone();
+                u.sort();
+                u
+            },
+            client_urls: Vec::new(),
+            is_learner: false,
+        })
+        .collect();
+    let voters: Vec<u64> = members.iter().map(|m| m.id).collect();
+    let member_id = members
+        .iter()
+        .find(|m| m.name == name)
+        .map(|m| m.id)
+        .expect("the initial cluster was checked to name this member");
+    let meta = keel_storage::raftlog::MemberMeta {
+        member_id,
+        cluster_id: crate::ids::cluster_id(&voters),
+        voters,
+        name: name.to_string(),
+    };
+    (members, meta)
+}
+
 /// The membership as applied, readable from every core.
 pub struct Membership {
     members: ArcSwap<Vec<keelpb::Member>>,
@@ -41,27 +79,6 @@ impl Membership {
         Membership {
             members: ArcSwap::from_pointee(members),
         }
-    }
-
-    /// The members a new cluster starts with, from `--initial-cluster`: every member's name
-    /// and peer URLs; client URLs only for this one (the others publish theirs).
-    pub fn initial(cfg: &crate::config::Config, ids: &[(String, u64)]) -> Vec<keelpb::Member> {
-        cfg.initial_cluster
-            .iter()
-            .zip(ids)
-            .map(|((name, urls), (_, id))| keelpb::Member {
-                id: *id,
-                name: name.clone(),
-                // etcd keeps a member's URLs sorted (types.NewURLsMap).
-                peer_urls: {
-                    let mut u = urls.clone();
-                    u.sort();
-                    u
-                },
-                client_urls: Vec::new(),
-                is_learner: false,
-            })
-            .collect()
     }
 
     pub fn decode(b: &[u8]) -> anyhow::Result<Vec<keelpb::Member>> {

@@ -397,7 +397,7 @@ fn yaml_scalar(v: &serde_yaml::Value) -> Option<String> {
     }
 }
 
-fn split_urls(s: &str) -> Vec<String> {
+pub fn split_urls(s: &str) -> Vec<String> {
     s.split(',')
         .map(|u| u.trim().to_string())
         .filter(|u| !u.is_empty())
@@ -476,30 +476,7 @@ impl Config {
             .initial_cluster
             .clone()
             .unwrap_or_else(|| format!("{}={}", f.name, peer_urls.join(&format!(",{}=", f.name))));
-        let initial_cluster = parse_initial_cluster(&initial_cluster_text)?;
-        if !initial_cluster.iter().any(|(n, _)| n == &f.name) {
-            anyhow::bail!(
-                "couldn't find local name {:?} in the initial cluster configuration",
-                f.name
-            );
-        }
-        // etcd checks that this member's own entry matches what it advertises.
-        let listed: Vec<String> = initial_cluster
-            .iter()
-            .filter(|(n, _)| n == &f.name)
-            .flat_map(|(_, u)| u.iter().cloned())
-            .collect();
-        let (mut a, mut b) = (listed.clone(), peer_urls.clone());
-        a.sort();
-        b.sort();
-        if a != b {
-            anyhow::bail!(
-                "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={}",
-                f.name,
-                listed.join(","),
-                peer_urls.join(",")
-            );
-        }
+        let initial_cluster = initial_cluster(&f.name, &initial_cluster_text, &peer_urls)?;
         let listen_peer = split_urls(&f.listen_peer_urls)
             .iter()
             .map(|u| listen_addr(u))
@@ -605,6 +582,35 @@ impl Config {
             )?,
         })
     }
+}
+
+/// `--initial-cluster` parsed, with etcd's checks that it names this member (`name`) and that
+/// its entry lists exactly the peer URLs the member advertises.
+pub fn initial_cluster(
+    name: &str,
+    text: &str,
+    advertised: &[String],
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let initial_cluster = parse_initial_cluster(text)?;
+    if !initial_cluster.iter().any(|(n, _)| n == name) {
+        anyhow::bail!("couldn't find local name {name:?} in the initial cluster configuration");
+    }
+    let listed: Vec<String> = initial_cluster
+        .iter()
+        .filter(|(n, _)| n == name)
+        .flat_map(|(_, u)| u.iter().cloned())
+        .collect();
+    let (mut a, mut b) = (listed.clone(), advertised.to_vec());
+    a.sort();
+    b.sort();
+    if a != b {
+        anyhow::bail!(
+            "--initial-cluster has {name}={} but missing from --initial-advertise-peer-urls={}",
+            listed.join(","),
+            advertised.join(",")
+        );
+    }
+    Ok(initial_cluster)
 }
 
 /// Parses `name1=url1,name1=url2,name2=url3` into members in order of first appearance.

@@ -173,33 +173,9 @@ fn lock_data_dir(cfg: &Config) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-/// (name, member ID) of every initial member, in `--initial-cluster` order.
-fn initial_ids(cfg: &Config) -> Vec<(String, u64)> {
-    cfg.initial_cluster
-        .iter()
-        .map(|(name, urls)| {
-            (
-                name.clone(),
-                ids::member_id(urls, &cfg.initial_cluster_token),
-            )
-        })
-        .collect()
-}
-
-fn member_meta(cfg: &Config) -> MemberMeta {
-    let ids = initial_ids(cfg);
-    let member_id = ids
-        .iter()
-        .find(|(n, _)| n == &cfg.name)
-        .map(|(_, id)| *id)
-        .expect("config checked the local name is in the initial cluster");
-    let voters: Vec<u64> = ids.iter().map(|(_, id)| *id).collect();
-    MemberMeta {
-        member_id,
-        cluster_id: ids::cluster_id(&voters),
-        voters,
-        name: cfg.name.clone(),
-    }
+/// The initial members and this member's meta, as `--initial-cluster` bootstraps them.
+fn initial_members(cfg: &Config) -> (Vec<keel_proto::keelpb::Member>, MemberMeta) {
+    cluster::bootstrap(&cfg.initial_cluster, &cfg.initial_cluster_token, &cfg.name)
 }
 
 fn run(cfg: Config) -> anyhow::Result<()> {
@@ -263,7 +239,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         let (meta, members) = join_meta(&cfg)?;
         (meta, Some(members))
     } else {
-        (member_meta(&cfg), None)
+        (initial_members(&cfg).1, None)
     };
     let (mut log, fresh) =
         RaftLog::open(&cfg.wal_dir, wal_opts, bootstrap, store.applied()).context("open wal")?;
@@ -340,7 +316,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             m
         }
         (None, None) => {
-            let mut m = cluster::Membership::initial(&cfg, &initial_ids(&cfg));
+            let mut m = initial_members(&cfg).0;
             if let [only] = m.as_mut_slice() {
                 // A lone member need not wait for its own publication to list its URLs.
                 only.client_urls = cfg.advertise_client_urls.clone();

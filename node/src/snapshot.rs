@@ -20,8 +20,6 @@ use keel_storage::raftlog::{MemberMeta, RaftLog};
 use keel_storage::wal::WalOptions;
 use sha2::{Digest, Sha256};
 
-use crate::ids;
-
 /// etcd streams a snapshot in pieces of this size.
 pub const SEND_CHUNK_BYTES: usize = 32 * 1024;
 const SHA_BYTES: usize = 32;
@@ -350,56 +348,10 @@ impl Target {
 
     /// The new cluster's members and this member's meta, from the flags (etcd's checks).
     fn cluster(&self) -> anyhow::Result<(Vec<keelpb::Member>, MemberMeta)> {
-        let parsed = crate::config::parse_initial_cluster(&self.initial_cluster)?;
-        let mut advertised: Vec<String> = self
-            .advertise_peer_urls
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        advertised.sort();
-        let Some((_, mine)) = parsed.iter().find(|(n, _)| *n == self.name) else {
-            anyhow::bail!(
-                "couldn't find local name {:?} in the initial cluster configuration",
-                self.name
-            );
-        };
-        let mut mine = mine.clone();
-        mine.sort();
-        if mine != advertised {
-            anyhow::bail!(
-                "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={}",
-                self.name,
-                mine.join(","),
-                advertised.join(",")
-            );
-        }
-        let members: Vec<keelpb::Member> = parsed
-            .iter()
-            .map(|(name, urls)| {
-                let mut peer_urls = urls.clone();
-                peer_urls.sort();
-                keelpb::Member {
-                    id: ids::member_id(urls, &self.token),
-                    name: name.clone(),
-                    peer_urls,
-                    client_urls: Vec::new(),
-                    is_learner: false,
-                }
-            })
-            .collect();
-        let voters: Vec<u64> = members.iter().map(|m| m.id).collect();
-        let me = members
-            .iter()
-            .find(|m| m.name == self.name)
-            .expect("found above");
-        let meta = MemberMeta {
-            member_id: me.id,
-            cluster_id: ids::cluster_id(&voters),
-            voters,
-            name: self.name.clone(),
-        };
-        Ok((members, meta))
+        let advertised = crate::config::split_urls(&self.advertise_peer_urls);
+        let initial =
+            crate::config::initial_cluster(&self.name, &self.initial_cluster, &advertised)?;
+        Ok(crate::cluster::bootstrap(&initial, &self.token, &self.name))
     }
 
     /// etcd's refusal to restore over anything.
