@@ -587,7 +587,7 @@ impl Backend for NodeBackend {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let store = self.store.clone();
         let applied = self.status.applied_index.load(Ordering::Acquire);
-        let members = crate::snapshot::member_entries(&self.membership.get());
+        let members = self.membership.get();
         let header = self.header(0);
         let spawned = std::thread::Builder::new()
             .name("keel-snapshot".into())

@@ -26,7 +26,7 @@ use anyhow::Context;
 use keel_proto::keelpb::{self, InternalRequest};
 use keel_proto::prost::Message as _;
 use keel_storage::bolt::BoltFile;
-use keel_storage::etcdfmt;
+use keel_storage::etcdfmt::{self, member_from_json};
 use keel_storage::store::{Store, StoreOptions};
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, EntryType, HardState};
@@ -264,30 +264,6 @@ fn consistent_index(f: &BoltFile<'_>) -> anyhow::Result<u64> {
         Ok(true)
     })?;
     Ok(index)
-}
-
-/// A member as etcd's membership JSON has it.
-fn member_from_json(v: &[u8]) -> Option<keelpb::Member> {
-    let j: serde_json::Value = serde_json::from_slice(v).ok()?;
-    let list = |k: &str| -> Vec<String> {
-        let mut v: Vec<String> = j[k]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|u| u.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    };
-    Some(keelpb::Member {
-        id: j["id"].as_u64()?,
-        name: j["name"].as_str().unwrap_or_default().to_string(),
-        peer_urls: list("peerURLs"),
-        client_urls: list("clientURLs"),
-        is_learner: j["isLearner"].as_bool().unwrap_or(false),
-    })
 }
 
 /// The membership an etcd data dir records. A WAL that still starts at index 1 holds every

@@ -15,7 +15,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keel_proto::keelpb;
 use keel_storage::bolt::{self, BoltFile};
-use keel_storage::etcdfmt::{self, MemberEntry};
+use keel_storage::etcdfmt;
 use keel_storage::raftlog::{MemberMeta, RaftLog};
 use keel_storage::wal::WalOptions;
 use sha2::{Digest, Sha256};
@@ -490,20 +490,6 @@ fn restore(f: RestoreFlags) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The members as etcd stores them.
-pub fn member_entries(members: &[keelpb::Member]) -> Vec<MemberEntry> {
-    members
-        .iter()
-        .map(|m| MemberEntry {
-            id: m.id,
-            name: m.name.clone(),
-            peer_urls: m.peer_urls.clone(),
-            client_urls: m.client_urls.clone(),
-            is_learner: m.is_learner,
-        })
-        .collect()
-}
-
 /// Writes a snapshot file (database + sha256) of a stopped member's data dir.
 fn export_offline(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
     let db_path = data_dir.join("member").join("snap").join("keel.db");
@@ -528,7 +514,7 @@ fn export_offline(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
     let store = keel_storage::store::Store::open(&db_path, Default::default())
         .with_context(|| format!("open backend {}", db_path.display()))?;
     let members = match store.members() {
-        Some(b) => member_entries(&crate::cluster::Membership::decode(b)?),
+        Some(b) => crate::cluster::Membership::decode(b)?,
         None => Vec::new(),
     };
     let snap = store
@@ -567,7 +553,7 @@ fn export_offline(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
 pub fn serve(
     store: keel_storage::store::StoreHandle,
     applied: u64,
-    members: Vec<MemberEntry>,
+    members: std::sync::Arc<Vec<keelpb::Member>>,
     header: keel_proto::pb::ResponseHeader,
     tx: tokio::sync::mpsc::Sender<Result<keel_proto::pb::SnapshotResponse, keel_net::ApiError>>,
 ) {
@@ -577,16 +563,18 @@ pub fn serve(
         let layout = etcdfmt::plan_export(&snap, &members).map_err(|e| internal(e.to_string()))?;
         let total = layout.size();
         tracing::info!(size = total, "sending database snapshot to client");
-        let sender = ChunkSender {
+        let sender = HashingWriter::new(ChunkSender {
             tx: tx.clone(),
             buf: Vec::with_capacity(SEND_CHUNK_BYTES),
             total,
             sent: 0,
             header: Some(header),
-            sha: Sha256::new(),
-        };
+        });
         match etcdfmt::write_export(&snap, &members, layout, sender) {
-            Ok(sender) => sender.finish(),
+            Ok(sender) => {
+                let (sender, sha) = sender.finish();
+                sender.finish(sha)
+            }
             // The client went away: nothing to tell it.
             Err(bolt::BoltError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
             Err(e) => Err(internal(e.to_string())),
@@ -597,14 +585,14 @@ pub fn serve(
     }
 }
 
-/// Cuts what it is given into snapshot responses.
+/// Cuts what it is given into snapshot responses (the sha256 is kept by the `HashingWriter`
+/// around it).
 struct ChunkSender {
     tx: tokio::sync::mpsc::Sender<Result<keel_proto::pb::SnapshotResponse, keel_net::ApiError>>,
     buf: Vec<u8>,
     total: u64,
     sent: u64,
     header: Option<keel_proto::pb::ResponseHeader>,
-    sha: Sha256,
 }
 
 impl ChunkSender {
@@ -622,19 +610,17 @@ impl ChunkSender {
 
     fn piece(&mut self) -> std::io::Result<()> {
         let blob = std::mem::replace(&mut self.buf, Vec::with_capacity(SEND_CHUNK_BYTES));
-        self.sha.update(&blob);
         self.sent += blob.len() as u64;
         self.send(blob, self.total - self.sent)
     }
 
-    /// The last piece, then the sha256.
-    fn finish(mut self) -> Result<(), keel_net::ApiError> {
+    /// The last piece, then the sha256 of everything sent.
+    fn finish(mut self, sha: [u8; 32]) -> Result<(), keel_net::ApiError> {
         let gone = |_| keel_net::ApiError::Internal("client gone".into());
         if !self.buf.is_empty() {
             self.piece().map_err(gone)?;
         }
-        let sha = std::mem::take(&mut self.sha).finalize().to_vec();
-        self.send(sha, 0).map_err(gone)
+        self.send(sha.to_vec(), 0).map_err(gone)
     }
 }
 

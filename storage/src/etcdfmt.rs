@@ -28,7 +28,7 @@ use std::io::Write;
 use std::path::Path;
 
 use keel_proto::prost::Message;
-use keel_proto::{mvccpb, pb};
+use keel_proto::{keelpb, mvccpb, pb};
 
 use crate::backend::file::PageFile;
 use crate::backend::page::KEY_BYTES_MAX;
@@ -94,41 +94,56 @@ fn parse_rev_key(k: &[u8]) -> Option<(i64, i64, bool)> {
     ))
 }
 
-/// A member as etcd stores it in "members".
-pub struct MemberEntry {
-    pub id: u64,
-    pub name: String,
-    pub peer_urls: Vec<String>,
-    pub client_urls: Vec<String>,
-    pub is_learner: bool,
+/// A member as etcd stores it in "members": membership.Member as JSON (Go's field order and
+/// omitempty rules).
+pub fn member_json(m: &keelpb::Member) -> String {
+    let list = |v: &[String]| serde_json::to_string(v).expect("strings");
+    let mut s = format!(r#"{{"id":{},"peerURLs":{}"#, m.id, list(&m.peer_urls));
+    if m.is_learner {
+        s.push_str(r#","isLearner":true"#);
+    }
+    if !m.name.is_empty() {
+        s.push_str(&format!(
+            r#","name":{}"#,
+            serde_json::to_string(&m.name).expect("a string")
+        ));
+    }
+    if !m.client_urls.is_empty() {
+        s.push_str(&format!(r#","clientURLs":{}"#, list(&m.client_urls)));
+    }
+    s.push('}');
+    s
 }
 
-impl MemberEntry {
-    /// etcd's membership.Member as JSON (Go's field order and omitempty rules).
-    fn json(&self) -> String {
-        let list = |v: &[String]| serde_json::to_string(v).expect("strings");
-        let mut s = format!(r#"{{"id":{},"peerURLs":{}"#, self.id, list(&self.peer_urls));
-        if self.is_learner {
-            s.push_str(r#","isLearner":true"#);
-        }
-        if !self.name.is_empty() {
-            s.push_str(&format!(
-                r#","name":{}"#,
-                serde_json::to_string(&self.name).expect("a string")
-            ));
-        }
-        if !self.client_urls.is_empty() {
-            s.push_str(&format!(r#","clientURLs":{}"#, list(&self.client_urls)));
-        }
-        s.push('}');
-        s
-    }
+/// A member from etcd's JSON (as in "members", or a membership change's context); its URLs
+/// sorted, as etcd keeps them.
+pub fn member_from_json(v: &[u8]) -> Option<keelpb::Member> {
+    let j: serde_json::Value = serde_json::from_slice(v).ok()?;
+    let list = |k: &str| -> Vec<String> {
+        let mut v: Vec<String> = j[k]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    Some(keelpb::Member {
+        id: j["id"].as_u64()?,
+        name: j["name"].as_str().unwrap_or_default().to_string(),
+        peer_urls: list("peerURLs"),
+        client_urls: list("clientURLs"),
+        is_learner: j["isLearner"].as_bool().unwrap_or(false),
+    })
 }
 
 /// Plans an export of `snap` (the planning pass); its size is `layout.size()`.
 pub fn plan_export<F: PageFile>(
     snap: &Snapshot<F>,
-    members: &[MemberEntry],
+    members: &[keelpb::Member],
 ) -> Result<Layout, BoltError> {
     let mut w = Writer::plan();
     feed(snap, members, &mut w)?;
@@ -138,7 +153,7 @@ pub fn plan_export<F: PageFile>(
 /// Writes the export planned as `layout` to `out` (exactly `layout.size()` bytes).
 pub fn write_export<F: PageFile, W: Write>(
     snap: &Snapshot<F>,
-    members: &[MemberEntry],
+    members: &[keelpb::Member],
     layout: Layout,
     out: W,
 ) -> Result<W, BoltError> {
@@ -160,7 +175,7 @@ fn meta_i64<F: PageFile>(snap: &Snapshot<F>, key: &[u8], default: i64) -> Result
 /// Gives the writer every bucket of the export, in name order.
 fn feed<F: PageFile, W: Write>(
     snap: &Snapshot<F>,
-    members: &[MemberEntry],
+    members: &[keelpb::Member],
     w: &mut Writer<W>,
 ) -> Result<(), BoltError> {
     w.begin_bucket(b"alarm")?;
@@ -252,7 +267,7 @@ fn feed<F: PageFile, W: Write>(
     w.begin_bucket(b"members")?;
     let mut entries: Vec<(String, String)> = members
         .iter()
-        .map(|m| (format!("{:x}", m.id), m.json()))
+        .map(|m| (format!("{:x}", m.id), member_json(m)))
         .collect();
     entries.sort();
     for (k, v) in entries {
@@ -494,8 +509,8 @@ mod tests {
     use crate::store::{Store, StoreOptions};
     use bytes::Bytes;
 
-    fn members() -> Vec<MemberEntry> {
-        vec![MemberEntry {
+    fn members() -> Vec<keelpb::Member> {
+        vec![keelpb::Member {
             id: 0x3e3d1def8903a6d0,
             name: "s1".into(),
             peer_urls: vec!["http://127.0.0.1:23800".into()],
@@ -506,21 +521,23 @@ mod tests {
 
     #[test]
     fn member_json_is_etcds() {
+        let json = r#"{"id":4484773718563989200,"peerURLs":["http://127.0.0.1:23800"],"name":"s1","clientURLs":["http://127.0.0.1:23790"]}"#;
+        assert_eq!(member_json(&members()[0]), json);
         assert_eq!(
-            members()[0].json(),
-            r#"{"id":4484773718563989200,"peerURLs":["http://127.0.0.1:23800"],"name":"s1","clientURLs":["http://127.0.0.1:23790"]}"#
+            member_from_json(json.as_bytes()),
+            Some(members()[0].clone())
         );
-        let learner = MemberEntry {
+        let learner = keelpb::Member {
             id: 1,
             name: String::new(),
             peer_urls: vec!["http://a:1".into()],
             client_urls: vec![],
             is_learner: true,
         };
-        assert_eq!(
-            learner.json(),
-            r#"{"id":1,"peerURLs":["http://a:1"],"isLearner":true}"#
-        );
+        let json = r#"{"id":1,"peerURLs":["http://a:1"],"isLearner":true}"#;
+        assert_eq!(member_json(&learner), json);
+        assert_eq!(member_from_json(json.as_bytes()), Some(learner));
+        assert_eq!(member_from_json(b"{}"), None, "no id");
     }
 
     /// A store with history, a tombstone, a compaction, a lease and an alarm; exported, then
