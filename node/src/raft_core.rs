@@ -492,14 +492,9 @@ impl RaftCore {
             return;
         }
         for id in self.leases.shared.take_expired() {
-            let req = InternalRequest {
+            self.propose_own(InternalRequest {
                 lease_revoke: Some(keel_proto::pb::LeaseRevokeRequest { id }),
                 ..Default::default()
-            };
-            let (tx, _) = oneshot::channel();
-            self.propose(Proposal {
-                data: req.encode_to_vec(),
-                tx,
             });
         }
     }
@@ -525,6 +520,11 @@ impl RaftCore {
             }),
             ..Default::default()
         };
+        self.propose_own(req);
+    }
+
+    /// Proposes a request of the leader's own (no client waits for its answer).
+    fn propose_own(&mut self, req: InternalRequest) {
         let (tx, _) = oneshot::channel();
         self.propose(Proposal {
             data: req.encode_to_vec(),

@@ -36,9 +36,9 @@ use crate::backend::Snapshot;
 use crate::bolt::{bad, BoltError, BoltFile, Layout, Writer};
 use crate::mvcc::{decode_record, encode_record, record_key};
 use crate::store::{
-    decode_alarms, encode_alarms, lease_key, Alarm, LeaseRecord, LEASE_PREFIX, META_ALARMS,
-    META_COMPACT_REV, META_CONSISTENT_INDEX, META_CURRENT_REV, META_FINISHED_COMPACT_REV,
-    META_MEMBERS, META_TERM,
+    decode_alarms, encode_alarms, lease_key, meta_i64, Alarm, LeaseRecord, LEASE_PREFIX,
+    META_ALARMS, META_COMPACT_REV, META_CONSISTENT_INDEX, META_CURRENT_REV,
+    META_FINISHED_COMPACT_REV, META_MEMBERS, META_TERM,
 };
 use crate::transfer::Filler;
 
@@ -160,16 +160,6 @@ pub fn write_export<F: PageFile, W: Write>(
     let mut w = Writer::write(out, layout)?;
     feed(snap, members, &mut w)?;
     Ok(w.finish()?.1.expect("the writing pass has an output"))
-}
-
-fn meta_i64<F: PageFile>(snap: &Snapshot<F>, key: &[u8], default: i64) -> Result<i64, BoltError> {
-    match snap.get(key)? {
-        Some(v) => match v.try_into() {
-            Ok(b) => Ok(i64::from_le_bytes(b)),
-            Err(_) => bad(format!("bad {}", String::from_utf8_lossy(key))),
-        },
-        None => Ok(default),
-    }
 }
 
 /// Gives the writer every bucket of the export, in name order.

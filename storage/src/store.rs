@@ -217,25 +217,16 @@ impl Store {
         let _ = std::fs::remove_file(path.with_extension("db.defrag"));
         let db = Backend::open(MmapFile::open(path)?)?;
         let snap = db.snapshot();
-        let meta_i64 = |k: &[u8], default: i64| -> Result<i64> {
-            match snap.get(k)? {
-                Some(v) => v
-                    .try_into()
-                    .map(i64::from_le_bytes)
-                    .map_err(|_| bad_meta(k)),
-                None => Ok(default),
-            }
-        };
         let applied = (
-            meta_i64(META_CONSISTENT_INDEX, 0)? as u64,
-            meta_i64(META_TERM, 0)? as u64,
+            meta_i64(&snap, META_CONSISTENT_INDEX, 0)? as u64,
+            meta_i64(&snap, META_TERM, 0)? as u64,
         );
         let mvcc = Mvcc::with_backend(
             db.reader(),
-            meta_i64(META_CURRENT_REV, 1)?,
-            meta_i64(META_COMPACT_REV, -1)?,
+            meta_i64(&snap, META_CURRENT_REV, 1)?,
+            meta_i64(&snap, META_COMPACT_REV, -1)?,
         );
-        let finished = meta_i64(META_FINISHED_COMPACT_REV, -1)?;
+        let finished = meta_i64(&snap, META_FINISHED_COMPACT_REV, -1)?;
         let alarms = match snap.get(META_ALARMS)? {
             Some(v) => decode_alarms(v).ok_or_else(|| bad_meta(META_ALARMS))?,
             None => Vec::new(),
@@ -870,6 +861,21 @@ pub(crate) fn decode_alarms(v: &[u8]) -> Option<Vec<Alarm>> {
             })
             .collect(),
     )
+}
+
+/// A meta entry (an i64, little-endian) of the state `snap`, else `default`.
+pub(crate) fn meta_i64<F: crate::backend::file::PageFile>(
+    snap: &crate::backend::Snapshot<F>,
+    key: &[u8],
+    default: i64,
+) -> Result<i64> {
+    match snap.get(key)? {
+        Some(v) => v
+            .try_into()
+            .map(i64::from_le_bytes)
+            .map_err(|_| bad_meta(key)),
+        None => Ok(default),
+    }
 }
 
 fn bad_meta(key: &[u8]) -> Error {
