@@ -151,8 +151,8 @@ fn warn_unknown_env() {
 }
 
 /// Holds an exclusive lock on the data dir for the life of the process.
-fn lock_data_dir(cfg: &Config) -> anyhow::Result<std::fs::File> {
-    let member = cfg.data_dir.join("member");
+pub fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let member = data_dir.join("member");
     std::fs::create_dir_all(&member)
         .with_context(|| format!("cannot create data dir {}", member.display()))?;
     let path = member.join("keel.lock");
@@ -162,15 +162,19 @@ fn lock_data_dir(cfg: &Config) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: flock on an fd we own.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
+    if !try_lock(&f) {
         anyhow::bail!(
             "data dir {} is in use by another keel process",
-            cfg.data_dir.display()
+            data_dir.display()
         );
     }
     Ok(f)
+}
+
+/// Takes an exclusive flock on `f` if nobody holds one (released when `f` closes).
+pub fn try_lock(f: &std::fs::File) -> bool {
+    // SAFETY: flock on an fd the caller owns.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// The initial members and this member's meta, as `--initial-cluster` bootstraps them.
@@ -179,7 +183,7 @@ fn initial_members(cfg: &Config) -> (Vec<keel_proto::keelpb::Member>, MemberMeta
 }
 
 fn run(cfg: Config) -> anyhow::Result<()> {
-    let _lock = lock_data_dir(&cfg)?;
+    let _lock = lock_data_dir(&cfg.data_dir)?;
     match cfg.quota_backend_bytes {
         None => tracing::warn!("disabling backend quota"),
         Some(q) if q > config::MAX_RECOMMENDED_QUOTA_BYTES => tracing::warn!(

@@ -115,9 +115,7 @@ pub fn read_wal(dir: &Path, skip_through: u64) -> anyhow::Result<EtcdWal> {
     if let Some(last) = files.last() {
         // etcd holds an exclusive flock on the WAL file it appends to.
         let f = std::fs::File::open(last).with_context(|| format!("open {}", last.display()))?;
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: flock on an fd we own; released when `f` closes below.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !crate::try_lock(&f) {
             anyhow::bail!(
                 "etcd is running on {} (its WAL {} is locked): stop it first",
                 dir.display(),

@@ -498,19 +498,8 @@ fn export_offline(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
     }
     // The member must be stopped, and stay so while this reads its backend: its lock, held
     // until the end.
-    let lock_path = data_dir.join("member").join("keel.lock");
-    let lock =
-        std::fs::File::open(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
-    {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: flock on an fd we own; released when `lock` closes.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            anyhow::bail!(
-                "data dir {} is in use by a running keel: use `etcdctl snapshot save`",
-                data_dir.display()
-            );
-        }
-    }
+    let lock = crate::lock_data_dir(data_dir)
+        .context("a running member is saved with `etcdctl snapshot save`")?;
     let store = keel_storage::store::Store::open(&db_path, Default::default())
         .with_context(|| format!("open backend {}", db_path.display()))?;
     let members = match store.members() {
