@@ -145,6 +145,16 @@ fn check_compacted(ep: &str, compacted: i64) {
     assert!(etcdctl(ep, &["get", "a", "--rev", &compacted.to_string()], None).0);
 }
 
+/// `ep` serves `write_history`'s state as `served` saw it: the same keys, revision and hash,
+/// history below `compacted` compacted, and `lease` with its TTL and its key "c".
+fn check_history(ep: &str, served: &Served, lease: &str, compacted: i64) {
+    served.check(ep);
+    check_compacted(ep, compacted);
+    let ttl = json(ep, &["lease", "timetolive", lease, "--keys"]);
+    assert_eq!(ttl["granted-ttl"].as_i64(), Some(900));
+    assert_eq!(ttl["keys"][0].as_str(), Some("Yw==")); // "c"
+}
+
 /// `etcdctl snapshot restore FILE` into `data_dir` as member `name` (peer URL `peer`) of a
 /// new cluster of one with `token`; etcdctl's log (stderr).
 fn etcdctl_restore(file: &Path, data_dir: &Path, name: &str, peer: &str, token: &str) -> String {
@@ -215,11 +225,7 @@ async fn keel_snapshot_saves_and_restores_into_etcd() {
     restore_into_etcd(&file, dir.path());
     let etcd = LiveEtcd::start(dir.path()).await;
     let eep = etcd.endpoint();
-    served.check(&eep);
-    check_compacted(&eep, compacted);
-    let ttl = json(&eep, &["lease", "timetolive", &lease, "--keys"]);
-    assert_eq!(ttl["granted-ttl"].as_i64(), Some(900));
-    assert_eq!(ttl["keys"][0].as_str(), Some("Yw==")); // "c"
+    check_history(&eep, &served, &lease, compacted);
 }
 
 /// A real etcd with `write_history`, saved with `etcdctl snapshot save` into `dir`, then
@@ -283,11 +289,7 @@ async fn etcd_snapshot_restores_into_keel() {
     );
     let k = Keel::start_async(&kdir, &[]).await;
     let ep = k.endpoint();
-    served.check(&ep);
-    check_compacted(&ep, compacted);
-    let ttl = json(&ep, &["lease", "timetolive", &lease, "--keys"]);
-    assert_eq!(ttl["granted-ttl"].as_i64(), Some(900));
-    assert_eq!(ttl["keys"][0].as_str(), Some("Yw=="));
+    check_history(&ep, &served, &lease, compacted);
     // The restored member is a new cluster of one, and takes writes.
     assert_eq!(ok(&ep, &["put", "after", "restore"]), "OK\n");
     assert_eq!(revision(&ep), served.rev + 1);
@@ -329,10 +331,7 @@ async fn etcd_data_dir_migrates_with_its_wal_tail() {
     );
     let k = Keel::start_async(&kdir, &[]).await;
     let ep = k.endpoint();
-    served.check(&ep);
-    check_compacted(&ep, compacted);
-    let ttl = json(&ep, &["lease", "timetolive", &lease, "--keys"]);
-    assert_eq!(ttl["granted-ttl"].as_i64(), Some(900));
+    check_history(&ep, &served, &lease, compacted);
 
     // The way back: Keel's state exported offline, restored by etcdctl, served by etcd.
     drop(k);
@@ -359,7 +358,7 @@ async fn etcd_data_dir_migrates_with_its_wal_tail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keel_starts_on_a_data_dir_etcdctl_restored() {
     let dir = tempfile::tempdir().unwrap();
-    let (file, served, _, compacted) = etcd_backup(dir.path()).await;
+    let (file, served, lease, compacted) = etcd_backup(dir.path()).await;
     let kdir = dir.path().join("k");
     std::fs::create_dir_all(&kdir).unwrap();
     let data = kdir.join("data.keel");
@@ -372,8 +371,7 @@ async fn keel_starts_on_a_data_dir_etcdctl_restored() {
     .unwrap();
     let k = Keel::start_async(&kdir, &[]).await;
     let ep = k.endpoint();
-    served.check(&ep);
-    check_compacted(&ep, compacted);
+    check_history(&ep, &served, &lease, compacted);
     let status = json(&ep, &["endpoint", "status"]);
     let id = status[0]["Status"]["header"]["member_id"].as_u64().unwrap();
     assert_eq!(format!("{id:x}"), added["added-peer-id"].as_str().unwrap());
