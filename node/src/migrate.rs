@@ -32,7 +32,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{Entry, EntryType, HardState};
 
 use crate::lease::{LeaseBook, Leases};
-use crate::snapshot::{log, sync_dir, Mapped, Target};
+use crate::snapshot::{log, map_file, sync_dir, Target};
 
 const REC_METADATA: i64 = 1;
 const REC_ENTRY: i64 = 2;
@@ -127,8 +127,8 @@ pub fn read_wal(dir: &Path, skip_through: u64) -> anyhow::Result<EtcdWal> {
     let mut crc = 0u32;
     let n = files.len();
     for (i, f) in files.iter().enumerate() {
-        let map = Mapped::open(f)?;
-        read_wal_file(map.bytes(), &mut crc, &mut wal, i + 1 == n, skip_through)
+        let map = map_file(f)?;
+        read_wal_file(&map, &mut crc, &mut wal, i + 1 == n, skip_through)
             .with_context(|| format!("etcd wal {}", f.display()))?;
     }
     Ok(wal)
@@ -425,8 +425,8 @@ pub fn migrate(etcd_dir: &Path, etcd_wal: Option<&Path>, target: Target) -> anyh
     let wal_dir = etcd_wal
         .map(Path::to_path_buf)
         .unwrap_or_else(|| etcd_dir.join("member").join("wal"));
-    let db = Mapped::open(&db_path)?;
-    let bolt = BoltFile::open(db.bytes())
+    let db = map_file(&db_path)?;
+    let bolt = BoltFile::open(&db)
         .map_err(|e| anyhow::anyhow!("etcd backend {}: {e}", db_path.display()))?;
     let from = consistent_index(&bolt)?;
     let wal = read_wal(&wal_dir, from)?;
@@ -487,8 +487,8 @@ pub fn adopt(cfg: &crate::config::Config) -> anyhow::Result<bool> {
     } else {
         cfg.wal_dir.clone()
     };
-    let db = Mapped::open(&etcd_db)?;
-    let bolt = BoltFile::open(db.bytes())
+    let db = map_file(&etcd_db)?;
+    let bolt = BoltFile::open(&db)
         .map_err(|e| anyhow::anyhow!("etcd backend {}: {e}", etcd_db.display()))?;
     let from = consistent_index(&bolt)?;
     let wal = read_wal(&etcd_wal, from)?;

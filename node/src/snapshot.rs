@@ -177,28 +177,9 @@ fn go_io(op: &str, path: &Path, e: std::io::Error) -> anyhow::Error {
     anyhow::anyhow!("{op} {}: {why}", path.display())
 }
 
-/// A file read whole through a map (read-only).
-pub struct Mapped {
-    map: Option<memmap2::Mmap>,
-}
-
-impl Mapped {
-    pub fn open(path: &Path) -> anyhow::Result<Mapped> {
-        let f = std::fs::File::open(path).map_err(|e| go_io("stat", path, e))?;
-        let len = f.metadata()?.len();
-        if len == 0 {
-            return Ok(Mapped { map: None });
-        }
-        // SAFETY: a read-only map of a file nobody should write while we read it; a file
-        // changed underneath reads as damage, caught by the checks.
-        let map =
-            unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("map {}", path.display()))?;
-        Ok(Mapped { map: Some(map) })
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
-    }
+/// A file's bytes through a read-only map, an error as Go prints it.
+pub fn map_file(path: &Path) -> anyhow::Result<keel_storage::mapped::Mapped> {
+    keel_storage::mapped::Mapped::open(path).map_err(|e| go_io("stat", path, e))
 }
 
 /// Go's %v of a byte slice: `[1 2 3]`.
@@ -243,8 +224,8 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 fn status(path: &Path, write_out: &str) -> anyhow::Result<()> {
-    let file = Mapped::open(path)?;
-    let db = BoltFile::open(file.bytes())
+    let file = map_file(path)?;
+    let db = BoltFile::open(&file)
         .and_then(|f| bolt::status(&f))
         .map_err(|e| anyhow::anyhow!("snapshot file integrity check failed: {e}"))?;
     let hash = format!("{:x}", db.hash);
@@ -477,10 +458,10 @@ fn restore(f: RestoreFlags) -> anyhow::Result<()> {
         bump_revision: f.bump_revision.min(i64::MAX as u64 / 2) as i64,
         mark_compacted: f.mark_compacted,
     };
-    let file = Mapped::open(&f.file)?;
+    let file = map_file(&f.file)?;
     // etcd's order: the data dir, then the file.
     target.check_free()?;
-    let db = checked_db(file.bytes(), f.skip_hash_check)?;
+    let db = checked_db(&file, f.skip_hash_check)?;
     let bolt = BoltFile::open(db)
         .map_err(|e| anyhow::anyhow!("invalid snapshot {}: {e}", f.file.display()))?;
     target.create("snapshot", &f.file, |path, members| {

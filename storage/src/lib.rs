@@ -8,6 +8,7 @@ pub mod backend;
 pub mod bolt;
 pub mod error;
 pub mod etcdfmt;
+pub mod mapped;
 pub mod mvcc;
 pub mod raftlog;
 pub mod store;

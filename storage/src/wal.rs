@@ -672,32 +672,10 @@ pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
 }
 
 /// Segment sequence numbers in `dir`, ascending. Leftover `.tmp` files are removed.
-/// A segment's bytes for recovery, through a read-only map: reading a 64 MiB segment into
-/// the heap would leave that much in the allocator after start-up; a map goes with its pages.
-fn read_segment(path: &Path) -> Result<SegmentBytes> {
-    let file = File::open(path).io_ctx("open wal segment", path)?;
-    if file.metadata().io_ctx("stat wal segment", path)?.len() == 0 {
-        return Ok(SegmentBytes::Empty);
-    }
-    // SAFETY: read-only map of a segment nothing writes while recovery reads it (the data
-    // dir is locked and the WAL is not open for writing yet).
-    let map = unsafe { memmap2::Mmap::map(&file) }.io_ctx("map wal segment", path)?;
-    Ok(SegmentBytes::Map(map))
-}
-
-enum SegmentBytes {
-    Empty,
-    Map(memmap2::Mmap),
-}
-
-impl std::ops::Deref for SegmentBytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            SegmentBytes::Empty => &[],
-            SegmentBytes::Map(m) => m,
-        }
-    }
+/// A segment's bytes for recovery, through a read-only map (the data dir is locked and the
+/// WAL is not open for writing yet, so nothing writes it meanwhile).
+fn read_segment(path: &Path) -> Result<crate::mapped::Mapped> {
+    crate::mapped::Mapped::open(path).io_ctx("map wal segment", path)
 }
 
 /// Removes segments a previous run was preparing (`.tmp`): only at open, never while a WAL
