@@ -336,9 +336,13 @@ impl Peers {
 
     async fn read_frames(&self, mut s: TcpStream, from: u64) {
         let mut buf = BytesMut::with_capacity(64 * 1024);
+        // Activity is noted at most every `KEEPALIVE` (it is judged over `ACTIVE_GAP`), not on
+        // every read of the replication stream.
+        let mut noted: Option<std::time::Instant> = None;
         loop {
-            if !buf.is_empty() {
+            if !buf.is_empty() && noted.is_none_or(|t| t.elapsed() >= KEEPALIVE) {
                 self.heard_from(from);
+                noted = Some(std::time::Instant::now());
             }
             while let Some(frame) = take_frame(&mut buf) {
                 match frame {
