@@ -298,6 +298,11 @@ impl Flags {
                 .to_string();
             let text = yaml_scalar(&v);
             let bad = |what: &str| anyhow::anyhow!("config file key {key:?}: {what}");
+            let boolean = |v: Option<&str>| match v {
+                Some("true") => Ok(true),
+                Some("false") | None => Ok(false),
+                Some(_) => Err(bad("expected true or false")),
+            };
             match key.as_str() {
                 "name" => f.name = text.ok_or_else(|| bad("expected a string"))?,
                 "data-dir" => f.data_dir = text.map(PathBuf::from),
@@ -321,18 +326,10 @@ impl Flags {
                 "experimental-lease-checkpoint-interval" => {
                     f.experimental_lease_checkpoint_interval = text
                 }
-                "experimental-enable-lease-checkpoint" | "strict-reconfig-check" => {
-                    let on = match text.as_deref() {
-                        Some("true") => true,
-                        Some("false") | None => false,
-                        Some(_) => return Err(bad("expected true or false")),
-                    };
-                    if key == "strict-reconfig-check" {
-                        f.strict_reconfig_check = on;
-                    } else {
-                        f.experimental_enable_lease_checkpoint = on;
-                    }
+                "experimental-enable-lease-checkpoint" => {
+                    f.experimental_enable_lease_checkpoint = boolean(text.as_deref())?
                 }
+                "strict-reconfig-check" => f.strict_reconfig_check = boolean(text.as_deref())?,
                 "backend-batch-limit" => {
                     f.backend_batch_limit = Some(
                         text.as_deref()
@@ -656,6 +653,15 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.lease_checkpoint, Some(std::time::Duration::from_secs(2)));
+        let p = std::path::Path::new("keel.yaml");
+        let yaml = "strict-reconfig-check: false\nexperimental-enable-lease-checkpoint: true\n";
+        let c = Config::from_flags(Flags::from_yaml(yaml, p).unwrap()).unwrap();
+        assert!(!c.strict_reconfig_check && c.lease_checkpoint.is_some());
+        let err = Flags::from_yaml("strict-reconfig-check: maybe\n", p)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("expected true or false"), "{err}");
     }
 
     #[test]
