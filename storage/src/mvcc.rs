@@ -31,6 +31,10 @@ use crossbeam_skiplist::SkipMap;
 use keel_proto::mvccpb::KeyValue;
 use triomphe::ThinArc;
 
+mod livecount;
+
+use livecount::LiveCounts;
+
 use crate::backend::file::MmapFile;
 use crate::backend::{Reader, Snapshot};
 use crate::error::{Error, Result};
@@ -258,6 +262,8 @@ pub struct Mvcc {
     /// Recent count indexes (see `CountIndex`); readers only.
     count_indexes: std::sync::Mutex<std::collections::VecDeque<Arc<CountIndex>>>,
     map: SkipMap<KeyRev, Version>,
+    /// Live-key counts by key span, at the newest revision (see `livecount`).
+    live: LiveCounts,
     current_rev: AtomicI64,
     compact_rev: AtomicI64,
     /// Where values live once forgotten in memory.
@@ -276,6 +282,7 @@ impl Mvcc {
         Mvcc {
             count_indexes: Default::default(),
             map: SkipMap::new(),
+            live: LiveCounts::empty(),
             current_rev: AtomicI64::new(1),
             compact_rev: AtomicI64::new(-1),
             db: None,
@@ -287,6 +294,7 @@ impl Mvcc {
         Mvcc {
             count_indexes: Default::default(),
             map: SkipMap::new(),
+            live: LiveCounts::unbuilt(),
             current_rev: AtomicI64::new(current_rev),
             compact_rev: AtomicI64::new(compact_rev),
             db: Some(db),
@@ -314,6 +322,12 @@ impl Mvcc {
             },
             v,
         );
+    }
+
+    /// Builds the live-key counts once every recovered version is in (before any read or
+    /// write): until then counts walk.
+    pub fn recovered(&self) {
+        self.live.rebuild(self, self.current_rev());
     }
 
     /// The backend this index reads forgotten values from.
@@ -398,8 +412,14 @@ impl Mvcc {
         };
         let mut snap = None;
         let mut failed = None;
-        // With a limit, the keys past it are only counted: by a count index when one fits.
-        let indexable = opts.limit > 0 && !opts.count_only && rev <= self.current_rev();
+        // Keys past the limit, and all of a count-only range, are only counted: without a
+        // walk when the counts can tell (only at published revisions).
+        let countable = rev <= self.current_rev();
+        if let (true, true, KeyRange::Span(start, end)) = (countable, opts.count_only, range) {
+            out.count = self.count_from(start, end, rev);
+            return self.checked(rev, out);
+        }
+        let indexable = countable && opts.limit > 0 && !opts.count_only;
         let mut rest_from: Option<Key> = None;
         self.walk_while(range, rev, |kr, v| {
             if indexable && out.kvs.len() == opts.limit {
@@ -423,17 +443,23 @@ impl Mvcc {
         if let (Some(from), KeyRange::Span(_, end)) = (rest_from, range) {
             out.count += self.count_from(&from, end, rev);
         }
-        if rev < self.compact_rev() {
-            return Err(Error::Compacted);
-        }
         if let Some(e) = failed {
             return Err(e);
+        }
+        self.checked(rev, out)
+    }
+
+    /// `out`, unless a compaction past `rev` began while it was read.
+    fn checked(&self, rev: i64, out: RangeResult) -> Result<RangeResult> {
+        if rev < self.compact_rev() {
+            return Err(Error::Compacted);
         }
         Ok(out)
     }
 
-    /// Live keys in `[from, end)` at `rev` (`end` empty: no bound), from a count index when
-    /// one covers it; a long count builds one.
+    /// Live keys in `[from, end)` at `rev` (`end` empty: no bound): from a count index made for
+    /// a paginated list at `rev` when one covers it, else from the live counts, else by a walk
+    /// (a long one builds a count index).
     fn count_from(&self, from: &[u8], end: &[u8], rev: i64) -> usize {
         let found = self
             .count_indexes
@@ -452,6 +478,9 @@ impl Mvcc {
             let mut between = 0;
             self.walk(KeyRange::Span(sample, from), rev, |_, _| between += 1);
             return ix.total - before - between;
+        }
+        if let Some(n) = self.live.count(self, from, end, rev) {
+            return n as usize;
         }
         let mut total = 0;
         let mut samples = Vec::new();
@@ -806,6 +835,25 @@ impl Mvcc {
     }
 }
 
+impl livecount::Walker for Mvcc {
+    fn count(&self, start: &[u8], end: &[u8], rev: i64) -> i64 {
+        let mut n = 0;
+        self.walk(KeyRange::Span(start, end), rev, |_, _| n += 1);
+        n
+    }
+
+    fn cut_points(&self, start: &[u8], end: &[u8], rev: i64, every: usize) -> Vec<Key> {
+        let (mut seen, mut cuts) = (0, Vec::new());
+        self.walk(KeyRange::Span(start, end), rev, |kr, _| {
+            if seen > 0 && seen % every == 0 {
+                cuts.push(kr.key.clone());
+            }
+            seen += 1;
+        });
+        cuts
+    }
+}
+
 /// The storage seam reads go through: a view of the state at a revision. The published store
 /// (net cores' reads) and a write transaction (apply, seeing its own writes) both are one.
 pub trait ReadView {
@@ -967,6 +1015,18 @@ impl WriteTxn<'_> {
     pub fn commit(mut self) -> (Vec<Change>, i64) {
         let rev = self.rev();
         if !self.changes.is_empty() {
+            // Keys created (+1) and deleted (-1); each change's version says which, in the
+            // order the transaction made them.
+            let deltas: Vec<(&[u8], i64)> = self
+                .changes
+                .iter()
+                .filter_map(|(kr, kv)| match kv.version {
+                    0 => Some((&kr.key[..], -1)),
+                    1 => Some((&kr.key[..], 1)),
+                    _ => None,
+                })
+                .collect();
+            self.mvcc.live.apply(self.mvcc, &deltas, rev);
             self.mvcc.current_rev.store(rev, Ordering::Release);
         }
         self.committed = true;
@@ -1201,8 +1261,10 @@ mod tests {
         }
         del(&m, "p/01000", "p/01500");
         let rev = m.current_rev();
-        for i in 6000..6100 {
-            put(&m, &format!("p/{i:05}"), "later"); // after the list's revision
+        // Keys created after the list's revision all over its range: the live counts cannot
+        // tell the list's revision, so a count index is made.
+        for i in (0..6000).step_by(60) {
+            put(&m, &format!("p/{i:05}/later"), "later");
         }
         let (mut start, mut seen) = (b"p/".to_vec(), 0);
         loop {
@@ -1276,6 +1338,149 @@ mod tests {
                 .collect();
             assert_eq!(&got, snap, "at revision {rev}");
         }
+    }
+
+    /// Live keys of a model in `[from, end)` (`end` empty: no bound).
+    fn model_count(model: &std::collections::BTreeSet<Vec<u8>>, from: &[u8], end: &[u8]) -> i64 {
+        model
+            .iter()
+            .filter(|k| k.as_slice() >= from && (end.is_empty() || k.as_slice() < end))
+            .count() as i64
+    }
+
+    /// Random transactions (creates, updates, range deletes, several at a revision) over a key
+    /// space large enough to split and merge buckets: the live counts equal a model's at
+    /// every revision they answer for, and they answer for the newest one whatever the range.
+    #[test]
+    fn live_counts_equal_a_model_at_every_revision() {
+        use rand::{Rng, SeedableRng};
+        use std::collections::BTreeSet;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let m = Mvcc::new();
+        let key = |i: u32| format!("k{i:05}").into_bytes();
+        let mut model = BTreeSet::new();
+        let mut history = vec![(1i64, model.clone())];
+        let (mut buckets_max, mut recent_answered) = (0, 0);
+        for round in 0..1500 {
+            let mut t = m.write();
+            for _ in 0..rng.gen_range(1..4) {
+                let k = key(rng.gen_range(0..6000));
+                // Grow first, then shrink, so buckets split and then merge.
+                let grow = if round < 1000 { 0.9 } else { 0.05 };
+                if rng.gen_bool(grow) {
+                    for j in 0..rng.gen_range(1..20) {
+                        let k = key(rng.gen_range(0..6000) / 20 * 20 + j);
+                        t.put(&k, Bytes::from_static(b"v"), 0);
+                        model.insert(k);
+                    }
+                } else {
+                    let end = key(rng.gen_range(0..6000));
+                    let n = t.delete_range(KeyRange::Span(&k, &end));
+                    let before = model.len();
+                    model.retain(|x| !(x.as_slice() >= &k[..] && x.as_slice() < &end[..]));
+                    assert_eq!(n as usize, before - model.len());
+                }
+            }
+            t.commit();
+            if round % 7 == 0 {
+                history.push((m.current_rev(), model.clone()));
+            }
+            buckets_max = buckets_max.max(m.live.buckets_total());
+            let cur = m.current_rev();
+            for _ in 0..round % 2 {
+                let (a, b) = (key(rng.gen_range(0..6100)), key(rng.gen_range(0..6100)));
+                let end: &[u8] = if rng.gen_bool(0.2) { b"" } else { &b };
+                let got = m.live.count(&m, &a, end, cur);
+                assert_eq!(got, Some(model_count(&model, &a, end)), "at {cur}");
+            }
+            // A recent older revision: buckets changed since are walked at it.
+            if round % 5 == 0 {
+                let (rev, snap) =
+                    &history[rng.gen_range(history.len().saturating_sub(5)..history.len())];
+                let a = key(rng.gen_range(0..1000));
+                let got = m.live.count(&m, &a, b"", *rev);
+                if let Some(n) = got {
+                    assert_eq!(n, model_count(snap, &a, b""), "at {rev} of {cur}");
+                    recent_answered += 1;
+                }
+            }
+        }
+        assert!(
+            recent_answered > 100,
+            "recent revisions answered: {recent_answered}"
+        );
+        assert!(buckets_max > 10, "the buckets split: {buckets_max}");
+        let buckets_end = m.live.buckets_total();
+        assert!(
+            buckets_end < buckets_max / 4,
+            "merged: {buckets_end} of {buckets_max}"
+        );
+        let (mut answered, mut asked) = (0, 0);
+        for (rev, snap) in &history {
+            for _ in 0..2 {
+                let (a, b) = (key(rng.gen_range(0..6100)), key(rng.gen_range(0..6100)));
+                asked += 1;
+                if let Some(n) = m.live.count(&m, &a, &b, *rev) {
+                    answered += 1;
+                    assert_eq!(n, model_count(snap, &a, &b), "at {rev}");
+                }
+                let r = m.range(
+                    KeyRange::Span(&a, &b),
+                    RangeOptions {
+                        rev: *rev,
+                        count_only: true,
+                        ..Default::default()
+                    },
+                );
+                assert_eq!(r.unwrap().count as i64, model_count(snap, &a, &b));
+            }
+        }
+        assert!(
+            answered > asked / 10,
+            "older revisions answered: {answered}/{asked}"
+        );
+    }
+
+    /// Readers counting at the published revision while the writer creates and deletes keys
+    /// (splitting and merging buckets) get exactly what a walk at that revision counts.
+    #[test]
+    fn live_counts_hold_beside_a_running_writer() {
+        use rand::{Rng, SeedableRng};
+        let m = Arc::new(Mvcc::new());
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (m, done) = (m.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+                for _ in 0..6000 {
+                    let k = format!("k{:05}", rng.gen_range(0..4000));
+                    let mut t = m.write();
+                    if rng.gen_bool(0.7) {
+                        t.put(k.as_bytes(), Bytes::from_static(b"v"), 0);
+                    } else {
+                        let end = format!("k{:05}", rng.gen_range(0..4000));
+                        t.delete_range(KeyRange::Span(k.as_bytes(), end.as_bytes()));
+                    }
+                    t.commit();
+                }
+                done.store(true, Ordering::Release);
+            })
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let mut answered = 0;
+        while !done.load(Ordering::Acquire) || answered == 0 {
+            let rev = m.current_rev();
+            let a = format!("k{:05}", rng.gen_range(0..4000));
+            let got = m.live.count(&*m, a.as_bytes(), b"", rev);
+            let mut walked = 0;
+            m.walk(KeyRange::Span(a.as_bytes(), b""), rev, |_, _| walked += 1);
+            if let Some(n) = got {
+                assert_eq!(n, walked, "from {a} at {rev}");
+                answered += 1;
+            }
+        }
+        writer.join().unwrap();
+        assert!(answered > 100, "answered {answered}");
     }
 
     #[test]

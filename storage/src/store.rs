@@ -283,6 +283,7 @@ impl Store {
             return Err(e);
         }
         drop(snap);
+        mvcc.recovered();
         // The rebuild read every record through the map: none of it need stay resident.
         db.release_map();
         let mvcc = Arc::new(mvcc);
