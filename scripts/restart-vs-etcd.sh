@@ -2,7 +2,10 @@
 # restart-vs-etcd.sh - etcd 3.4 (Debian) and Keel side by side: load N distinct keys (32 B keys,
 # 256 B values) into a fresh server, note its RSS and on-disk size, kill -9 it, start it again on
 # the same data and time the restart to its first answer (a linearizable get), then note the
-# RSS again. Prints one markdown table.
+# RSS again, then time one-shot counted reads over all the keys (keel-bench, median of 11):
+# a range over all the keys ([k, l): every keel-bench key) with `--limit 5` (5 keys and the
+# count of all) and with `--count-only`.
+# Prints one markdown table.
 #
 # Usage: scripts/restart-vs-etcd.sh [N]   (default 1000000)
 # Env:   WORK_DIR (default /tmp/keel-restart), KEEL_BIN, BENCH_BIN (as bench-vs-etcd.sh)
@@ -39,8 +42,13 @@ first_answer() { # seconds from now until a get succeeds (at most 120 s)
   echo "$t1 - $t0" | bc
 }
 
-echo "| server | keys | load req/s | RSS after load MiB | on disk MiB | restart to first answer s | RSS after restart MiB |"
-echo "|---|---|---|---|---|---|---|"
+p50_ms() { # range options...: the median latency of 11 one-shot reads over every key
+  $BENCH --endpoints "127.0.0.1:$PORT" range k l --total 11 --json "$@" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_ms"]["p50"])'
+}
+
+echo "| server | keys | load req/s | RSS after load MiB | on disk MiB | restart to first answer s | RSS after restart MiB | get --limit 5 ms | get --count-only ms |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for which in etcd keel; do
   rm -rf "$WORK/$which.data"
   start "$which"
@@ -55,6 +63,8 @@ for which in etcd keel; do
   secs=$(first_answer)
   sleep 1
   rss2=$(rss_mib "$PID")
+  lim=$(p50_ms --limit 5)
+  cnt=$(p50_ms --count-only)
   kill "$PID"; wait "$PID" 2>/dev/null || true
-  echo "| $which | $N | $rps | $rss1 | $disk | $secs | $rss2 |"
+  echo "| $which | $N | $rps | $rss1 | $disk | $secs | $rss2 | $lim | $cnt |"
 done

@@ -117,6 +117,9 @@ enum Cmd {
         /// Read at this revision; 0: the newest.
         #[arg(long, default_value_t = 0)]
         rev: i64,
+        /// Ask only for the count of keys (etcdctl 3.5's `get --count-only`).
+        #[arg(long)]
+        count_only: bool,
     },
     /// Paginated lists of [key, range_end), as kube-apiserver lists: pages of --page-size
     /// keys, each from the last key of the one before, all at the first page's revision.
@@ -382,13 +385,12 @@ fn plan(cmd: &Cmd) -> (Work, u64) {
             consistency,
             limit,
             rev,
-        } => (
-            Work::Range(range_at(
-                range_req(key, range_end, consistency == "s", *limit),
-                *rev,
-            )),
-            *total,
-        ),
+            count_only,
+        } => {
+            let mut r = range_req(key, range_end, consistency == "s", *limit);
+            r.count_only = *count_only;
+            (Work::Range(range_at(r, *rev)), *total)
+        }
         Cmd::List {
             key,
             range_end,
