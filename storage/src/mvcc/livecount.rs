@@ -189,23 +189,9 @@ impl LiveCounts {
     pub(super) fn rebuild(&self, walker: &impl Walker, rev: i64) {
         let mut bounds = vec![Key::new(b"")];
         bounds.extend(walker.cut_points(b"", b"", rev, PIECE_KEYS));
-        let buckets = self.buckets_of(walker, bounds, rev);
+        let buckets = self.buckets_of(walker, bounds, &Key::new(b""), rev);
         self.swap(Layout::new(buckets));
         self.ready.store(true, Ordering::Release);
-    }
-
-    /// Buckets at these bounds, counted at `rev` (which they also take as changed revision).
-    fn buckets_of(&self, walker: &impl Walker, bounds: Vec<Key>, rev: i64) -> Vec<(Key, i64, i64)> {
-        let ends: Vec<Key> = bounds.iter().skip(1).cloned().collect();
-        let none = Key::new(b"");
-        bounds
-            .into_iter()
-            .zip(ends.iter().chain(std::iter::once(&none)))
-            .map(|(b, e)| {
-                let n = walker.count(&b, e, rev);
-                (b, n, rev)
-            })
-            .collect()
     }
 
     fn swap(&self, layout: Layout) {
@@ -271,7 +257,7 @@ impl LiveCounts {
                 let end = buckets.get(i + 1).map_or(&none, |b| &b.0);
                 let mut bounds = vec![bound.clone()];
                 bounds.extend(walker.cut_points(bound, end, rev, PIECE_KEYS));
-                out.extend(self.buckets_of_span(walker, bounds, end, rev));
+                out.extend(self.buckets_of(walker, bounds, end, rev));
             } else {
                 out.push((bound.clone(), *n, *changed));
             }
@@ -279,8 +265,9 @@ impl LiveCounts {
         out
     }
 
-    /// `buckets_of` for bounds that end at `end` rather than at no bound.
-    fn buckets_of_span(
+    /// Buckets at these bounds, the last one ending at `end` (empty: no bound), counted at
+    /// `rev` (which they also take as changed revision).
+    fn buckets_of(
         &self,
         walker: &impl Walker,
         bounds: Vec<Key>,
