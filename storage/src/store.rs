@@ -34,6 +34,7 @@
 //! pause between chunks, so writes never wait for it. A restart that finds the finished
 //! revision behind the scheduled one compacts again (it is idempotent).
 
+use std::collections::HashSet;
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,7 +44,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::backend::file::MmapFile;
-use crate::backend::{Backend, Options, SpaceStats};
+use crate::backend::{compact_copy_of, update_copy, Backend, Options, SpaceStats};
 use crate::error::{Error, Result};
 use crate::mvcc::{decode_record, encode_record, record_key, Change, Key, Mvcc, WriteTxn};
 
@@ -78,10 +79,18 @@ const COMPACTION_KEYS_PER_CHUNK: usize = 1000;
 const COMPACTION_PAUSE: Duration = Duration::from_millis(10);
 /// How often the committer drops the backend map's resident pages from RSS.
 const MAP_RELEASE_INTERVAL: Duration = Duration::from_secs(10);
-/// The niceness of the defragmentation copy's thread.
+/// The niceness of the defragmentation copy's thread where SCHED_IDLE is refused.
 const DEFRAG_NICE: libc::c_int = 10;
+/// While writes are being applied, a defrag copies at most this many bytes a second.
+const DEFRAG_BYTES_PER_SEC_UNDER_LOAD: f64 = (32 << 20) as f64;
+/// Keys per commit of a defrag's catch-up rounds.
+const DEFRAG_CATCH_UP_KEYS: usize = if cfg!(test) { 50 } else { 20_000 };
+/// The committer copies the last keys written during a defrag itself once at most this many
+/// are left, or after this many rounds (writes outpacing the copy).
+const DEFRAG_FINAL_KEYS: usize = if cfg!(test) { 64 } else { 20_000 };
+const DEFRAG_ROUNDS_MAX: usize = 8;
 /// Defragmentation copies the tree in commits of about this much.
-const DEFRAG_CHUNK_BYTES: usize = 8 << 20;
+const DEFRAG_CHUNK_BYTES: usize = 4 << 20;
 
 /// An active alarm: (member ID, etcd's AlarmType number).
 pub type Alarm = (u64, i32);
@@ -650,6 +659,30 @@ impl StoreHandle {
     }
 }
 
+/// A defragmentation in progress (see `start_defrag`).
+struct DefragRun {
+    from_copy: Receiver<FromCopy>,
+    thread: std::thread::JoinHandle<()>,
+    waiters: Vec<Sender<Result<()>>>,
+    /// Catch-up rounds handed to the copy so far.
+    rounds: usize,
+    started: Instant,
+}
+
+/// What a defrag's copy thread asks of the committer.
+enum FromCopy {
+    /// The keys written since the state the copy holds, and the backend as it is now (the
+    /// committer records anew from it); None: few are left, the committer finishes.
+    Delta(Sender<Option<Delta>>),
+    /// The copy, up to date but for the keys written since the last delta (or the error
+    /// that stopped it).
+    Done(Result<Backend<MmapFile>>),
+}
+
+type BackendSnapshot = crate::backend::Snapshot<MmapFile>;
+/// Keys written since the copy's state, and a state to copy them from.
+type Delta = (HashSet<Vec<u8>>, Arc<BackendSnapshot>);
+
 /// The committer thread: writes each batch, publishes it, forgets its values in memory;
 /// defragments when asked.
 fn run_committer(
@@ -660,7 +693,66 @@ fn run_committer(
     published: Arc<Published>,
 ) {
     let mut released = Instant::now();
-    for job in jobs {
+    let mut defrag: Option<DefragRun> = None;
+    loop {
+        let job = match &defrag {
+            None => jobs.recv(),
+            Some(run) => crossbeam_channel::select! {
+                recv(jobs) -> job => job,
+                recv(run.from_copy) -> msg => {
+                    let run = defrag.as_mut().expect("a defrag is running");
+                    match msg {
+                        Ok(FromCopy::Delta(reply)) => {
+                            let delta = (db.touched_count() > DEFRAG_FINAL_KEYS
+                                && run.rounds < DEFRAG_ROUNDS_MAX)
+                                .then(|| {
+                                    run.rounds += 1;
+                                    let keys = db.take_touched();
+                                    (keys, db.track_writes())
+                                });
+                            let _ = reply.send(delta);
+                        }
+                        done => {
+                            let run = defrag.take().expect("a defrag is running");
+                            let _ = run.thread.join();
+                            let result = match done {
+                                Ok(FromCopy::Done(copy)) => copy.and_then(|copy| {
+                                    let copied_ms = run.started.elapsed().as_millis() as u64;
+                                    let before = db.space();
+                                    let last_keys = db.touched_count();
+                                    finish_defrag(&mut db, &path, copy)?;
+                                    tracing::info!(
+                                        copied_ms,
+                                        rounds = run.rounds,
+                                        last_keys,
+                                        took_ms = run.started.elapsed().as_millis() as u64,
+                                        size_before = before.bytes(),
+                                        size_after = db.space().bytes(),
+                                        "defragmented the backend"
+                                    );
+                                    Ok(())
+                                }),
+                                _ => Err(Error::Invalid("the defrag copy stopped".into())),
+                            };
+                            if result.is_err() {
+                                let _ = std::fs::remove_file(path.with_extension("db.defrag"));
+                            }
+                            db.take_touched();
+                            publish_space(&db, &published);
+                            for w in run.waiters {
+                                let r = match &result {
+                                    Ok(()) => Ok(()),
+                                    Err(e) => Err(Error::Invalid(e.to_string())),
+                                };
+                                let _ = w.send(r);
+                            }
+                        }
+                    }
+                    continue;
+                }
+            },
+        };
+        let Ok(job) = job else { return };
         // Pages read for commits (and by readers) leave RSS from time to time.
         if released.elapsed() >= MAP_RELEASE_INTERVAL {
             db.release_map();
@@ -669,12 +761,39 @@ fn run_committer(
         let batch = match job {
             Job::Batch(b) => b,
             Job::Defrag(done) => {
-                let result = defragment(&mut db, &path);
-                publish_space(&db, &published);
-                let _ = done.send(result);
+                match &mut defrag {
+                    // One copy serves every request made while it runs.
+                    Some(run) => run.waiters.push(done),
+                    None => match start_defrag(&mut db, &path, &mvcc, &published) {
+                        Ok(mut run) => {
+                            run.waiters.push(done);
+                            defrag = Some(run);
+                        }
+                        Err(e) => {
+                            db.take_touched();
+                            let _ = done.send(Err(e));
+                        }
+                    },
+                }
                 continue;
             }
-            Job::Stop => return,
+            Job::Stop => {
+                if let Some(run) = defrag.take() {
+                    // The copy stops at its next chunk (the store is stopping); a copy
+                    // waiting for a catch-up round is told there is none.
+                    for msg in run.from_copy.iter() {
+                        match msg {
+                            FromCopy::Delta(reply) => {
+                                let _ = reply.send(None);
+                            }
+                            FromCopy::Done(_) => break,
+                        }
+                    }
+                    let _ = run.thread.join();
+                    let _ = std::fs::remove_file(path.with_extension("db.defrag"));
+                }
+                return;
+            }
             Job::Compacted {
                 revisions,
                 finished,
@@ -704,28 +823,143 @@ fn run_committer(
     }
 }
 
-/// Copies the tree compactly to `{path}.defrag`, renames it over `path` (synced), and
-/// switches to it. A crash before the rename leaves the old file; after, the new one.
-fn defragment(db: &mut Backend<MmapFile>, path: &Path) -> Result<()> {
+/// Starts a defragmentation: a thread of its own copies the backend as it is now compactly
+/// to `{path}.defrag` while the committer goes on writing batches into the file and records
+/// the keys they touch. The copy then catches up in rounds (each copies the keys written
+/// during the one before, from a newer state), until few are left; the committer copies
+/// those itself and switches (`finish_defrag`).
+///
+/// The copy disturbs the writes being applied as little as it can: it runs under SCHED_IDLE,
+/// its chunks are not synced one by one (it is synced whole at its end, before the rename),
+/// and while writes are being applied it copies at most `DEFRAG_BYTES_PER_SEC_UNDER_LOAD`
+/// (so under a heavy write load a large file takes longer to defragment, at a small cost to
+/// the writes). On an idle node it runs flat out.
+fn start_defrag(
+    db: &mut Backend<MmapFile>,
+    path: &Path,
+    mvcc: &Arc<Mvcc>,
+    published: &Arc<Published>,
+) -> Result<DefragRun> {
     let tmp = path.with_extension("db.defrag");
     let _ = std::fs::remove_file(&tmp);
-    // The copy runs on a thread of its own at a lower priority (nice 10), so on a busy machine
-    // the writes being applied keep most of the CPU; the committer waits for it.
-    let db_ref: &Backend<MmapFile> = db;
-    let copy = std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setpriority on the calling thread (Linux: who 0 = this thread).
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, DEFRAG_NICE) };
-                db_ref.compact_copy(
-                    MmapFile::open(&tmp)?,
-                    Options::default(),
-                    DEFRAG_CHUNK_BYTES,
-                )
-            })
-            .join()
-            .expect("defrag copy thread panicked")
+    let file = MmapFile::open(&tmp)?;
+    let snap = db.track_writes();
+    let (tx, from_copy) = crossbeam_channel::bounded(1);
+    let (mvcc, published) = (mvcc.clone(), published.clone());
+    let thread = std::thread::Builder::new()
+        .name("keel-defrag".into())
+        .spawn(move || {
+            lower_priority();
+            let mut pace = Pace::new(mvcc, published);
+            let result = copy_and_catch_up(&snap, file, &tx, &mut pace);
+            drop(snap);
+            let _ = tx.send(FromCopy::Done(result));
+        })
+        .map_err(|source| Error::Io {
+            op: "spawn defrag copy",
+            path: tmp.clone(),
+            source,
+        })?;
+    Ok(DefragRun {
+        from_copy,
+        thread,
+        waiters: Vec::new(),
+        rounds: 0,
+        started: Instant::now(),
+    })
+}
+
+/// The calling thread runs only when nothing else wants the CPU (SCHED_IDLE: a thread that
+/// wakes takes the core from it at once), else at nice 10 where that is refused.
+fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sets the calling thread's policy (pid 0 = this thread).
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        // SAFETY: setpriority on the calling thread (Linux: who 0 = this thread).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, DEFRAG_NICE) };
+    }
+}
+
+/// The defrag copy's pace (see `start_defrag`), and its stop when the store goes.
+struct Pace {
+    mvcc: Arc<Mvcc>,
+    published: Arc<Published>,
+    started: Instant,
+    rev: i64,
+}
+
+impl Pace {
+    fn new(mvcc: Arc<Mvcc>, published: Arc<Published>) -> Pace {
+        let rev = mvcc.current_rev();
+        Pace {
+            mvcc,
+            published,
+            started: Instant::now(),
+            rev,
+        }
+    }
+
+    /// After a chunk of `bytes`: if writes were applied meanwhile, waits until the chunk has
+    /// taken as long as `DEFRAG_BYTES_PER_SEC_UNDER_LOAD` allows; false once the store stops.
+    fn after_chunk(&mut self, bytes: usize) -> bool {
+        if self.published.stopping.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.mvcc.current_rev() != self.rev {
+            let due = Duration::from_secs_f64(bytes as f64 / DEFRAG_BYTES_PER_SEC_UNDER_LOAD);
+            if let Some(rest) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+        self.rev = self.mvcc.current_rev();
+        self.started = Instant::now();
+        true
+    }
+}
+
+fn copy_and_catch_up(
+    snap: &BackendSnapshot,
+    file: MmapFile,
+    to_committer: &Sender<FromCopy>,
+    pace: &mut Pace,
+) -> Result<Backend<MmapFile>> {
+    let opts = Options {
+        durable_commits: false,
+        ..Options::default()
+    };
+    let mut copy = compact_copy_of(snap, file, opts, DEFRAG_CHUNK_BYTES, |n| {
+        pace.after_chunk(n)
     })?;
+    loop {
+        let (reply, delta) = crossbeam_channel::bounded(1);
+        to_committer
+            .send(FromCopy::Delta(reply))
+            .map_err(|_| committer_gone())?;
+        let Some((keys, newer)) = delta.recv().map_err(|_| committer_gone())? else {
+            return Ok(copy);
+        };
+        let mut sorted: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        sorted.sort_unstable();
+        for chunk in sorted.chunks(DEFRAG_CATCH_UP_KEYS) {
+            let bytes = update_copy(&newer, &mut copy, chunk)?;
+            if !pace.after_chunk(bytes) {
+                return Err(Error::Invalid("the store is stopping".into()));
+            }
+        }
+    }
+}
+
+/// Brings the copy up to date with what was written while it was made, renames it over
+/// `path` (synced), and switches to it. A crash before the rename leaves the old file;
+/// after, the new one.
+fn finish_defrag(
+    db: &mut Backend<MmapFile>,
+    path: &Path,
+    mut copy: Backend<MmapFile>,
+) -> Result<()> {
+    let tmp = path.with_extension("db.defrag");
+    let touched = db.take_touched();
+    db.bring_up_to_date(&mut copy, &touched)?;
     fail::fail_point!("defrag-copy");
     std::fs::rename(&tmp, path).map_err(|source| Error::Io {
         op: "rename defragmented backend",
@@ -1039,6 +1273,99 @@ mod tests {
         assert_eq!(s.applied(), (3000, 2));
         assert_eq!(all(s.mvcc(), 0).len(), 21);
         assert!(!path.with_extension("db.defrag").exists());
+    }
+
+    /// Writes, deletes and a compaction go on while the copy is made: the switch brings the
+    /// copy up to date, so nothing written meanwhile is lost (now or after a reopen).
+    #[test]
+    fn defragment_keeps_what_is_written_while_it_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut s = Store::open(&path, StoreOptions::default()).unwrap();
+        let big = "v".repeat(10_000);
+        // About 30 MB: several copy chunks, each followed by a rest while writes flow.
+        for i in 0..3000 {
+            put(&mut s, &format!("k{i:05}"), &big);
+            if i % 500 == 499 {
+                s.commit().unwrap();
+            }
+        }
+        s.set_applied(10, 1);
+        s.commit().unwrap();
+        let handle = s.handle();
+        let copying = std::thread::spawn(move || handle.defragment(10));
+        let mut during = 0;
+        let mut i = 0u64;
+        while !copying.is_finished() || during < 50 {
+            assert!(i < 200_000, "the defrag never finished");
+            let n = i % 3000;
+            match i % 4 {
+                0 | 1 => put(&mut s, &format!("k{n:05}"), &format!("new{i}")),
+                2 => {
+                    let mut t = s.write();
+                    t.delete_range(KeyRange::Single(format!("k{n:05}").as_bytes()));
+                    t.commit();
+                }
+                _ => put(&mut s, &format!("n{i}"), "x"),
+            }
+            if i == 100 {
+                let rev = s.mvcc().current_rev();
+                s.compact(rev).unwrap();
+            }
+            s.set_applied(11 + i, 1);
+            s.commit().unwrap();
+            if !copying.is_finished() {
+                during += 1;
+            }
+            i += 1;
+        }
+        copying.join().unwrap().unwrap();
+        assert!(during >= 50, "only {during} commits overlapped the copy");
+        put(&mut s, "last", "1");
+        s.set_applied(11 + i, 1);
+        s.commit().unwrap();
+        let want = all(s.mvcc(), 0);
+        assert!(want.len() > 1000, "{} keys", want.len());
+        drop(s);
+        let s = Store::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(all(s.mvcc(), 0), want);
+        assert_eq!(s.applied(), (11 + i, 1));
+        assert!(!path.with_extension("db.defrag").exists());
+    }
+
+    /// A store dropped while a defrag copies (writes flowing, so the copy rests and catches
+    /// up in rounds) stops it at once and leaves no copy behind; the state is intact.
+    #[test]
+    fn drop_during_a_defrag_stops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let mut s = Store::open(&p, StoreOptions::default()).unwrap();
+            let big = "v".repeat(10_000);
+            for i in 0..3000 {
+                put(&mut s, &format!("k{i:05}"), &big);
+            }
+            s.set_applied(10, 1);
+            s.commit().unwrap();
+            let handle = s.handle();
+            let copying = std::thread::spawn(move || handle.defragment(10));
+            for i in 0..20 {
+                put(&mut s, &format!("n{i}"), "x");
+                s.set_applied(11 + i, 1);
+                s.commit().unwrap();
+            }
+            drop(s);
+            let _ = copying.join().unwrap();
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("the store dropped within 30 s");
+        assert!(!path.with_extension("db.defrag").exists());
+        let s = Store::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(all(s.mvcc(), 0).len(), 3020);
+        assert_eq!(s.applied(), (30, 1));
     }
 
     /// A store dropped with a compaction whose entry never reached the backend must not

@@ -24,6 +24,11 @@ pub trait PageFile: Send + Sync + 'static {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// Makes every write so far durable (fdatasync).
     fn sync(&self) -> Result<()>;
+    /// Starts writing dirty pages back without waiting for them (a copy that is synced once
+    /// at its end, so its writes leave the page cache steadily instead of in one burst).
+    fn start_writeback(&self) -> Result<()> {
+        Ok(())
+    }
     /// Makes the file's directory entry durable (after creating it).
     fn sync_dir(&self) -> Result<()> {
         Ok(())
@@ -119,6 +124,23 @@ impl PageFile for MmapFile {
         self.file
             .sync_data()
             .io_ctx("fdatasync backend file", &self.path)
+    }
+
+    fn start_writeback(&self) -> Result<()> {
+        // SAFETY: sync_file_range on an fd we own; offset 0, nbytes 0 = the whole file.
+        let rc = unsafe {
+            libc::sync_file_range(
+                std::os::unix::io::AsRawFd::as_raw_fd(&self.file),
+                0,
+                0,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .io_ctx("start backend writeback", &self.path);
+        }
+        Ok(())
     }
 
     fn sync_dir(&self) -> Result<()> {

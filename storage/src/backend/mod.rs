@@ -24,7 +24,7 @@
 pub mod file;
 pub mod page;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -42,12 +42,16 @@ pub const GROW_BYTES_MIN_DEFAULT: u64 = 16 << 20;
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
     pub grow_bytes_min: u64,
+    /// Whether each commit is made durable (two fdatasyncs). A copy that is only used once
+    /// it is whole (defrag) commits without them and syncs once at the end.
+    pub durable_commits: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             grow_bytes_min: GROW_BYTES_MIN_DEFAULT,
+            durable_commits: true,
         }
     }
 }
@@ -247,6 +251,9 @@ pub struct Backend<F: PageFile> {
     pending: VecDeque<(Arc<Snapshot<F>>, Vec<PageId>)>,
     file_len: u64,
     opts: Options,
+    /// While a copy of an earlier snapshot is being made (defrag): every key a transaction
+    /// has put or deleted since, so the copy can be brought up to date at the end.
+    touched: Option<HashSet<Vec<u8>>>,
     /// Set when a commit failed midway: the in-memory state is no longer trusted.
     poisoned: bool,
 }
@@ -300,6 +307,7 @@ impl<F: PageFile> Backend<F> {
             pending: VecDeque::new(),
             file_len,
             opts,
+            touched: None,
             poisoned: false,
         })
     }
@@ -393,40 +401,45 @@ impl<F: PageFile> Backend<F> {
 }
 
 impl<F: PageFile> Backend<F> {
-    /// Writes the current tree compactly into `to` (an empty file): the entries in order, in
-    /// commits of about `chunk_bytes`, so memory stays bounded however large the tree.
+    /// Writes the current tree compactly into `to` (see `compact_copy_of`).
     pub fn compact_copy<G: PageFile>(
         &self,
         to: G,
         opts: Options,
         chunk_bytes: usize,
+        after_chunk: impl FnMut(usize) -> bool,
     ) -> Result<Backend<G>> {
-        let snap = self.snapshot();
-        let mut dst = Backend::open_with(to, opts)?;
-        let mut from: Vec<u8> = Vec::new();
-        let mut first = true;
-        loop {
-            let mut chunk: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-            let mut size = 0;
-            snap.range(&from, None, |k, v| {
-                if !first && k == from.as_slice() {
-                    return true;
-                }
-                size += k.len() + v.len();
-                chunk.push((k.to_vec(), v.to_vec()));
-                size < chunk_bytes
-            })?;
-            first = false;
-            let Some((last, _)) = chunk.last() else {
-                return Ok(dst);
-            };
-            from = last.clone();
-            let mut txn = dst.write()?;
-            for (k, v) in chunk {
-                txn.put_owned(k, v)?;
-            }
-            txn.commit()?;
-        }
+        compact_copy_of(&self.snapshot(), to, opts, chunk_bytes, after_chunk)
+    }
+
+    /// Starts recording the keys every later transaction writes (`take_touched`), for a
+    /// copy of the snapshot returned.
+    pub fn track_writes(&mut self) -> Arc<Snapshot<F>> {
+        self.touched = Some(HashSet::new());
+        self.snapshot()
+    }
+
+    /// How many keys were written since `track_writes`.
+    pub fn touched_count(&self) -> usize {
+        self.touched.as_ref().map_or(0, HashSet::len)
+    }
+
+    /// The keys written since `track_writes`; stops recording.
+    pub fn take_touched(&mut self) -> HashSet<Vec<u8>> {
+        self.touched.take().unwrap_or_default()
+    }
+
+    /// Brings `dst` (a copy of an earlier state) up to this backend's current state for
+    /// `keys` (the only keys written since that state), and makes all of `dst` durable.
+    pub fn bring_up_to_date<G: PageFile>(
+        &self,
+        dst: &mut Backend<G>,
+        keys: &HashSet<Vec<u8>>,
+    ) -> Result<()> {
+        let mut sorted: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        sorted.sort_unstable();
+        update_copy(&self.snapshot(), dst, &sorted)?;
+        dst.file.sync()
     }
 
     /// Takes over `other`'s file (a compact copy of this tree, `compact_copy`): new snapshots
@@ -452,6 +465,73 @@ impl<F: PageFile> Backend<F> {
         self.pending.clear();
         self.current.store(current.load_full());
     }
+}
+
+/// Writes the tree of `snap` compactly into `to` (an empty file): the entries in order, in
+/// commits of about `chunk_bytes`, so memory stays bounded however large the tree;
+/// `after_chunk` runs after each with its size (to pace the copy; false stops it with an
+/// error). With `opts.durable_commits` off the
+/// chunks are not synced one by one; the whole copy is synced at its end.
+pub fn compact_copy_of<F: PageFile, G: PageFile>(
+    snap: &Snapshot<F>,
+    to: G,
+    opts: Options,
+    chunk_bytes: usize,
+    mut after_chunk: impl FnMut(usize) -> bool,
+) -> Result<Backend<G>> {
+    let mut dst = Backend::open_with(to, opts)?;
+    let mut from: Vec<u8> = Vec::new();
+    let mut first = true;
+    loop {
+        let mut chunk: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut size = 0;
+        snap.range(&from, None, |k, v| {
+            if !first && k == from.as_slice() {
+                return true;
+            }
+            size += k.len() + v.len();
+            chunk.push((k.to_vec(), v.to_vec()));
+            size < chunk_bytes
+        })?;
+        first = false;
+        let Some((last, _)) = chunk.last() else {
+            dst.file.sync()?;
+            return Ok(dst);
+        };
+        from = last.clone();
+        let mut txn = dst.write()?;
+        for (k, v) in chunk {
+            txn.put_owned(k, v)?;
+        }
+        txn.commit()?;
+        if !after_chunk(size) {
+            return Err(crate::Error::Invalid("the copy was stopped".into()));
+        }
+    }
+}
+
+/// Sets `keys` in `dst` as they are in `snap` (put, or deleted where `snap` has none), in
+/// one commit; the bytes of the keys and values put.
+pub fn update_copy<F: PageFile, G: PageFile>(
+    snap: &Snapshot<F>,
+    dst: &mut Backend<G>,
+    keys: &[&[u8]],
+) -> Result<usize> {
+    let mut txn = dst.write()?;
+    let mut bytes = 0;
+    for k in keys {
+        match snap.get(k)? {
+            Some(v) => {
+                bytes += k.len() + v.len();
+                txn.put(k, v)?;
+            }
+            None => {
+                txn.delete(k)?;
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(bytes)
 }
 
 /// Free lists are kept from the highest page id down (see `Backend::free`).
@@ -541,6 +621,9 @@ impl<F: PageFile> WriteTxn<'_, F> {
             "backend keys are at most {} bytes",
             page::KEY_BYTES_MAX
         );
+        if let Some(t) = &mut self.backend.touched {
+            t.insert(key.clone());
+        }
         let leaf = self.leaf_for(&key)?;
         let val = Val::New(value);
         match leaf.binary_search_by(|(k, _)| k.as_slice().cmp(&key)) {
@@ -555,6 +638,9 @@ impl<F: PageFile> WriteTxn<'_, F> {
 
     /// Removes `key`; whether it was there.
     pub fn delete(&mut self, key: &[u8]) -> Result<bool> {
+        if let Some(t) = &mut self.backend.touched {
+            t.insert(key.to_vec());
+        }
         let leaf = self.leaf_for(key)?;
         match leaf.binary_search_by(|(k, _)| k.as_slice().cmp(key)) {
             Ok(i) => {
@@ -661,6 +747,12 @@ impl<F: PageFile> Backend<F> {
         fail::fail_point!("backend-before-commit");
         for (id, bytes) in writes {
             self.file.write_at(bytes, id * PAGE_BYTES as u64)?;
+        }
+        if !self.opts.durable_commits {
+            let slot = meta.txid % 2;
+            self.file
+                .write_at(&meta.encode(), slot * PAGE_BYTES as u64)?;
+            return self.file.start_writeback();
         }
         self.file.sync()?;
         fail::fail_point!("backend-before-meta");

@@ -14,6 +14,7 @@ fn small(file: CrashFile) -> Result<Backend<CrashFile>> {
         file,
         Options {
             grow_bytes_min: 64 << 10,
+            ..Options::default()
         },
     )
 }
@@ -328,8 +329,10 @@ fn a_compact_copy_holds_the_same_tree_in_fewer_pages() {
             CrashFile::new(),
             Options {
                 grow_bytes_min: 64 << 10,
+                durable_commits: false,
             },
             20_000,
+            |_| true,
         )
         .unwrap();
     check(&copy.snapshot(), &model);
