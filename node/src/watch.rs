@@ -5,7 +5,8 @@
 //! only appends to it and never waits: a stream that falls behind by more than the ring holds
 //! loses its place ("lagged") and every watcher it serves moves to the catch-up path, which
 //! reads the history out of the store (etcd's unsynced group). A stream whose client stops
-//! reading blocks only itself: its responses are bounded (`STREAM_RESPONSES`), so it stops
+//! reading blocks only itself: its responses are bounded in number (`STREAM_RESPONSES`) and
+//! in bytes (`STREAM_BYTES`), so it stops
 //! taking events from the ring, lags, and later catches up from the store. Neither apply nor
 //! memory waits on a slow watcher.
 //!
@@ -33,7 +34,7 @@ use keel_proto::prost::Message;
 use keel_storage::mvcc::{Change, KeyRange, Mvcc, RangeOptions};
 use keel_storage::store::EventSink;
 use keel_storage::Error as StoreError;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio_stream::{Stream, StreamExt};
 
 use crate::raft_core::RaftStatus;
@@ -44,13 +45,30 @@ const HUB_REVISIONS: usize = 4096;
 const CATCH_UP_CHANGES: usize = 1000;
 /// Responses a stream queues toward its client before it stops taking events.
 const STREAM_RESPONSES: usize = 64;
+/// ... and about this many bytes of events (responses carrying several revisions are big).
+const STREAM_BYTES: usize = 256 << 10;
+/// What an event costs in memory besides its key and values (its structs, its slot).
+const EVENT_MEMORY_BYTES: usize = 128;
 /// etcd's watch ID for responses not tied to one watcher (progress for the whole stream).
 const NO_WATCH_ID: i64 = -1;
+/// A stream that is behind takes up to this many revisions waiting in the ring at once and
+/// sends each watcher one response for all of them (as etcd's catch-up responses carry
+/// several revisions), so a backed-up stream spends its time on events rather than on
+/// per-response overhead. A stream that keeps up finds one revision waiting and sends it
+/// alone.
+const BATCH_REVISIONS: usize = 256;
+/// ... and up to about this many bytes of events (a response stays far below clients'
+/// receive limits, 4 MiB by default in gRPC libraries).
+const BATCH_BYTES: usize = 256 << 10;
+/// What an event adds to its key and value, encoded (revisions, version, framing).
+const EVENT_OVERHEAD_BYTES: usize = 32;
 
 /// The changes of one committed revision, as watch events.
 pub struct Revision {
     pub rev: i64,
     pub events: Vec<Event>,
+    /// About what its events take encoded (keys and values).
+    pub bytes: usize,
 }
 
 pub type Hub = broadcast::Sender<Arc<Revision>>;
@@ -68,8 +86,12 @@ impl EventSink for HubSink {
         if self.0.receiver_count() == 0 {
             return;
         }
-        let events = changes.iter().map(|(_, kv)| event_of(kv.clone())).collect();
-        let _ = self.0.send(Arc::new(Revision { rev, events }));
+        let events: Vec<Event> = changes.iter().map(|(_, kv)| event_of(kv.clone())).collect();
+        let bytes = changes
+            .iter()
+            .map(|(_, kv)| kv.key.len() + kv.value.len() + EVENT_OVERHEAD_BYTES)
+            .sum();
+        let _ = self.0.send(Arc::new(Revision { rev, events, bytes }));
     }
 }
 
@@ -121,8 +143,60 @@ pub fn serve(
     requests: Pin<Box<dyn Stream<Item = pb::WatchRequest> + Send>>,
 ) -> Responses {
     let (tx, rx) = mpsc::channel(STREAM_RESPONSES);
-    tokio::spawn(run(ctx, requests, tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    let budget = Arc::new(Semaphore::new(STREAM_BYTES));
+    tokio::spawn(run(
+        ctx,
+        requests,
+        Out {
+            tx,
+            budget: budget.clone(),
+        },
+    ));
+    // Bytes taken by the transport go back to the stream's budget.
+    Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(move |(r, bytes)| {
+            budget.add_permits(bytes);
+            r
+        }),
+    )
+}
+
+/// A stream's way to its client: responses with their charge against its byte budget.
+#[derive(Clone)]
+struct Out {
+    tx: mpsc::Sender<(Result<pb::WatchResponse, ApiError>, usize)>,
+    budget: Arc<Semaphore>,
+}
+
+impl Out {
+    async fn send(&self, r: Result<pb::WatchResponse, ApiError>) -> Result<(), Gone> {
+        let bytes = match &r {
+            Ok(r) => r
+                .events
+                .iter()
+                .map(|e| {
+                    let len = |kv: &Option<KeyValue>| {
+                        kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len())
+                    };
+                    len(&e.kv) + len(&e.prev_kv) + EVENT_MEMORY_BYTES
+                })
+                .sum::<usize>()
+                .min(STREAM_BYTES),
+            Err(_) => 0,
+        };
+        if bytes > 0 {
+            self.budget
+                .acquire_many(bytes as u32)
+                .await
+                .map_err(|_| Gone)?
+                .forget();
+        }
+        self.tx.send((r, bytes)).await.map_err(|_| Gone)
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
 }
 
 /// One watcher, kept small (tens of thousands live on a core): its key and range end share
@@ -200,7 +274,7 @@ struct Gone;
 
 struct WatchStream {
     ctx: Arc<WatchContext>,
-    out: mpsc::Sender<Result<pb::WatchResponse, ApiError>>,
+    out: Out,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
     /// Watchers created on this stream so far.
@@ -213,7 +287,7 @@ struct WatchStream {
 async fn run(
     ctx: Arc<WatchContext>,
     mut requests: Pin<Box<dyn Stream<Item = pb::WatchRequest> + Send>>,
-    out: mpsc::Sender<Result<pb::WatchResponse, ApiError>>,
+    out: Out,
 ) {
     let mut ring = ctx.hub.subscribe();
     let progress_every = ctx.progress_interval;
@@ -243,7 +317,7 @@ async fn run(
                 }
             },
             m = ring.recv() => match m {
-                Ok(rev) => s.dispatch(&rev).await,
+                Ok(rev) => s.take_batch(rev, &mut ring).await,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     s.lagged();
                     Ok(())
@@ -262,7 +336,7 @@ async fn run(
 
 impl WatchStream {
     async fn send(&self, r: pb::WatchResponse) -> Result<(), Gone> {
-        self.out.send(Ok(r)).await.map_err(|_| Gone)
+        self.out.send(Ok(r)).await
     }
 
     async fn handle(
@@ -392,7 +466,7 @@ impl WatchStream {
     async fn drain(&mut self, ring: &mut broadcast::Receiver<Arc<Revision>>) -> Result<(), Gone> {
         loop {
             match ring.try_recv() {
-                Ok(rev) => self.dispatch(&rev).await?,
+                Ok(rev) => self.take_batch(rev, ring).await?,
                 Err(broadcast::error::TryRecvError::Lagged(_)) => self.lagged(),
                 Err(broadcast::error::TryRecvError::Empty) => return Ok(()),
                 Err(broadcast::error::TryRecvError::Closed) => return Err(Gone),
@@ -400,25 +474,77 @@ impl WatchStream {
         }
     }
 
-    /// Sends one committed revision's events to the synced watchers that want them.
-    async fn dispatch(&mut self, rev: &Revision) -> Result<(), Gone> {
-        if rev.rev <= self.delivered {
-            return Ok(());
+    /// Dispatches `first` with whatever else is waiting in the ring right behind it, up to
+    /// `BATCH_REVISIONS` / `BATCH_BYTES`.
+    async fn take_batch(
+        &mut self,
+        first: Arc<Revision>,
+        ring: &mut broadcast::Receiver<Arc<Revision>>,
+    ) -> Result<(), Gone> {
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        let mut lagged = false;
+        let mut closed = false;
+        while batch.len() < BATCH_REVISIONS && bytes < BATCH_BYTES {
+            match ring.try_recv() {
+                Ok(rev) => {
+                    bytes += rev.bytes;
+                    batch.push(rev);
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    lagged = true;
+                    break;
+                }
+                Err(broadcast::error::TryRecvError::Empty) => break,
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    closed = true;
+                    break;
+                }
+            }
         }
-        self.delivered = rev.rev;
+        // The batch holds consecutive revisions from before any lag: they go out first, then
+        // everything moves to the catch-up path.
+        self.dispatch(&batch).await?;
+        if lagged {
+            self.lagged();
+        }
+        if closed {
+            return Err(Gone);
+        }
+        Ok(())
+    }
+
+    /// Sends consecutive committed revisions' events to the synced watchers that want them:
+    /// one response per watcher for the whole batch.
+    async fn dispatch(&mut self, batch: &[Arc<Revision>]) -> Result<(), Gone> {
+        let delivered = self.delivered;
+        let revs: Vec<&Revision> = batch
+            .iter()
+            .map(|r| r.as_ref())
+            .filter(|r| r.rev > delivered)
+            .collect();
+        let Some(last) = revs.last().map(|r| r.rev) else {
+            return Ok(());
+        };
+        self.delivered = last;
         let mut sends = Vec::new();
         for (id, w) in self.watchers.iter_mut() {
-            if !w.is(SYNCED) || w.is(COMPACTED) || w.next_rev > rev.rev {
+            if !w.is(SYNCED) || w.is(COMPACTED) || w.next_rev > last {
                 continue;
             }
-            w.next_rev = rev.rev + 1;
-            let events: Vec<Event> = rev.events.iter().filter(|e| w.wants(e)).cloned().collect();
+            let mut events: Vec<Event> = Vec::new();
+            for r in &revs {
+                if r.rev >= w.next_rev {
+                    events.extend(r.events.iter().filter(|e| w.wants(e)).cloned());
+                }
+            }
+            w.next_rev = last + 1;
             if !events.is_empty() {
                 sends.push((*id, events));
             }
         }
         for (id, events) in sends {
-            self.send_events(id, events, rev.rev).await?;
+            self.send_events(id, events, last).await?;
         }
         Ok(())
     }

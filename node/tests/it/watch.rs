@@ -316,6 +316,56 @@ async fn a_watcher_that_stops_reading_gets_everything_later() {
     assert!(s.next(QUIET).await.is_none());
 }
 
+/// A stream that falls behind while the revisions it owes are still in the hub (fewer than
+/// it holds) sends each watcher several revisions per response: far fewer responses than
+/// revisions, every revision once, in order, each response's header at or past its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_behind_sends_several_revisions_per_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
+    let url = k.url();
+    let mut s = Session::open(&url).await;
+    s.create(create("b", "c")).await;
+    assert!(s.next(Duration::from_secs(5)).await.unwrap().created);
+    // Fewer revisions than the hub holds (4096); far more bytes than the stream's window.
+    const PUTS: usize = 3000;
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let url = url.clone();
+        writers.push(tokio::spawn(async move {
+            let mut c = kv(&url);
+            for i in (w..PUTS).step_by(8) {
+                put(&mut c, &format!("b{i}"), &"x".repeat(300)).await;
+            }
+        }));
+    }
+    for w in writers {
+        tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .expect("writes go on while a watcher does not read")
+            .unwrap();
+    }
+    let mut revs = Vec::new();
+    let mut responses = 0;
+    while revs.len() < PUTS {
+        let r = s
+            .next(Duration::from_secs(10))
+            .await
+            .expect("every event comes");
+        responses += 1;
+        let last = r.events.last().unwrap().kv.as_ref().unwrap().mod_revision;
+        assert!(r.header.as_ref().unwrap().revision >= last);
+        revs.extend(r.events.iter().map(|e| e.kv.as_ref().unwrap().mod_revision));
+    }
+    let want: Vec<i64> = (2..2 + PUTS as i64).collect();
+    assert_eq!(revs, want, "each revision once, in order");
+    assert!(
+        responses < PUTS / 2,
+        "{responses} responses for {PUTS} revisions"
+    );
+    assert!(s.next(QUIET).await.is_none());
+}
+
 /// Progress requests (etcd 3.6 semantics): answered with watch_id -1 and a revision at which
 /// every earlier event has been sent; not answered while a watcher is still catching up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
