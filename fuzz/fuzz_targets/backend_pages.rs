@@ -49,6 +49,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // A small growth step: the default 16 MiB would make every commit slow here.
     let opts = Options {
         grow_bytes_min: 64 << 10,
+        ..Options::default()
     };
     let Ok(mut db) = Backend::open_with(CrashFile::from_bytes(file), opts) else {
         return;

@@ -255,7 +255,7 @@ impl NodeBackend {
         let Some(quota) = self.cfg.quota_backend_bytes else {
             return Ok(());
         };
-        let size = self.store.space().bytes();
+        let size = self.store.quota_bytes();
         if cost == 0 || size + (cost as u64) < quota {
             return Ok(());
         }

@@ -89,6 +89,8 @@ const DEFRAG_CATCH_UP_KEYS: usize = if cfg!(test) { 50 } else { 20_000 };
 /// are left, or after this many rounds (writes outpacing the copy).
 const DEFRAG_FINAL_KEYS: usize = if cfg!(test) { 64 } else { 20_000 };
 const DEFRAG_ROUNDS_MAX: usize = 8;
+/// Catch-up rounds after which the copy stops resting (see `copy_and_catch_up`).
+const DEFRAG_PACED_ROUNDS: usize = 4;
 /// Defragmentation copies the tree in commits of about this much.
 const DEFRAG_CHUNK_BYTES: usize = 4 << 20;
 
@@ -165,6 +167,9 @@ struct Published {
     finished_compact_rev: std::sync::atomic::AtomicI64,
     /// Set when the store goes: the compactor stops between chunks (a restart resumes).
     stopping: std::sync::atomic::AtomicBool,
+    /// Set while a defrag runs: the old file grows by what is written meanwhile (its freed
+    /// pages wait for the copy), so the quota counts only the pages in use.
+    defragging: std::sync::atomic::AtomicBool,
 }
 
 pub struct Store {
@@ -603,6 +608,18 @@ impl StoreHandle {
         }
     }
 
+    /// The size the backend quota is checked against: the file's size, but while a defrag
+    /// runs only the pages in use (the old file's growth meanwhile is released by the switch,
+    /// so it must not raise NOSPACE).
+    pub fn quota_bytes(&self) -> u64 {
+        let space = self.space();
+        if self.published.defragging.load(Ordering::Acquire) {
+            space.bytes_in_use()
+        } else {
+            space.bytes()
+        }
+    }
+
     /// etcd's Maintenance.Hash: a CRC-32C over every backend entry (keys and values, in key
     /// order) but the consistent index and its term (etcd's default ignores), once everything
     /// applied up to `applied` is in the backend. For tests and checks, as in etcd; its value
@@ -644,7 +661,8 @@ impl StoreHandle {
 
     /// Rewrites the backend file compactly (etcd's defrag) once everything applied up to
     /// `applied` is in it (the raft core hands batches over within the commit interval), and
-    /// waits for it. Writes go on being applied meanwhile; their batches wait for the rewrite.
+    /// waits for it. Writes go on being applied and committed meanwhile (see
+    /// `start_defrag`).
     pub fn defragment(&self, applied: u64) -> Result<()> {
         // A compaction in progress finishes first (`compact; defrag` then shrinks the file,
         // as it does with etcd, whose compactions of small stores end at once).
@@ -739,6 +757,7 @@ fn run_committer(
                             }
                             db.take_touched();
                             publish_space(&db, &published);
+                            published.defragging.store(false, Ordering::Release);
                             for w in run.waiters {
                                 let r = match &result {
                                     Ok(()) => Ok(()),
@@ -771,6 +790,7 @@ fn run_committer(
                         }
                         Err(e) => {
                             db.take_touched();
+                            published.defragging.store(false, Ordering::Release);
                             let _ = done.send(Err(e));
                         }
                     },
@@ -844,6 +864,7 @@ fn start_defrag(
     let _ = std::fs::remove_file(&tmp);
     let file = MmapFile::open(&tmp)?;
     let snap = db.track_writes();
+    published.defragging.store(true, Ordering::Release);
     let (tx, from_copy) = crossbeam_channel::bounded(1);
     let (mvcc, published) = (mvcc.clone(), published.clone());
     let thread = std::thread::Builder::new()
@@ -851,8 +872,7 @@ fn start_defrag(
         .spawn(move || {
             lower_priority();
             let mut pace = Pace::new(mvcc, published);
-            let result = copy_and_catch_up(&snap, file, &tx, &mut pace);
-            drop(snap);
+            let result = copy_and_catch_up(snap, file, &tx, &mut pace);
             let _ = tx.send(FromCopy::Done(result));
         })
         .map_err(|source| Error::Io {
@@ -886,6 +906,8 @@ struct Pace {
     published: Arc<Published>,
     started: Instant,
     rev: i64,
+    /// Catch-up rounds begun.
+    rounds: usize,
 }
 
 impl Pace {
@@ -896,6 +918,7 @@ impl Pace {
             published,
             started: Instant::now(),
             rev,
+            rounds: 0,
         }
     }
 
@@ -905,7 +928,7 @@ impl Pace {
         if self.published.stopping.load(Ordering::Acquire) {
             return false;
         }
-        if self.mvcc.current_rev() != self.rev {
+        if self.mvcc.current_rev() != self.rev && self.rounds <= DEFRAG_PACED_ROUNDS {
             let due = Duration::from_secs_f64(bytes as f64 / DEFRAG_BYTES_PER_SEC_UNDER_LOAD);
             if let Some(rest) = due.checked_sub(self.started.elapsed()) {
                 std::thread::sleep(rest);
@@ -917,8 +940,11 @@ impl Pace {
     }
 }
 
+/// The copy thread's work: the first copy, then catch-up rounds until the committer says
+/// few keys are left. Each snapshot is let go as soon as it has been copied from, so the
+/// old file's freed pages can be reused in between.
 fn copy_and_catch_up(
-    snap: &BackendSnapshot,
+    snap: Arc<BackendSnapshot>,
     file: MmapFile,
     to_committer: &Sender<FromCopy>,
     pace: &mut Pace,
@@ -927,10 +953,14 @@ fn copy_and_catch_up(
         durable_commits: false,
         ..Options::default()
     };
-    let mut copy = compact_copy_of(snap, file, opts, DEFRAG_CHUNK_BYTES, |n| {
+    let mut copy = compact_copy_of(&snap, file, opts, DEFRAG_CHUNK_BYTES, |n| {
         pace.after_chunk(n)
     })?;
+    drop(snap);
     loop {
+        // Past a few rounds the writes outpace the paced copy: it stops resting so the
+        // rounds shrink and the committer's last one stays short.
+        pace.rounds += 1;
         let (reply, delta) = crossbeam_channel::bounded(1);
         to_committer
             .send(FromCopy::Delta(reply))
@@ -946,6 +976,7 @@ fn copy_and_catch_up(
                 return Err(Error::Invalid("the store is stopping".into()));
             }
         }
+        drop(newer);
     }
 }
 
@@ -1295,6 +1326,7 @@ mod tests {
         let handle = s.handle();
         let copying = std::thread::spawn(move || handle.defragment(10));
         let mut during = 0;
+        let mut quota_below_file = 0;
         let mut i = 0u64;
         while !copying.is_finished() || during < 50 {
             assert!(i < 200_000, "the defrag never finished");
@@ -1316,11 +1348,18 @@ mod tests {
             s.commit().unwrap();
             if !copying.is_finished() {
                 during += 1;
+                // The old file grows meanwhile; the quota counts only what is in use.
+                let h = s.handle();
+                if h.quota_bytes() < h.space().bytes() {
+                    quota_below_file += 1;
+                }
             }
             i += 1;
         }
         copying.join().unwrap().unwrap();
         assert!(during >= 50, "only {during} commits overlapped the copy");
+        assert!(quota_below_file > 0, "the quota counted the growing file");
+        assert_eq!(s.handle().quota_bytes(), s.handle().space().bytes());
         put(&mut s, "last", "1");
         s.set_applied(11 + i, 1);
         s.commit().unwrap();

@@ -438,7 +438,11 @@ impl<F: PageFile> Backend<F> {
     ) -> Result<()> {
         let mut sorted: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
         sorted.sort_unstable();
-        update_copy(&self.snapshot(), dst, &sorted)?;
+        let snap = self.snapshot();
+        // In commits of bounded size, so a large remainder never sits in memory whole.
+        for chunk in sorted.chunks(BRING_UP_TO_DATE_KEYS) {
+            update_copy(&snap, dst, chunk)?;
+        }
         dst.file.sync()
     }
 
@@ -509,6 +513,9 @@ pub fn compact_copy_of<F: PageFile, G: PageFile>(
         }
     }
 }
+
+/// Keys per commit of `Backend::bring_up_to_date`.
+const BRING_UP_TO_DATE_KEYS: usize = 20_000;
 
 /// Sets `keys` in `dst` as they are in `snap` (put, or deleted where `snap` has none), in
 /// one commit; the bytes of the keys and values put.
