@@ -185,11 +185,13 @@ impl Out {
             Err(_) => 0,
         };
         if bytes > 0 {
-            self.budget
-                .acquire_many(bytes as u32)
-                .await
-                .map_err(|_| Gone)?
-                .forget();
+            // A client that goes while its queue is full takes the queued responses (and the
+            // permits they hold) with it: waiting for permits must end with it.
+            let permit = tokio::select! {
+                p = self.budget.acquire_many(bytes as u32) => p.map_err(|_| Gone)?,
+                _ = self.tx.closed() => return Err(Gone),
+            };
+            permit.forget();
         }
         self.tx.send((r, bytes)).await.map_err(|_| Gone)
     }
@@ -712,5 +714,76 @@ impl WatchStream {
             self.send_progress(id).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use keel_storage::mvcc::{Key, KeyRev};
+
+    /// A client that goes while its stream's queue is full (the stream waiting for budget)
+    /// ends the stream: its task, watchers and place in the hub go with it.
+    #[tokio::test]
+    async fn a_stream_whose_client_goes_while_its_queue_is_full_ends() {
+        let mvcc = Arc::new(Mvcc::new());
+        let hub = hub();
+        let ctx = Arc::new(WatchContext {
+            mvcc: mvcc.clone(),
+            hub: hub.clone(),
+            status: Arc::new(RaftStatus::default()),
+            cluster_id: 1,
+            member_id: 1,
+            max_request_bytes: 1 << 20,
+            progress_interval: Duration::from_secs(600),
+        });
+        let (req_tx, req_rx) = mpsc::channel(4);
+        let mut responses = serve(
+            ctx,
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(req_rx)),
+        );
+        let create = pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
+            key: Bytes::from_static(b"k"),
+            ..Default::default()
+        });
+        req_tx
+            .send(pb::WatchRequest {
+                request_union: Some(create),
+            })
+            .await
+            .unwrap();
+        let created = responses.next().await.unwrap().unwrap();
+        assert!(created.created);
+        // 2 MiB of events for a client that reads nothing: far past the stream's budget.
+        let mut sink = HubSink(hub.clone());
+        let start = mvcc.current_rev() + 1;
+        for rev in start..start + 32 {
+            let kv = KeyValue {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from(vec![b'v'; 64 << 10]),
+                create_revision: start,
+                mod_revision: rev,
+                version: rev - start + 1,
+                lease: 0,
+            };
+            let at = KeyRev {
+                key: Key::new(b"k"),
+                main: rev,
+                sub: 0,
+            };
+            sink.publish(rev, &[(at, kv)]);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(hub.receiver_count(), 1, "the stream is still serving");
+        drop(responses);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.receiver_count() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stream outlived its client"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
