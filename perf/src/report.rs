@@ -60,8 +60,34 @@ impl Summary {
         self.hist.value_at_quantile(q) as f64 / 1000.0
     }
 
+    /// The p99 latency (ms) of the requests started in each whole second of the run, from
+    /// the samples (shows a warm-up or a burst that the run's p99 folds in).
+    pub fn p99_by_second(&self) -> Vec<f64> {
+        let mut out = Vec::new();
+        let mut second: Vec<u32> = Vec::new();
+        let mut at = 0;
+        let mut flush = |second: &mut Vec<u32>| {
+            if !second.is_empty() {
+                second.sort_unstable();
+                let i = ((second.len() as f64 * 0.99).ceil() as usize).clamp(1, second.len());
+                out.push(second[i - 1] as f64 / 1000.0);
+                second.clear();
+            }
+        };
+        for (ms, us) in &self.samples {
+            if ms / 1000 != at {
+                flush(&mut second);
+                at = ms / 1000;
+            }
+            second.push(*us);
+        }
+        flush(&mut second);
+        out
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
+            "p99_ms_by_second": self.p99_by_second(),
             "requests": self.requests(),
             "writes": self.writes,
             "reads": self.requests() - self.writes,
@@ -280,6 +306,18 @@ mod tests {
         assert!((s.ms(0.99) - 0.99).abs() < 0.001, "{}", s.ms(0.99));
         assert_eq!(s.errors["Unavailable: x"], 5);
         assert_eq!(s.requests_per_sec(), 500.0);
+    }
+
+    #[test]
+    fn p99_by_second_splits_the_run_at_whole_seconds() {
+        // 100 requests in second 0 (1..=100 ms), 10 in second 2 (all 5 ms), none in second 1.
+        let mut o = outcome(&[], &[]);
+        o.samples = (1..=100u32)
+            .map(|i| (i * 9, i * 1000))
+            .chain((0..10).map(|i| (2000 + i, 5000)))
+            .collect();
+        let s = Summary::merge(vec![o], 3.0, 0.0).unwrap();
+        assert_eq!(s.p99_by_second(), vec![99.0, 5.0]);
     }
 
     #[test]
