@@ -1222,6 +1222,22 @@ mod tests {
     }
 
     /// Puts `k` with a lease of its length (the lease is kept in the record, not the index).
+    /// Runs `f` on a thread of its own; fails the test unless it returns within `limit`.
+    fn finishes_within(limit: Duration, f: impl FnOnce() + Send + 'static) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("did not finish within {limit:?}")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("it panicked"),
+        }
+    }
+
     fn put(s: &mut Store, k: &str, v: &str) {
         let mut t = s.write();
         t.put(
@@ -1378,9 +1394,8 @@ mod tests {
     fn drop_during_a_defrag_stops_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let (tx, rx) = std::sync::mpsc::channel();
         let p = path.clone();
-        std::thread::spawn(move || {
+        finishes_within(Duration::from_secs(30), move || {
             let mut s = Store::open(&p, StoreOptions::default()).unwrap();
             let big = "v".repeat(10_000);
             for i in 0..3000 {
@@ -1397,10 +1412,7 @@ mod tests {
             }
             drop(s);
             let _ = copying.join().unwrap();
-            tx.send(()).unwrap();
         });
-        rx.recv_timeout(Duration::from_secs(30))
-            .expect("the store dropped within 30 s");
         assert!(!path.with_extension("db.defrag").exists());
         let s = Store::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(all(s.mvcc(), 0).len(), 3020);
@@ -1413,18 +1425,14 @@ mod tests {
     fn drop_does_not_wait_for_a_compaction_that_cannot_start() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let (tx, rx) = std::sync::mpsc::channel();
         let p = path.clone();
-        std::thread::spawn(move || {
+        finishes_within(Duration::from_secs(10), move || {
             let mut s = Store::open(&p, StoreOptions::default()).unwrap();
             put(&mut s, "a", "1");
             put(&mut s, "a", "2");
             s.compact(3).unwrap();
             drop(s);
-            tx.send(()).unwrap();
         });
-        rx.recv_timeout(Duration::from_secs(10))
-            .expect("the store dropped within 10 s");
         let s = Store::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(
             s.mvcc().compact_rev(),

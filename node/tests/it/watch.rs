@@ -274,6 +274,32 @@ async fn fragmented_watch_responses_match_live_etcd() {
     assert!(want.len() > 2, "etcd split it: {want:?}");
 }
 
+/// Writes `puts` keys `{prefix}{i}` of `value_len` bytes from 8 clients at once, while the
+/// watcher the caller holds reads nothing; the writes must all finish within 60 s.
+async fn write_past_a_stalled_watcher(
+    url: &str,
+    prefix: &'static str,
+    puts: usize,
+    value_len: usize,
+) {
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let url = url.to_string();
+        writers.push(tokio::spawn(async move {
+            let mut c = kv(&url);
+            for i in (w..puts).step_by(8) {
+                put(&mut c, &format!("{prefix}{i}"), &"x".repeat(value_len)).await;
+            }
+        }));
+    }
+    for w in writers {
+        tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .expect("writes go on while a watcher does not read")
+            .unwrap();
+    }
+}
+
 /// A client that stops reading while many revisions go by neither blocks writes nor loses or
 /// repeats an event: once it reads again it gets every revision, in order, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,22 +312,7 @@ async fn a_watcher_that_stops_reading_gets_everything_later() {
     assert!(s.next(Duration::from_secs(5)).await.unwrap().created);
     // More revisions than the hub holds (4096), written by 8 clients at once.
     const PUTS: usize = 6000;
-    let mut writers = Vec::new();
-    for w in 0..8 {
-        let url = url.clone();
-        writers.push(tokio::spawn(async move {
-            let mut c = kv(&url);
-            for i in (w..PUTS).step_by(8) {
-                put(&mut c, &format!("s{i}"), &"x".repeat(200)).await;
-            }
-        }));
-    }
-    for w in writers {
-        tokio::time::timeout(Duration::from_secs(60), w)
-            .await
-            .expect("writes go on while a watcher does not read")
-            .unwrap();
-    }
+    write_past_a_stalled_watcher(&url, "s", PUTS, 200).await;
     let mut revs = Vec::new();
     while revs.len() < PUTS {
         let r = s
@@ -329,22 +340,7 @@ async fn a_stream_behind_sends_several_revisions_per_response() {
     assert!(s.next(Duration::from_secs(5)).await.unwrap().created);
     // Fewer revisions than the hub holds (4096); far more bytes than the stream's window.
     const PUTS: usize = 3000;
-    let mut writers = Vec::new();
-    for w in 0..8 {
-        let url = url.clone();
-        writers.push(tokio::spawn(async move {
-            let mut c = kv(&url);
-            for i in (w..PUTS).step_by(8) {
-                put(&mut c, &format!("b{i}"), &"x".repeat(300)).await;
-            }
-        }));
-    }
-    for w in writers {
-        tokio::time::timeout(Duration::from_secs(60), w)
-            .await
-            .expect("writes go on while a watcher does not read")
-            .unwrap();
-    }
+    write_past_a_stalled_watcher(&url, "b", PUTS, 300).await;
     let mut revs = Vec::new();
     let mut responses = 0;
     while revs.len() < PUTS {
