@@ -6,9 +6,8 @@
 //! loses its place ("lagged") and every watcher it serves moves to the catch-up path, which
 //! reads the history out of the store (etcd's unsynced group). A stream whose client stops
 //! reading blocks only itself: its responses are bounded in number (`STREAM_RESPONSES`) and
-//! in bytes (`STREAM_BYTES`), so it stops
-//! taking events from the ring, lags, and later catches up from the store. Neither apply nor
-//! memory waits on a slow watcher.
+//! in bytes (`STREAM_BYTES`), so it stops taking events from the ring, lags, and later
+//! catches up from the store. Neither apply nor memory waits on a slow watcher.
 //!
 //! Invariants, per stream:
 //! - `delivered`: every synced watcher has been sent every event at or below it. It starts at
@@ -67,8 +66,20 @@ const EVENT_OVERHEAD_BYTES: usize = 32;
 pub struct Revision {
     pub rev: i64,
     pub events: Vec<Event>,
-    /// About what its events take encoded (keys and values).
-    pub bytes: usize,
+}
+
+/// The bytes of an event's keys and values (its key-value and previous key-value).
+fn event_bytes(e: &Event) -> usize {
+    let len = |kv: &Option<KeyValue>| kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len());
+    len(&e.kv) + len(&e.prev_kv)
+}
+
+/// About what a revision's events take encoded.
+fn encoded_bytes(rev: &Revision) -> usize {
+    rev.events
+        .iter()
+        .map(|e| event_bytes(e) + EVENT_OVERHEAD_BYTES)
+        .sum()
 }
 
 pub type Hub = broadcast::Sender<Arc<Revision>>;
@@ -86,12 +97,8 @@ impl EventSink for HubSink {
         if self.0.receiver_count() == 0 {
             return;
         }
-        let events: Vec<Event> = changes.iter().map(|(_, kv)| event_of(kv.clone())).collect();
-        let bytes = changes
-            .iter()
-            .map(|(_, kv)| kv.key.len() + kv.value.len() + EVENT_OVERHEAD_BYTES)
-            .sum();
-        let _ = self.0.send(Arc::new(Revision { rev, events, bytes }));
+        let events = changes.iter().map(|(_, kv)| event_of(kv.clone())).collect();
+        let _ = self.0.send(Arc::new(Revision { rev, events }));
     }
 }
 
@@ -174,12 +181,7 @@ impl Out {
             Ok(r) => r
                 .events
                 .iter()
-                .map(|e| {
-                    let len = |kv: &Option<KeyValue>| {
-                        kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len())
-                    };
-                    len(&e.kv) + len(&e.prev_kv) + EVENT_MEMORY_BYTES
-                })
+                .map(|e| event_bytes(e) + EVENT_MEMORY_BYTES)
                 .sum::<usize>()
                 .min(STREAM_BYTES),
             Err(_) => 0,
@@ -483,14 +485,14 @@ impl WatchStream {
         first: Arc<Revision>,
         ring: &mut broadcast::Receiver<Arc<Revision>>,
     ) -> Result<(), Gone> {
-        let mut bytes = first.bytes;
+        let mut bytes = encoded_bytes(&first);
         let mut batch = vec![first];
         let mut lagged = false;
         let mut closed = false;
         while batch.len() < BATCH_REVISIONS && bytes < BATCH_BYTES {
             match ring.try_recv() {
                 Ok(rev) => {
-                    bytes += rev.bytes;
+                    bytes += encoded_bytes(&rev);
                     batch.push(rev);
                 }
                 Err(broadcast::error::TryRecvError::Lagged(_)) => {

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::backend::file::MmapFile;
-use crate::backend::{compact_copy_of, update_copy, Backend, Options, SpaceStats};
+use crate::backend::{compact_copy_of, copy_keys, Backend, Options, SpaceStats};
 use crate::error::{Error, Result};
 use crate::mvcc::{decode_record, encode_record, record_key, Change, Key, Mvcc, WriteTxn};
 
@@ -228,7 +228,7 @@ impl Store {
             })?;
         }
         // A defragmentation the last run did not finish left its copy: the old file stands.
-        let _ = std::fs::remove_file(path.with_extension("db.defrag"));
+        let _ = std::fs::remove_file(defrag_path(path));
         let db = Backend::open(MmapFile::open(path)?)?;
         let snap = db.snapshot();
         let applied = (
@@ -677,6 +677,11 @@ impl StoreHandle {
     }
 }
 
+/// Where a defrag writes its copy of the backend at `path` (removed at open if left over).
+fn defrag_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension("db.defrag")
+}
+
 /// A defragmentation in progress (see `start_defrag`).
 struct DefragRun {
     from_copy: Receiver<FromCopy>,
@@ -732,39 +737,7 @@ fn run_committer(
                         }
                         done => {
                             let run = defrag.take().expect("a defrag is running");
-                            let _ = run.thread.join();
-                            let result = match done {
-                                Ok(FromCopy::Done(copy)) => copy.and_then(|copy| {
-                                    let copied_ms = run.started.elapsed().as_millis() as u64;
-                                    let before = db.space();
-                                    let last_keys = db.touched_count();
-                                    finish_defrag(&mut db, &path, copy)?;
-                                    tracing::info!(
-                                        copied_ms,
-                                        rounds = run.rounds,
-                                        last_keys,
-                                        took_ms = run.started.elapsed().as_millis() as u64,
-                                        size_before = before.bytes(),
-                                        size_after = db.space().bytes(),
-                                        "defragmented the backend"
-                                    );
-                                    Ok(())
-                                }),
-                                _ => Err(Error::Invalid("the defrag copy stopped".into())),
-                            };
-                            if result.is_err() {
-                                let _ = std::fs::remove_file(path.with_extension("db.defrag"));
-                            }
-                            db.take_touched();
-                            publish_space(&db, &published);
-                            published.defragging.store(false, Ordering::Release);
-                            for w in run.waiters {
-                                let r = match &result {
-                                    Ok(()) => Ok(()),
-                                    Err(e) => Err(Error::Invalid(e.to_string())),
-                                };
-                                let _ = w.send(r);
-                            }
+                            end_defrag(run, done, &mut db, &path, &published);
                         }
                     }
                     continue;
@@ -789,8 +762,7 @@ fn run_committer(
                             defrag = Some(run);
                         }
                         Err(e) => {
-                            db.take_touched();
-                            published.defragging.store(false, Ordering::Release);
+                            stop_tracking(&mut db, &published);
                             let _ = done.send(Err(e));
                         }
                     },
@@ -810,7 +782,7 @@ fn run_committer(
                         }
                     }
                     let _ = run.thread.join();
-                    let _ = std::fs::remove_file(path.with_extension("db.defrag"));
+                    let _ = std::fs::remove_file(defrag_path(&path));
                 }
                 return;
             }
@@ -843,6 +815,55 @@ fn run_committer(
     }
 }
 
+/// Ends defrag `run` with the copy thread's last word `done` (the copy, or why it stopped):
+/// switches to the copy, or removes it; answers every request made while it ran.
+fn end_defrag(
+    run: DefragRun,
+    done: std::result::Result<FromCopy, crossbeam_channel::RecvError>,
+    db: &mut Backend<MmapFile>,
+    path: &Path,
+    published: &Published,
+) {
+    let _ = run.thread.join();
+    let result = match done {
+        Ok(FromCopy::Done(copy)) => copy.and_then(|copy| {
+            let copied_ms = run.started.elapsed().as_millis() as u64;
+            let before = db.space();
+            let last_keys = db.touched_count();
+            finish_defrag(db, path, copy)?;
+            tracing::info!(
+                copied_ms,
+                rounds = run.rounds,
+                last_keys,
+                took_ms = run.started.elapsed().as_millis() as u64,
+                size_before = before.bytes(),
+                size_after = db.space().bytes(),
+                "defragmented the backend"
+            );
+            Ok(())
+        }),
+        _ => Err(Error::Invalid("the defrag copy stopped".into())),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(defrag_path(path));
+    }
+    stop_tracking(db, published);
+    for w in run.waiters {
+        let r = match &result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(Error::Invalid(e.to_string())),
+        };
+        let _ = w.send(r);
+    }
+}
+
+/// No defrag runs any more: writes are no longer recorded, the quota counts the file.
+fn stop_tracking(db: &mut Backend<MmapFile>, published: &Published) {
+    db.take_touched();
+    publish_space(db, published);
+    published.defragging.store(false, Ordering::Release);
+}
+
 /// Starts a defragmentation: a thread of its own copies the backend as it is now compactly
 /// to `{path}.defrag` while the committer goes on writing batches into the file and records
 /// the keys they touch. The copy then catches up in rounds (each copies the keys written
@@ -860,7 +881,7 @@ fn start_defrag(
     mvcc: &Arc<Mvcc>,
     published: &Arc<Published>,
 ) -> Result<DefragRun> {
-    let tmp = path.with_extension("db.defrag");
+    let tmp = defrag_path(path);
     let _ = std::fs::remove_file(&tmp);
     let file = MmapFile::open(&tmp)?;
     let snap = db.track_writes();
@@ -968,14 +989,9 @@ fn copy_and_catch_up(
         let Some((keys, newer)) = delta.recv().map_err(|_| committer_gone())? else {
             return Ok(copy);
         };
-        let mut sorted: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-        sorted.sort_unstable();
-        for chunk in sorted.chunks(DEFRAG_CATCH_UP_KEYS) {
-            let bytes = update_copy(&newer, &mut copy, chunk)?;
-            if !pace.after_chunk(bytes) {
-                return Err(Error::Invalid("the store is stopping".into()));
-            }
-        }
+        copy_keys(&newer, &mut copy, &keys, DEFRAG_CATCH_UP_KEYS, |n| {
+            pace.after_chunk(n)
+        })?;
         drop(newer);
     }
 }
@@ -988,7 +1004,7 @@ fn finish_defrag(
     path: &Path,
     mut copy: Backend<MmapFile>,
 ) -> Result<()> {
-    let tmp = path.with_extension("db.defrag");
+    let tmp = defrag_path(path);
     let touched = db.take_touched();
     db.bring_up_to_date(&mut copy, &touched)?;
     fail::fail_point!("defrag-copy");
@@ -1221,7 +1237,6 @@ mod tests {
         .collect()
     }
 
-    /// Puts `k` with a lease of its length (the lease is kept in the record, not the index).
     /// Runs `f` on a thread of its own; fails the test unless it returns within `limit`.
     fn finishes_within(limit: Duration, f: impl FnOnce() + Send + 'static) {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1238,6 +1253,7 @@ mod tests {
         }
     }
 
+    /// Puts `k` with a lease of its length (the lease is kept in the record, not the index).
     fn put(s: &mut Store, k: &str, v: &str) {
         let mut t = s.write();
         t.put(
@@ -1319,7 +1335,7 @@ mod tests {
         let s = Store::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(s.applied(), (3000, 2));
         assert_eq!(all(s.mvcc(), 0).len(), 21);
-        assert!(!path.with_extension("db.defrag").exists());
+        assert!(!defrag_path(&path).exists());
     }
 
     /// Writes, deletes and a compaction go on while the copy is made: the switch brings the
@@ -1385,7 +1401,7 @@ mod tests {
         let s = Store::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(all(s.mvcc(), 0), want);
         assert_eq!(s.applied(), (11 + i, 1));
-        assert!(!path.with_extension("db.defrag").exists());
+        assert!(!defrag_path(&path).exists());
     }
 
     /// A store dropped while a defrag copies (writes flowing, so the copy rests and catches
@@ -1413,7 +1429,7 @@ mod tests {
             drop(s);
             let _ = copying.join().unwrap();
         });
-        assert!(!path.with_extension("db.defrag").exists());
+        assert!(!defrag_path(&path).exists());
         let s = Store::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(all(s.mvcc(), 0).len(), 3020);
         assert_eq!(s.applied(), (30, 1));

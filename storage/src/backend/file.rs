@@ -26,9 +26,7 @@ pub trait PageFile: Send + Sync + 'static {
     fn sync(&self) -> Result<()>;
     /// Starts writing dirty pages back without waiting for them (a copy that is synced once
     /// at its end, so its writes leave the page cache steadily instead of in one burst).
-    fn start_writeback(&self) -> Result<()> {
-        Ok(())
-    }
+    fn start_writeback(&self) {}
     /// Makes the file's directory entry durable (after creating it).
     fn sync_dir(&self) -> Result<()> {
         Ok(())
@@ -126,19 +124,18 @@ impl PageFile for MmapFile {
             .io_ctx("fdatasync backend file", &self.path)
     }
 
-    fn start_writeback(&self) -> Result<()> {
+    /// Only a hint: its result is ignored (the final fdatasync makes the file durable
+    /// whatever happens here).
+    fn start_writeback(&self) {
         // SAFETY: sync_file_range on an fd we own; offset 0, nbytes 0 = the whole file.
-        let rc = unsafe {
+        unsafe {
             libc::sync_file_range(
                 std::os::unix::io::AsRawFd::as_raw_fd(&self.file),
                 0,
                 0,
                 libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        // Only a hint: the final fdatasync makes the file durable whatever happens here.
-        let _ = rc;
-        Ok(())
+            );
+        }
     }
 
     fn sync_dir(&self) -> Result<()> {

@@ -436,13 +436,7 @@ impl<F: PageFile> Backend<F> {
         dst: &mut Backend<G>,
         keys: &HashSet<Vec<u8>>,
     ) -> Result<()> {
-        let mut sorted: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-        sorted.sort_unstable();
-        let snap = self.snapshot();
-        // In commits of bounded size, so a large remainder never sits in memory whole.
-        for chunk in sorted.chunks(BRING_UP_TO_DATE_KEYS) {
-            update_copy(&snap, dst, chunk)?;
-        }
+        copy_keys(&self.snapshot(), dst, keys, BRING_UP_TO_DATE_KEYS, |_| true)?;
         dst.file.sync()
     }
 
@@ -474,8 +468,8 @@ impl<F: PageFile> Backend<F> {
 /// Writes the tree of `snap` compactly into `to` (an empty file): the entries in order, in
 /// commits of about `chunk_bytes`, so memory stays bounded however large the tree;
 /// `after_chunk` runs after each with its size (to pace the copy; false stops it with an
-/// error). With `opts.durable_commits` off the
-/// chunks are not synced one by one; the whole copy is synced at its end.
+/// error). With `opts.durable_commits` off the chunks are not synced one by one; the whole
+/// copy is synced at its end.
 pub fn compact_copy_of<F: PageFile, G: PageFile>(
     snap: &Snapshot<F>,
     to: G,
@@ -518,8 +512,29 @@ pub fn compact_copy_of<F: PageFile, G: PageFile>(
 const BRING_UP_TO_DATE_KEYS: usize = 20_000;
 
 /// Sets `keys` in `dst` as they are in `snap` (put, or deleted where `snap` has none), in
-/// one commit; the bytes of the keys and values put.
-pub fn update_copy<F: PageFile, G: PageFile>(
+/// key order, in commits of `per_commit` keys (so a large set never sits in a transaction
+/// whole); `after_commit` runs after each with the bytes it put (false stops the copy with
+/// an error).
+pub fn copy_keys<F: PageFile, G: PageFile>(
+    snap: &Snapshot<F>,
+    dst: &mut Backend<G>,
+    keys: &HashSet<Vec<u8>>,
+    per_commit: usize,
+    mut after_commit: impl FnMut(usize) -> bool,
+) -> Result<()> {
+    let mut sorted: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    sorted.sort_unstable();
+    for chunk in sorted.chunks(per_commit) {
+        let bytes = update_copy(snap, dst, chunk)?;
+        if !after_commit(bytes) {
+            return Err(crate::Error::Invalid("the copy was stopped".into()));
+        }
+    }
+    Ok(())
+}
+
+/// `copy_keys` for one commit; the bytes of the keys and values put.
+fn update_copy<F: PageFile, G: PageFile>(
     snap: &Snapshot<F>,
     dst: &mut Backend<G>,
     keys: &[&[u8]],
@@ -755,18 +770,20 @@ impl<F: PageFile> Backend<F> {
         for (id, bytes) in writes {
             self.file.write_at(bytes, id * PAGE_BYTES as u64)?;
         }
-        if !self.opts.durable_commits {
-            let slot = meta.txid % 2;
-            self.file
-                .write_at(&meta.encode(), slot * PAGE_BYTES as u64)?;
-            return self.file.start_writeback();
+        let durable = self.opts.durable_commits;
+        if durable {
+            self.file.sync()?;
+            fail::fail_point!("backend-before-meta");
         }
-        self.file.sync()?;
-        fail::fail_point!("backend-before-meta");
         let slot = meta.txid % 2;
         self.file
             .write_at(&meta.encode(), slot * PAGE_BYTES as u64)?;
-        self.file.sync()
+        if durable {
+            self.file.sync()
+        } else {
+            self.file.start_writeback();
+            Ok(())
+        }
     }
 }
 
