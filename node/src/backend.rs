@@ -464,7 +464,7 @@ impl Backend for NodeBackend {
                 context: m.encode_to_vec().into(),
                 ..Default::default()
             };
-            self.control_call(|tx| crate::raft_core::Control::ProposeConf(cc, tx))
+            self.control_call(|tx| crate::raft_core::Control::ProposeConf(Box::new(cc), tx))
         });
         async move {
             let m = checked?;
@@ -500,7 +500,7 @@ impl Backend for NodeBackend {
                 node_id: id,
                 ..Default::default()
             };
-            self.control_call(|tx| crate::raft_core::Control::ProposeConf(cc, tx))
+            self.control_call(|tx| crate::raft_core::Control::ProposeConf(Box::new(cc), tx))
         });
         async move { call?.await.map(|_| ()) }
     }

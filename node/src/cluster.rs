@@ -222,7 +222,7 @@ impl Inbound for PeerInbound {
             Ok((m, path)) => {
                 // Raft decides whether to install it; the raft core then switches to it.
                 self.control
-                    .send(Control::Snapshot(Box::new(m), path))
+                    .send(Control::Snapshot(Box::new((m, path))))
                     .is_ok()
             }
             Err(e) => {

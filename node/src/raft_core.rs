@@ -85,11 +85,11 @@ pub enum Control {
     Unreachable(u64),
     /// A whole state from the leader, written to a backend file of its own (the path): its
     /// raft message.
-    Snapshot(Box<raft::eraftpb::Message>, std::path::PathBuf),
+    Snapshot(Box<(raft::eraftpb::Message, std::path::PathBuf)>),
     /// A state sent to a member: whether it took it.
     SnapshotSent(u64, bool),
     /// A membership change to propose (MemberAdd, MemberRemove).
-    ProposeConf(raft::eraftpb::ConfChange, Responder),
+    ProposeConf(Box<raft::eraftpb::ConfChange>, Responder),
     /// MemberPromote: the leader checks the learner has caught up, then proposes it.
     Promote(u64, Responder),
     /// MoveLeader: the leader hands leadership to this voter.
@@ -99,8 +99,11 @@ pub enum Control {
 /// How long a leadership transfer may take (etcd: its request timeout, 5 s + 2 elections).
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(7);
 
-/// Control messages waiting at most (raft messages beyond are dropped; raft resends).
-pub const CONTROL_QUEUE_MAX: usize = 64 * 1024;
+/// Control messages waiting at most (raft messages beyond are dropped; raft resends). The
+/// queue's slots are allocated whole when it is made, so a control message is kept small:
+/// anything bigger than two words goes in a box.
+pub const CONTROL_QUEUE_MAX: usize = 16 * 1024;
+const _: () = assert!(std::mem::size_of::<Control>() <= 24);
 /// A ReadIndex round that got no answer is asked again after this (a new leader drops reads
 /// until it has committed an entry of its term).
 const READ_INDEX_RETRY: Duration = Duration::from_millis(200);
@@ -386,7 +389,8 @@ impl RaftCore {
             }
             Control::ReadIndex(tx) => self.read_batch.push(tx),
             Control::Unreachable(peer) => self.node.report_unreachable(peer),
-            Control::Snapshot(m, path) => {
+            Control::Snapshot(b) => {
+                let (m, path) = *b;
                 let meta = m.get_snapshot().get_metadata();
                 let point = (meta.index, meta.term);
                 tracing::info!(
@@ -399,9 +403,9 @@ impl RaftCore {
                         let _ = std::fs::remove_file(old);
                     }
                 }
-                let _ = self.node.step(*m);
+                let _ = self.node.step(m);
             }
-            Control::ProposeConf(cc, tx) => self.propose_conf(cc, tx),
+            Control::ProposeConf(cc, tx) => self.propose_conf(*cc, tx),
             Control::Promote(id, tx) => self.promote(id, tx),
             Control::MoveLeader(target, tx) => self.move_leader(target, tx),
             Control::SnapshotSent(to, ok) => {
