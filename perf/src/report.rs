@@ -68,9 +68,7 @@ impl Summary {
         let mut at = 0;
         let mut flush = |second: &mut Vec<u32>| {
             if !second.is_empty() {
-                second.sort_unstable();
-                let i = ((second.len() as f64 * 0.99).ceil() as usize).clamp(1, second.len());
-                out.push(second[i - 1] as f64 / 1000.0);
+                out.push(p99_ms(second));
                 second.clear();
             }
         };
@@ -85,9 +83,22 @@ impl Summary {
         out
     }
 
+    /// p99 of the requests sent from the second second of the run on (the run without its
+    /// warm-up: connections opening, buffers and windows filling once); None if none were.
+    pub fn p99_after_first_second(&self) -> Option<f64> {
+        let mut later: Vec<u32> = self
+            .samples
+            .iter()
+            .filter(|(ms, _)| *ms >= 1000)
+            .map(|(_, us)| *us)
+            .collect();
+        (!later.is_empty()).then(|| p99_ms(&mut later))
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "p99_ms_by_second": self.p99_by_second(),
+            "p99_ms_after_first_second": self.p99_after_first_second(),
             "requests": self.requests(),
             "writes": self.writes,
             "reads": self.requests() - self.writes,
@@ -266,6 +277,13 @@ fn axis_labels(out: &mut String, y0: f64, lo: f64, hi: f64) {
     }
 }
 
+/// The p99 of latencies in µs, in ms (sorts them).
+fn p99_ms(us: &mut [u32]) -> f64 {
+    us.sort_unstable();
+    let i = ((us.len() as f64 * 0.99).ceil() as usize).clamp(1, us.len());
+    us[i - 1] as f64 / 1000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +336,8 @@ mod tests {
             .collect();
         let s = Summary::merge(vec![o], 3.0, 0.0).unwrap();
         assert_eq!(s.p99_by_second(), vec![99.0, 5.0]);
+        assert_eq!(s.p99_after_first_second(), Some(5.0));
+        assert_eq!(s.json()["p99_ms_after_first_second"], 5.0);
     }
 
     #[test]
