@@ -6,11 +6,18 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use keel_proto::{v3electionpb as epb, v3lockpb as lpb};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::backend::Backend;
+use crate::ApiError;
 
 type Reply<T> = Result<Response<T>, Status>;
+
+/// etcd serves Lock and Election through its own client and hands the client's error back as
+/// a plain error, which gRPC sends as Unknown with the same text (whatever its KV code).
+fn relayed(e: ApiError) -> Status {
+    Status::new(Code::Unknown, e.to_string())
+}
 
 pub struct LockService<B> {
     backend: Arc<B>,
@@ -25,11 +32,13 @@ impl<B> LockService<B> {
 #[tonic::async_trait]
 impl<B: Backend> lpb::lock_server::Lock for LockService<B> {
     async fn lock(&self, req: Request<lpb::LockRequest>) -> Reply<lpb::LockResponse> {
-        Ok(Response::new(self.backend.lock(req.into_inner()).await?))
+        let r = self.backend.lock(req.into_inner()).await;
+        Ok(Response::new(r.map_err(relayed)?))
     }
 
     async fn unlock(&self, req: Request<lpb::UnlockRequest>) -> Reply<lpb::UnlockResponse> {
-        Ok(Response::new(self.backend.unlock(req.into_inner()).await?))
+        let r = self.backend.unlock(req.into_inner()).await;
+        Ok(Response::new(r.map_err(relayed)?))
     }
 }
 
@@ -48,19 +57,18 @@ type Observed = Pin<Box<dyn Stream<Item = Result<epb::LeaderResponse, Status>> +
 #[tonic::async_trait]
 impl<B: Backend> epb::election_server::Election for ElectionService<B> {
     async fn campaign(&self, req: Request<epb::CampaignRequest>) -> Reply<epb::CampaignResponse> {
-        Ok(Response::new(
-            self.backend.campaign(req.into_inner()).await?,
-        ))
+        let r = self.backend.campaign(req.into_inner()).await;
+        Ok(Response::new(r.map_err(relayed)?))
     }
 
     async fn proclaim(&self, req: Request<epb::ProclaimRequest>) -> Reply<epb::ProclaimResponse> {
-        Ok(Response::new(
-            self.backend.proclaim(req.into_inner()).await?,
-        ))
+        let r = self.backend.proclaim(req.into_inner()).await;
+        Ok(Response::new(r.map_err(relayed)?))
     }
 
     async fn leader(&self, req: Request<epb::LeaderRequest>) -> Reply<epb::LeaderResponse> {
-        Ok(Response::new(self.backend.leader(req.into_inner())?))
+        let r = self.backend.leader(req.into_inner());
+        Ok(Response::new(r.map_err(relayed)?))
     }
 
     type ObserveStream = Observed;
@@ -69,11 +77,12 @@ impl<B: Backend> epb::election_server::Election for ElectionService<B> {
         let out = self
             .backend
             .observe(req.into_inner())
-            .map(|r| r.map_err(Status::from));
+            .map(|r| r.map_err(relayed));
         Ok(Response::new(Box::pin(out)))
     }
 
     async fn resign(&self, req: Request<epb::ResignRequest>) -> Reply<epb::ResignResponse> {
-        Ok(Response::new(self.backend.resign(req.into_inner()).await?))
+        let r = self.backend.resign(req.into_inner()).await;
+        Ok(Response::new(r.map_err(relayed)?))
     }
 }

@@ -229,6 +229,10 @@ impl NodeBackend {
     }
 
     pub async fn v3_unlock(&self, r: lpb::UnlockRequest) -> Result<lpb::UnlockResponse, ApiError> {
+        // etcd's server deletes the key through its client, which the KV service checks.
+        if r.key.is_empty() {
+            return Err(ApiError::EmptyKey);
+        }
         Ok(lpb::UnlockResponse {
             header: Some(self.delete(&r.key).await?),
         })
@@ -270,7 +274,8 @@ impl NodeBackend {
                 }
             }
         }
-        let header = self.queue(&prefix, &key, r.lease, leader.rev).await?;
+        self.queue(&prefix, &key, r.lease, leader.rev).await?;
+        // etcd answers with the campaign's own header (before a proclaim, before the wait).
         Ok(epb::CampaignResponse {
             header: Some(header),
             leader: Some(leader),

@@ -208,3 +208,47 @@ async fn election_service_through_the_etcd_client_crate() {
         .to_string();
     assert!(e.contains("election: not leader"), "{e}");
 }
+
+/// What etcd's Lock and Election services answer where they differ from its KV service: every
+/// error comes back as gRPC Unknown with etcd's text (etcd relays its own client's error as a
+/// plain error), and a repeated Campaign answers with its own transaction's header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_and_election_answer_as_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
+    let mut c = Client::connect([k.url()], None).await.unwrap();
+    let unknown = |e: etcd_client::Error| match e {
+        etcd_client::Error::GRpcStatus(s) => (s.code(), s.message().to_string()),
+        other => panic!("not a gRPC status: {other:?}"),
+    };
+    let lease_not_found = (
+        tonic::Code::Unknown,
+        "etcdserver: requested lease not found".to_string(),
+    );
+    let e = c
+        .lock("job", Some(LockOptions::new().with_lease(0x1234)))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown(e), lease_not_found);
+    let e = c.campaign("svc", "a", 0x1234).await.unwrap_err();
+    assert_eq!(unknown(e), lease_not_found);
+    let e = c.unlock("").await.unwrap_err();
+    assert_eq!(
+        unknown(e),
+        (
+            tonic::Code::Unknown,
+            "etcdserver: key is not provided".to_string()
+        )
+    );
+    // A second campaign with the same lease and a new value proclaims it, and answers with
+    // the header of its transaction, from before the proclaim.
+    let l = c.lease_grant(30, None).await.unwrap().id();
+    let first = c.campaign("svc", "a", l).await.unwrap();
+    let leader = first.leader().unwrap().clone();
+    let again = c.campaign("svc", "b", l).await.unwrap();
+    assert_eq!(again.leader().unwrap().rev(), leader.rev());
+    assert_eq!(again.header().unwrap().revision(), leader.rev());
+    let now = c.get(leader.key(), None).await.unwrap();
+    assert_eq!(now.kvs()[0].value(), b"b");
+    assert_eq!(now.kvs()[0].mod_revision(), leader.rev() + 1);
+}
