@@ -584,11 +584,21 @@ impl RaftCore {
             }
         }
         self.apply_entries(rd.take_committed_entries());
-        if !rd.entries().is_empty() || rd.hs().is_some() {
-            let hs = rd.hs().cloned();
-            if let Err(e) = self.node.mut_store().append(rd.entries(), hs.as_ref()) {
-                // Like etcd: a WAL that cannot be written is fatal. Nothing unsynced was acked.
-                crate::fatal(crate::FATAL_EXIT_CODE, &format!("wal append failed: {e}"));
+        let log = self.node.mut_store();
+        match rd.hs() {
+            // A new commit index alone (a leader hearing acks, a follower a heartbeat) is kept
+            // for the next write: a restart takes at least the backend's applied index, and
+            // raft commits the rest of a durable log again. etcd does not sync it either.
+            Some(hs) if rd.entries().is_empty() && log.only_commit_changes(hs) => {
+                log.set_commit(hs.commit);
+            }
+            _ if rd.entries().is_empty() && rd.hs().is_none() => {}
+            hs => {
+                if let Err(e) = log.append(rd.entries(), hs) {
+                    // Like etcd: a WAL that cannot be written is fatal. Nothing unsynced was
+                    // acked.
+                    crate::fatal(crate::FATAL_EXIT_CODE, &format!("wal append failed: {e}"));
+                }
             }
         }
         // A follower's acks go only once what they acknowledge is durable.

@@ -430,6 +430,12 @@ impl RaftLog {
         self.hard_state.commit = commit;
     }
 
+    /// Whether `hs` differs from the hard state in effect only in its commit index (raft's
+    /// MustSync is false for it: a commit needs no write of its own, as in etcd).
+    pub fn only_commit_changes(&self, hs: &HardState) -> bool {
+        hs.term == self.hard_state.term && hs.vote == self.hard_state.vote
+    }
+
     fn splice(&mut self, entries: Vec<Entry>) {
         let Some(first) = entries.first().map(|e| e.index) else {
             return;
