@@ -427,7 +427,8 @@ impl RaftLog {
     /// Records a new commit index; it reaches disk with the next batch (commit can always be
     /// recomputed by raft, so it needs no sync of its own).
     pub fn set_commit(&mut self, commit: u64) {
-        self.hard_state.commit = commit;
+        // Never back: a state installed from the leader may have set it past raft's figure.
+        self.hard_state.commit = self.hard_state.commit.max(commit);
     }
 
     /// Whether `hs` differs from the hard state in effect only in its commit index (raft's
