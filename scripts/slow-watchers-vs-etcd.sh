@@ -22,7 +22,8 @@ WORK="${WORK_DIR:-/tmp/keel-slow-watchers}"
 keel_bins
 PORT=23910
 mkdir -p "$WORK"
-trap 'kill "$PID" 2>/dev/null || true' EXIT
+PID=""
+trap '[ -n "$PID" ] && kill "$PID" 2>/dev/null; true' EXIT
 RESULTS="$WORK/results.tsv"; : > "$RESULTS"
 
 for rep in $(seq 1 "$REPS"); do
@@ -33,13 +34,15 @@ for rep in $(seq 1 "$REPS"); do
         --threads 2 put --total "$TOTAL" --key-size 8 --val-size 256 --json > "$WORK/run.json"
       rss=$(rss_mib "$PID")
       kill "$PID"; wait "$PID" 2>/dev/null || true
+      PID=""
       python3 - "$which" "$w" "$rss" "$WORK/run.json" >> "$RESULTS" <<'PY'
 import json, sys
 which, w, rss, path = sys.argv[1:5]
 d = json.load(open(path))
 errs = sum(d["errors"].values())
+steady = d["p99_ms_after_first_second"]  # None for a run shorter than a second
 print("\t".join(map(str, [which, w, round(d["requests_per_sec"], 1), d["latency_ms"]["p99"],
-      d["p99_ms_after_first_second"], rss, errs])))
+      "nan" if steady is None else steady, rss, errs])))
 PY
     done
   done

@@ -9,6 +9,7 @@ use keel_proto::{v3electionpb as epb, v3lockpb as lpb};
 use tonic::{Code, Request, Response, Status};
 
 use crate::backend::Backend;
+use crate::service::check_size;
 use crate::ApiError;
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -17,6 +18,17 @@ type Reply<T> = Result<Response<T>, Status>;
 /// a plain error, which gRPC sends as Unknown with the same text (whatever its KV code).
 fn relayed(e: ApiError) -> Status {
     Status::new(Code::Unknown, e.to_string())
+}
+
+/// A request over grpc's receive limit is refused by grpc itself in etcd (ResourceExhausted),
+/// before the service sees it.
+fn received<M: keel_proto::prost::Message, B: Backend>(
+    req: Request<M>,
+    backend: &B,
+) -> Result<M, Status> {
+    let m = req.into_inner();
+    check_size(&m, backend.limits())?;
+    Ok(m)
 }
 
 pub struct LockService<B> {
@@ -32,12 +44,12 @@ impl<B> LockService<B> {
 #[tonic::async_trait]
 impl<B: Backend> lpb::lock_server::Lock for LockService<B> {
     async fn lock(&self, req: Request<lpb::LockRequest>) -> Reply<lpb::LockResponse> {
-        let r = self.backend.lock(req.into_inner()).await;
+        let r = self.backend.lock(received(req, &*self.backend)?).await;
         Ok(Response::new(r.map_err(relayed)?))
     }
 
     async fn unlock(&self, req: Request<lpb::UnlockRequest>) -> Reply<lpb::UnlockResponse> {
-        let r = self.backend.unlock(req.into_inner()).await;
+        let r = self.backend.unlock(received(req, &*self.backend)?).await;
         Ok(Response::new(r.map_err(relayed)?))
     }
 }
@@ -57,17 +69,17 @@ type Observed = Pin<Box<dyn Stream<Item = Result<epb::LeaderResponse, Status>> +
 #[tonic::async_trait]
 impl<B: Backend> epb::election_server::Election for ElectionService<B> {
     async fn campaign(&self, req: Request<epb::CampaignRequest>) -> Reply<epb::CampaignResponse> {
-        let r = self.backend.campaign(req.into_inner()).await;
+        let r = self.backend.campaign(received(req, &*self.backend)?).await;
         Ok(Response::new(r.map_err(relayed)?))
     }
 
     async fn proclaim(&self, req: Request<epb::ProclaimRequest>) -> Reply<epb::ProclaimResponse> {
-        let r = self.backend.proclaim(req.into_inner()).await;
+        let r = self.backend.proclaim(received(req, &*self.backend)?).await;
         Ok(Response::new(r.map_err(relayed)?))
     }
 
     async fn leader(&self, req: Request<epb::LeaderRequest>) -> Reply<epb::LeaderResponse> {
-        let r = self.backend.leader(req.into_inner());
+        let r = self.backend.leader(received(req, &*self.backend)?);
         Ok(Response::new(r.map_err(relayed)?))
     }
 
@@ -76,13 +88,13 @@ impl<B: Backend> epb::election_server::Election for ElectionService<B> {
     async fn observe(&self, req: Request<epb::LeaderRequest>) -> Reply<Observed> {
         let out = self
             .backend
-            .observe(req.into_inner())
+            .observe(received(req, &*self.backend)?)
             .map(|r| r.map_err(relayed));
         Ok(Response::new(Box::pin(out)))
     }
 
     async fn resign(&self, req: Request<epb::ResignRequest>) -> Reply<epb::ResignResponse> {
-        let r = self.backend.resign(req.into_inner()).await;
+        let r = self.backend.resign(received(req, &*self.backend)?).await;
         Ok(Response::new(r.map_err(relayed)?))
     }
 }

@@ -23,7 +23,7 @@ pub fn decode_limit_bytes(limits: Limits) -> usize {
 }
 
 /// etcd's gRPC server refuses messages over max-request-bytes + 512 KiB with grpc-go's text.
-fn check_size<M: Message>(m: &M, limits: Limits) -> Result<(), ApiError> {
+pub(crate) fn check_size<M: Message>(m: &M, limits: Limits) -> Result<(), ApiError> {
     let got = m.encoded_len();
     let max = limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
     if got > max {

@@ -397,10 +397,8 @@ pub fn observe(ctx: Arc<WatchContext>, r: epb::LeaderRequest) -> keel_net::Obser
             let first =
                 match crate::apply::range(&*ctx.mvcc, &by_create(&prefix, SortOrder::Ascend, 0)) {
                     Ok(r) => r,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
+                    // etcd's observer ends its stream cleanly when a read or watch fails.
+                    Err(_) => return,
                 };
             let (mut seen, leader) = match first.kvs.into_iter().next() {
                 Some(kv) => (first.header.map_or(0, |h| h.revision), kv),
@@ -415,10 +413,7 @@ pub fn observe(ctx: Arc<WatchContext>, r: epb::LeaderRequest) -> keel_net::Obser
                     };
                     match first_put {
                         Ok(kv) => (kv.mod_revision, kv),
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
+                        Err(_) => return,
                     }
                 }
             };
@@ -439,10 +434,7 @@ pub fn observe(ctx: Arc<WatchContext>, r: epb::LeaderRequest) -> keel_net::Obser
                         .map_err(crate::apply::storage_err);
                     let (changes, last) = match got {
                         Ok(c) => c,
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
+                        Err(_) => return,
                     };
                     seen = last;
                     let mut deleted = false;

@@ -597,12 +597,11 @@ impl RaftCore {
         self.apply_entries(rd.take_committed_entries());
         let log = self.node.mut_store();
         match rd.hs() {
-            // A new commit index alone (a leader hearing acks, a follower a heartbeat) is kept
-            // for the next write: a restart takes at least the backend's applied index, and
-            // raft commits the rest of a durable log again. etcd does not sync it either.
-            Some(hs) if rd.entries().is_empty() && log.only_commit_changes(hs) => {
-                log.set_commit(hs.commit);
-            }
+            // A new commit index alone (a leader hearing acks, a follower a heartbeat: raft's
+            // MustSync is false) is kept for the next write: a restart takes at least the
+            // backend's applied index, and raft commits the rest of a durable log again. etcd
+            // does not sync it either.
+            Some(hs) if !rd.must_sync() => log.set_commit(hs.commit),
             _ if rd.entries().is_empty() && rd.hs().is_none() => {}
             hs => {
                 if let Err(e) = log.append(rd.entries(), hs) {

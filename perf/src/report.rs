@@ -1,6 +1,7 @@
 //! Results: merged from every client, printed as a text table or JSON, and drawn as an SVG
-//! (latency percentiles over time, and the latency CDF). Every percentile comes from the
-//! merged HDR histogram (3 significant digits), never from a sample.
+//! (latency percentiles over time, and the latency CDF). The whole run's percentiles come from
+//! the merged HDR histogram (3 significant digits); the p99 of each second, and of the run after
+//! its first second, from the samples (every request is one).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

@@ -427,14 +427,8 @@ impl RaftLog {
     /// Records a new commit index; it reaches disk with the next batch (commit can always be
     /// recomputed by raft, so it needs no sync of its own).
     pub fn set_commit(&mut self, commit: u64) {
-        // Never back: a state installed from the leader may have set it past raft's figure.
+        // Raft's commit index never goes back, and neither does this record of it.
         self.hard_state.commit = self.hard_state.commit.max(commit);
-    }
-
-    /// Whether `hs` differs from the hard state in effect only in its commit index (raft's
-    /// MustSync is false for it: a commit needs no write of its own, as in etcd).
-    pub fn only_commit_changes(&self, hs: &HardState) -> bool {
-        hs.term == self.hard_state.term && hs.vote == self.hard_state.vote
     }
 
     fn splice(&mut self, entries: Vec<Entry>) {

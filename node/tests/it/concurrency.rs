@@ -211,7 +211,8 @@ async fn election_service_through_the_etcd_client_crate() {
 
 /// What etcd's Lock and Election services answer where they differ from its KV service: every
 /// error comes back as gRPC Unknown with etcd's text (etcd relays its own client's error as a
-/// plain error), and a repeated Campaign answers with its own transaction's header.
+/// plain error) unless grpc refused the request first, and a repeated Campaign answers with its
+/// own transaction's header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_and_election_answer_as_etcd() {
     let dir = tempfile::tempdir().unwrap();
@@ -239,6 +240,15 @@ async fn lock_and_election_answer_as_etcd() {
             tonic::Code::Unknown,
             "etcdserver: key is not provided".to_string()
         )
+    );
+    // Over grpc's receive limit, grpc itself refuses it (ResourceExhausted), as etcd's.
+    let huge = "n".repeat(2_600_000);
+    let e = c.lock(huge, None).await.unwrap_err();
+    let (code, msg) = unknown(e);
+    assert_eq!(code, tonic::Code::ResourceExhausted, "{msg}");
+    assert!(
+        msg.starts_with("grpc: received message larger than max"),
+        "{msg}"
     );
     // A second campaign with the same lease and a new value proclaims it, and answers with
     // the header of its transaction, from before the proclaim.
