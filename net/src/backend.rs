@@ -91,6 +91,16 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// This member knows a leader (a lone member always does).
+    fn has_leader(&self) -> bool {
+        true
+    }
+
+    /// The election timeout (`--election-timeout`).
+    fn election_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(1000)
+    }
+
     /// Cluster.MemberAdd: the new member, once the change applied here.
     fn member_add(
         &self,

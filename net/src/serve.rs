@@ -67,9 +67,13 @@ pub async fn serve<B: Backend>(
         })
     });
     let limit = decode_limit_bytes(backend.limits());
-    let learner = {
-        let b = backend.clone();
-        std::sync::Arc::new(move || b.is_learner())
+    let gate = {
+        let (b, l) = (backend.clone(), backend.clone());
+        unserved::Gate {
+            learner: Arc::new(move || b.is_learner()),
+            has_leader: Arc::new(move || l.has_leader()),
+            election_timeout: backend.election_timeout(),
+        }
     };
     // gRPC health checking, as etcd registers it: "" (all of etcd's services) is SERVING.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -114,7 +118,7 @@ pub async fn serve<B: Backend>(
                 .max_decoding_message_size(limit),
         );
     let mut routes = routes.routes();
-    unserved::route(routes.axum_router_mut(), learner);
+    unserved::route(routes.axum_router_mut(), gate);
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(16 << 20))

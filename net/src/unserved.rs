@@ -118,32 +118,146 @@ async fn answer(uri: http::Uri) -> http::Response<tonic::body::Body> {
 /// the backend checks).
 const LEARNER_SERVES: &[&str] = &["/etcdserverpb.Maintenance/Status", "/etcdserverpb.KV/Range"];
 
+/// etcd's gRPC metadata asking that a call fail rather than wait when the member has no leader
+/// (clientv3's WithRequireLeader: etcdctl's watch, kube-apiserver's watches).
+const REQUIRE_LEADER_KEY: &str = "hasleader";
+const REQUIRE_LEADER_VALUE: &str = "true";
+/// etcd cancels a stream that asked for a leader once its member has had none for this many
+/// election timeouts in a row (its maxNoLeaderCnt).
+const NO_LEADER_TIMEOUTS: u32 = 3;
+/// The streaming calls (etcd's stream interceptor watches these).
+const STREAMS: &[&str] = &[
+    "/etcdserverpb.Watch/Watch",
+    "/etcdserverpb.Lease/LeaseKeepAlive",
+    "/etcdserverpb.Maintenance/Snapshot",
+    "/etcdserverpb.KV/RangeStream",
+    "/v3electionpb.Election/Observe",
+];
+
+/// What the layer in front of every call asks of the member.
+pub struct Gate {
+    pub learner: std::sync::Arc<dyn Fn() -> bool + Send + Sync>,
+    pub has_leader: std::sync::Arc<dyn Fn() -> bool + Send + Sync>,
+    pub election_timeout: std::time::Duration,
+}
+
+fn no_leader() -> tonic::Status {
+    tonic::Status::unavailable("etcdserver: no leader")
+}
+
 /// Routes every call the router does not serve to `answer`, answers unknown methods of served
-/// services the same way, and, while `learner()` holds, every call a learner does not serve
-/// (streams included) with etcd's "rpc not supported for learner". One layer checks both.
-pub fn route(router: &mut axum::Router, learner: std::sync::Arc<dyn Fn() -> bool + Send + Sync>) {
+/// services the same way, and, while the member is a learner, every call a learner does not
+/// serve (streams included) with etcd's "rpc not supported for learner". A call that asks for a
+/// leader (`hasleader: true`) is refused with etcd's "no leader" while the member has none,
+/// and a stream that asked is ended so once the member has had none for
+/// `NO_LEADER_TIMEOUTS` election timeouts (as etcd's interceptors do). One layer checks all.
+pub fn route(router: &mut axum::Router, gate: Gate) {
     let r = std::mem::take(router);
+    let gate = std::sync::Arc::new(gate);
     *router = r.fallback(answer).layer(axum::middleware::from_fn(
         move |req: axum::extract::Request, next: axum::middleware::Next| {
             let path = req.uri().path();
-            let refused = if learner() && !LEARNER_SERVES.contains(&path) {
+            let wants_leader = req
+                .headers()
+                .get(REQUIRE_LEADER_KEY)
+                .is_some_and(|v| v == REQUIRE_LEADER_VALUE);
+            let refused = if (gate.learner)() && !LEARNER_SERVES.contains(&path) {
                 Some(tonic::Status::unavailable(
                     "etcdserver: rpc not supported for learner",
                 ))
             } else if unknown_method_of_served(path) {
                 Some(tonic::Status::unimplemented(message(path)))
+            } else if wants_leader && !(gate.has_leader)() {
+                Some(no_leader())
             } else {
                 None
             };
+            let watched = (wants_leader && STREAMS.contains(&path)).then(|| gate.clone());
             async move {
                 if let Some(status) = refused {
                     let answer: http::Response<axum::body::Body> = status.into_http();
                     return answer;
                 }
-                next.run(req).await
+                let resp = next.run(req).await;
+                match watched {
+                    Some(gate) => {
+                        resp.map(|body| axum::body::Body::new(LeaderWatch::new(body, &gate)))
+                    }
+                    None => resp,
+                }
             }
         },
     ));
+}
+
+/// A stream's body that ends with etcd's "no leader" once the member has had no leader for
+/// `NO_LEADER_TIMEOUTS` checks in a row, one per election timeout (dropping the call's own
+/// stream, which ends its work).
+struct LeaderWatch {
+    inner: Option<axum::body::Body>,
+    has_leader: std::sync::Arc<dyn Fn() -> bool + Send + Sync>,
+    check: tokio::time::Interval,
+    misses: u32,
+}
+
+impl LeaderWatch {
+    fn new(inner: axum::body::Body, gate: &Gate) -> LeaderWatch {
+        let every = gate.election_timeout;
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        LeaderWatch {
+            inner: Some(inner),
+            has_leader: gate.has_leader.clone(),
+            check,
+            misses: 0,
+        }
+    }
+}
+
+impl http_body::Body for LeaderWatch {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match std::pin::Pin::new(inner).poll_frame(cx) {
+            Poll::Pending => {}
+            Poll::Ready(None) => {
+                self.inner = None;
+                return Poll::Ready(None);
+            }
+            ready => return ready,
+        }
+        while self.check.poll_tick(cx).is_ready() {
+            self.misses = if (self.has_leader)() {
+                0
+            } else {
+                self.misses + 1
+            };
+            if self.misses >= NO_LEADER_TIMEOUTS {
+                // The call's stream goes now: its work stops with it.
+                self.inner = None;
+                let mut trailers = http::HeaderMap::new();
+                for (k, v) in no_leader().into_http::<()>().headers() {
+                    if k.as_str().starts_with("grpc-") {
+                        trailers.insert(k.clone(), v.clone());
+                    }
+                }
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
 }
 
 #[cfg(test)]

@@ -427,6 +427,14 @@ impl Backend for NodeBackend {
         self.learner()
     }
 
+    fn has_leader(&self) -> bool {
+        self.status.leader_id.load(Ordering::Acquire) != 0
+    }
+
+    fn election_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.cfg.election_ms)
+    }
+
     fn member_add(
         &self,
         mut peer_urls: Vec<String>,

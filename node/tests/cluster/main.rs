@@ -1224,3 +1224,125 @@ fn removing_a_healthy_voter_while_another_is_down_is_refused() {
         assert!(out.contains("removed from cluster"), "{out}");
     }
 }
+
+/// A watch stream on `url` (one watcher on `key`), with etcd's `hasleader: true` metadata if
+/// `require_leader` (clientv3's WithRequireLeader); its requests' sender, kept while it lives.
+async fn watch_stream(
+    url: &str,
+    key: &str,
+    require_leader: bool,
+) -> (
+    tonic::Streaming<pb::WatchResponse>,
+    tokio::sync::mpsc::Sender<pb::WatchRequest>,
+) {
+    let ch = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut w = pb::watch_client::WatchClient::new(ch);
+    let (req_tx, req_rx) = tokio::sync::mpsc::channel(4);
+    let create = pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key: key.as_bytes().to_vec().into(),
+                ..Default::default()
+            },
+        )),
+    };
+    req_tx.send(create).await.unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(req_rx));
+    if require_leader {
+        req.metadata_mut()
+            .insert("hasleader", "true".parse().unwrap());
+    }
+    let mut stream = w.watch(req).await.unwrap().into_inner();
+    let created = stream.message().await.unwrap().unwrap();
+    assert!(created.created);
+    (stream, req_tx)
+}
+
+/// etcd's require-leader contract (etcdctl's watch and kube-apiserver's watches ask for it): on
+/// a member cut off from its leader, a stream that asked ends with "etcdserver: no leader"
+/// after a few election timeouts, a call that asks is refused at once, and streams that did
+/// not ask stay open.
+#[test]
+fn a_member_without_a_leader_ends_the_streams_that_require_one() {
+    let _s = serial();
+    let c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let cut = (leader + 1) % 3;
+    let url = c.members[cut].url();
+    let rt = rt();
+    // etcdctl's watch asks for a leader too, and says so as it does against etcd.
+    let mut etcdctl_watch = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={url}"))
+        .args(["watch", "k"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("etcdctl runs");
+    rt.block_on(async {
+        let (mut strict, _keep1) = watch_stream(&url, "k", true).await;
+        let (mut lax, _keep2) = watch_stream(&url, "k", false).await;
+        c.isolate(&[cut]);
+        let isolated = Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(15), strict.message())
+            .await
+            .expect("the stream that requires a leader was never ended");
+        let status = end.expect_err("it ends with an error");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), "etcdserver: no leader");
+        // Three election timeouts (1 s each) after the member lost its leader, give or take one.
+        let took = isolated.elapsed();
+        assert!(took >= Duration::from_secs(2), "ended after {took:?}");
+        // The stream that did not ask is still open.
+        let still = tokio::time::timeout(Duration::from_millis(500), lax.message()).await;
+        assert!(still.is_err(), "the lax stream ended: {still:?}");
+        // A unary call that asks for a leader is refused at once.
+        let mut kv = kv(&url).await;
+        let mut req = tonic::Request::new(pb::RangeRequest {
+            key: b"k".to_vec().into(),
+            serializable: true,
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("hasleader", "true".parse().unwrap());
+        let refused = kv.range(req).await.expect_err("refused without a leader");
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert_eq!(refused.message(), "etcdserver: no leader");
+        // Without the metadata, a serializable read is served from the member's own state.
+        let mut kv = kv.clone();
+        let plain = kv
+            .range(pb::RangeRequest {
+                key: b"k".to_vec().into(),
+                serializable: true,
+                ..Default::default()
+            })
+            .await;
+        assert!(plain.is_ok(), "{plain:?}");
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while etcdctl_watch.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = etcdctl_watch.kill();
+            panic!("etcdctl watch went on without a leader");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = etcdctl_watch.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(5), "{stdout}{stderr}");
+    assert_eq!(
+        (stdout.as_ref(), stderr.as_ref()),
+        (
+            "",
+            "watch was canceled (etcdserver: no leader)\nError: watch is canceled by the server\n"
+        )
+    );
+    c.heal();
+}
