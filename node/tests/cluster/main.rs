@@ -249,29 +249,13 @@ fn a_watch_on_a_follower_sees_every_event_across_a_leader_change() {
     let (tx, rx) = std::sync::mpsc::channel();
     let watcher = std::thread::spawn(move || {
         harness::rt().block_on(async move {
-            let ch = Channel::from_shared(watch_url)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut w = pb::watch_client::WatchClient::new(ch);
-            let (req_tx, req_rx) = tokio::sync::mpsc::channel(4);
-            let create = pb::WatchRequest {
-                request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
-                    pb::WatchCreateRequest {
-                        key: b"w/".to_vec().into(),
-                        range_end: b"w0".to_vec().into(),
-                        start_revision: start + 1,
-                        ..Default::default()
-                    },
-                )),
+            let create = pb::WatchCreateRequest {
+                key: b"w/".to_vec().into(),
+                range_end: b"w0".to_vec().into(),
+                start_revision: start + 1,
+                ..Default::default()
             };
-            req_tx.send(create).await.unwrap();
-            let mut stream = w
-                .watch(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-                .await
-                .unwrap()
-                .into_inner();
+            let (mut stream, req_tx) = watch_stream(&watch_url, create, false).await;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             let mut seen = Vec::new();
             while seen.len() < 200 {
@@ -1225,11 +1209,12 @@ fn removing_a_healthy_voter_while_another_is_down_is_refused() {
     }
 }
 
-/// A watch stream on `url` (one watcher on `key`), with etcd's `hasleader: true` metadata if
-/// `require_leader` (clientv3's WithRequireLeader); its requests' sender, kept while it lives.
+/// A watch stream on `url` with one watcher, created; with etcd's `hasleader: true` metadata
+/// if `require_leader` (clientv3's WithRequireLeader). Also its requests' sender, to keep
+/// while it lives.
 async fn watch_stream(
     url: &str,
-    key: &str,
+    create: pb::WatchCreateRequest,
     require_leader: bool,
 ) -> (
     tonic::Streaming<pb::WatchResponse>,
@@ -1243,12 +1228,7 @@ async fn watch_stream(
     let mut w = pb::watch_client::WatchClient::new(ch);
     let (req_tx, req_rx) = tokio::sync::mpsc::channel(4);
     let create = pb::WatchRequest {
-        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
-            pb::WatchCreateRequest {
-                key: key.as_bytes().to_vec().into(),
-                ..Default::default()
-            },
-        )),
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)),
     };
     req_tx.send(create).await.unwrap();
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(req_rx));
@@ -1284,8 +1264,12 @@ fn a_member_without_a_leader_ends_the_streams_that_require_one() {
         .spawn()
         .expect("etcdctl runs");
     rt.block_on(async {
-        let (mut strict, _keep1) = watch_stream(&url, "k", true).await;
-        let (mut lax, _keep2) = watch_stream(&url, "k", false).await;
+        let on_k = || pb::WatchCreateRequest {
+            key: b"k".to_vec().into(),
+            ..Default::default()
+        };
+        let (mut strict, _keep1) = watch_stream(&url, on_k(), true).await;
+        let (mut lax, _keep2) = watch_stream(&url, on_k(), false).await;
         c.isolate(&[cut]);
         let isolated = Instant::now();
         let end = tokio::time::timeout(Duration::from_secs(15), strict.message())
