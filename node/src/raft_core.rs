@@ -111,6 +111,8 @@ const READ_INDEX_RETRY: Duration = Duration::from_millis(200);
 /// leader's log (forwarded late) before it is given up as lost.
 const ORPHAN_GRACE: Duration = Duration::from_millis(300);
 
+/// Writes held while there is no leader at most (beyond: "no leader" at once).
+const LEADERLESS_MAX: usize = 16 * 1024;
 /// Most proposals drained into one batch (bounds one WAL record and one turn's latency).
 const BATCH_PROPOSALS_MAX: usize = 8192;
 const BATCH_BYTES_MAX: usize = 32 << 20;
@@ -166,6 +168,10 @@ pub struct RaftCore {
     membership: Arc<Membership>,
     /// Waiting proposals: the term they were made in and who waits.
     pending: HashMap<u64, (u64, Responder)>,
+    /// Client writes that came while this member knew no leader (raft-rs would drop them):
+    /// proposed once one is known, as etcd's writes wait for a leader rather than fail; their
+    /// callers give up after etcd's request timeout ("request timed out"), which drops them.
+    leaderless: std::collections::VecDeque<Proposal>,
     /// Reads collected this turn, asked together in one ReadIndex round.
     read_batch: Vec<Reader>,
     /// ReadIndex rounds asked: context -> (when, readers).
@@ -262,6 +268,7 @@ impl RaftCore {
             start_peers: links.start_peers,
             membership: links.membership,
             pending: HashMap::new(),
+            leaderless: Default::default(),
             read_batch: Vec::new(),
             reads_asked: HashMap::new(),
             reads_ready: BTreeMap::new(),
@@ -293,6 +300,9 @@ impl RaftCore {
         const IDLE_COLLECT_AFTER: Duration = Duration::from_millis(100);
         let mut next_tick = Instant::now() + self.tick;
         loop {
+            // A leader learnt of in the last turn takes the writes held for one now, so this
+            // turn's ready carries them.
+            self.propose_leaderless();
             self.on_ready();
             self.commit_backend_if_due();
             let mut batch_bytes = 0;
@@ -341,6 +351,7 @@ impl RaftCore {
                 // Callers that gave up (their proposal was lost on the way, e.g. a forward
                 // dropped by a full queue) leave nothing behind.
                 self.pending.retain(|_, (_, tx)| !tx.is_closed());
+                self.leaderless.retain(|p| !p.tx.is_closed());
                 self.check_transfers();
                 self.auto_promote();
                 next_tick += self.tick;
@@ -538,6 +549,18 @@ impl RaftCore {
         self.propose_own(req);
     }
 
+    /// Proposes the writes held while there was no leader, once there is one.
+    fn propose_leaderless(&mut self) {
+        if self.leaderless.is_empty() || self.node.raft.leader_id == raft::INVALID_ID {
+            return;
+        }
+        for p in std::mem::take(&mut self.leaderless) {
+            if !p.tx.is_closed() {
+                self.propose(p);
+            }
+        }
+    }
+
     /// Proposes a request of the leader's own (no client waits for its answer).
     fn propose_own(&mut self, req: InternalRequest) {
         let (tx, _) = oneshot::channel();
@@ -550,6 +573,14 @@ impl RaftCore {
     fn propose(&mut self, p: Proposal) {
         self.last_proposal = Instant::now();
         self.collected = false;
+        if self.node.raft.leader_id == raft::INVALID_ID {
+            if self.leaderless.len() < LEADERLESS_MAX {
+                self.leaderless.push_back(p);
+            } else {
+                let _ = p.tx.send(Err(ApiError::NoLeader));
+            }
+            return;
+        }
         self.track(p.tx, |node, ctx| node.propose(ctx, p.data));
     }
 

@@ -1330,3 +1330,47 @@ fn a_member_without_a_leader_ends_the_streams_that_require_one() {
     );
     c.heal();
 }
+
+/// A write sent to a member that knows no leader waits for one, as etcd's (whose raft takes no
+/// proposal without a leader while the caller waits up to its request timeout), and commits
+/// once a leader is elected; it is not failed with "no leader".
+#[test]
+fn a_write_without_a_leader_waits_for_one() {
+    let _s = serial();
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let left = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    c.kill9(leader);
+    c.kill9(other);
+    // The survivor finds it has no leader within an election timeout or two.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c
+        .status(left)
+        .is_some_and(|s| s.leader != 0 && s.leader != c.member_id(left))
+    {
+        assert!(Instant::now() < deadline, "the survivor kept its leader");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let url = c.members[left].url();
+    let rt = rt();
+    let sent = Instant::now();
+    let write = std::thread::spawn(move || {
+        harness::rt().block_on(put(&url, "waited", "yes", Duration::from_secs(20)))
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!write.is_finished(), "the write did not wait for a leader");
+    c.restart(other);
+    let rev = write
+        .join()
+        .unwrap()
+        .expect("the write commits once a leader is elected");
+    assert!(rev > 0);
+    assert!(sent.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(
+        rt.block_on(get(&c.members[left].url(), "waited", false, T))
+            .unwrap(),
+        Some("yes".into())
+    );
+}
