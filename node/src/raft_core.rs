@@ -168,10 +168,11 @@ pub struct RaftCore {
     membership: Arc<Membership>,
     /// Waiting proposals: the term they were made in and who waits.
     pending: HashMap<u64, (u64, Responder)>,
-    /// Client writes that came while this member knew no leader (raft-rs would drop them):
-    /// proposed once one is known, as etcd's writes wait for a leader rather than fail; their
-    /// callers give up after etcd's request timeout ("request timed out"), which drops them.
-    leaderless: std::collections::VecDeque<Proposal>,
+    /// Client writes that came while this member knew no leader (raft-rs would drop them),
+    /// with when: proposed once one is known, so a write sent during an election commits after
+    /// it, as etcd's do. etcd holds them up to its 7 s request timeout; these wait at most an
+    /// election timeout, then "no leader" (answered within 2 s, the cluster's failover rule).
+    leaderless: std::collections::VecDeque<(Instant, Proposal)>,
     /// Reads collected this turn, asked together in one ReadIndex round.
     read_batch: Vec<Reader>,
     /// ReadIndex rounds asked: context -> (when, readers).
@@ -351,7 +352,15 @@ impl RaftCore {
                 // Callers that gave up (their proposal was lost on the way, e.g. a forward
                 // dropped by a full queue) leave nothing behind.
                 self.pending.retain(|_, (_, tx)| !tx.is_closed());
-                self.leaderless.retain(|p| !p.tx.is_closed());
+                let given_up = Instant::now().checked_sub(self.election_timeout);
+                while let Some((at, _)) = self.leaderless.front() {
+                    if given_up.is_none_or(|g| *at > g) {
+                        break;
+                    }
+                    let (_, p) = self.leaderless.pop_front().expect("front");
+                    let _ = p.tx.send(Err(ApiError::NoLeader));
+                }
+                self.leaderless.retain(|(_, p)| !p.tx.is_closed());
                 self.check_transfers();
                 self.auto_promote();
                 next_tick += self.tick;
@@ -554,7 +563,7 @@ impl RaftCore {
         if self.leaderless.is_empty() || self.node.raft.leader_id == raft::INVALID_ID {
             return;
         }
-        for p in std::mem::take(&mut self.leaderless) {
+        for (_, p) in std::mem::take(&mut self.leaderless) {
             if !p.tx.is_closed() {
                 self.propose(p);
             }
@@ -575,7 +584,7 @@ impl RaftCore {
         self.collected = false;
         if self.node.raft.leader_id == raft::INVALID_ID {
             if self.leaderless.len() < LEADERLESS_MAX {
-                self.leaderless.push_back(p);
+                self.leaderless.push_back((Instant::now(), p));
             } else {
                 let _ = p.tx.send(Err(ApiError::NoLeader));
             }
