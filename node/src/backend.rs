@@ -392,30 +392,30 @@ impl Backend for NodeBackend {
         // The backend file's size, as etcd reports its bbolt file, and the part in use.
         let space = self.store.space();
         let (db_bytes, db_bytes_in_use) = (space.bytes() as i64, space.bytes_in_use() as i64);
+        let leader = self.status.leader_id.load(Ordering::Acquire);
+        // etcd says first that it has no leader, then lists active alarms (protobuf's text).
+        let no_leader = (leader == 0).then(|| ApiError::NoLeader.to_string());
+        let alarms = self.alarms().into_iter().map(|a| {
+            let name = pb::AlarmType::try_from(a.alarm)
+                .map(|t| t.as_str_name())
+                .unwrap_or("NONE");
+            format!("memberID:{} alarm:{name} ", a.member_id)
+        });
         pb::StatusResponse {
             header: Some(self.header(0)),
             version: ETCD_API_VERSION.to_string(),
             db_size: db_bytes,
-            leader: self.status.leader_id.load(Ordering::Acquire),
+            leader,
             raft_index: self.status.commit_index.load(Ordering::Acquire),
             raft_term: self.status.term.load(Ordering::Acquire),
             raft_applied_index: self.status.applied_index.load(Ordering::Acquire),
-            // etcd lists active alarms here, in protobuf's text form.
-            errors: self
-                .alarms()
-                .iter()
-                .map(|a| {
-                    let name = pb::AlarmType::try_from(a.alarm)
-                        .map(|t| t.as_str_name())
-                        .unwrap_or("NONE");
-                    format!("memberID:{} alarm:{name} ", a.member_id)
-                })
-                .collect(),
+            errors: no_leader.into_iter().chain(alarms).collect(),
             db_size_in_use: db_bytes_in_use,
             is_learner: self.learner(),
             storage_version: String::new(),
             db_size_quota: self.cfg.quota_backend_bytes.unwrap_or(0) as i64,
-            downgrade_info: None,
+            // etcd 3.6 always reports one (no downgrade in progress).
+            downgrade_info: Some(Default::default()),
         }
     }
 

@@ -1307,6 +1307,10 @@ fn a_member_without_a_leader_ends_the_streams_that_require_one() {
             .await;
         assert!(plain.is_ok(), "{plain:?}");
     });
+    // Status says so, as etcd's (`endpoint status` shows it in its errors column).
+    let status = c.status(cut).expect("the member answers Status");
+    assert_eq!(status.leader, 0);
+    assert_eq!(status.errors, vec!["etcdserver: no leader".to_string()]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while etcdctl_watch.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
