@@ -642,7 +642,7 @@ impl RaftCore {
             // backend's applied index, and raft commits the rest of a durable log again. etcd
             // does not sync it either.
             Some(hs) if !rd.must_sync() => log.set_commit(hs.commit),
-            _ if rd.entries().is_empty() && rd.hs().is_none() => {}
+            None if rd.entries().is_empty() => {}
             hs => {
                 if let Err(e) = log.append(rd.entries(), hs) {
                     // Like etcd: a WAL that cannot be written is fatal. Nothing unsynced was

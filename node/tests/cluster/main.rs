@@ -1297,7 +1297,6 @@ fn a_member_without_a_leader_ends_the_streams_that_require_one() {
         assert_eq!(refused.code(), tonic::Code::Unavailable);
         assert_eq!(refused.message(), "etcdserver: no leader");
         // Without the metadata, a serializable read is served from the member's own state.
-        let mut kv = kv.clone();
         let plain = kv
             .range(pb::RangeRequest {
                 key: b"k".to_vec().into(),
