@@ -68,6 +68,91 @@ pub trait Inbound: Send + Sync + 'static {
     fn query(&self) -> Bytes {
         Bytes::new()
     }
+    /// Whether the member reads frames connections itself (`adopt`) instead of having the
+    /// transport's runtime read them and call `frame`.
+    fn adopts(&self) -> bool {
+        false
+    }
+    /// A frames connection from a peer, handed over once its hello checked out (only when
+    /// `adopts`). Dropping it closes the connection; the peer dials again.
+    fn adopt(&self, link: Adopted) {
+        drop(link);
+    }
+}
+
+/// A frames connection from a peer that the member reads on a thread of its own: the raft
+/// core waits on the socket itself, so a message from a peer does not cross a thread before
+/// raft sees it. Nonblocking; frames as on any link.
+pub struct Adopted {
+    from: u64,
+    stream: std::net::TcpStream,
+    buf: BytesMut,
+    scratch: Vec<u8>,
+    /// When activity was last noted (at most every `KEEPALIVE`, as `read_frames`).
+    noted: Option<std::time::Instant>,
+    peers: Arc<Peers>,
+}
+
+impl Adopted {
+    pub fn from(&self) -> u64 {
+        self.from
+    }
+
+    /// Reads everything the socket holds now and hands each whole frame to `each` (empty
+    /// keep-alive frames are not handed on). False once the connection is closed, broken or
+    /// sent an oversized frame: the caller drops it.
+    pub fn read(&mut self, each: &mut dyn FnMut(Bytes)) -> bool {
+        use std::io::Read;
+        loop {
+            match self.stream.read(&mut self.scratch) {
+                Ok(0) => return false,
+                Ok(n) => self.buf.extend_from_slice(&self.scratch[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+            if self.noted.is_none_or(|t| t.elapsed() >= KEEPALIVE) {
+                self.peers.heard_from(self.from);
+                self.noted = Some(std::time::Instant::now());
+            }
+            while let Some(frame) = take_frame(&mut self.buf) {
+                match frame {
+                    Ok(f) if f.is_empty() => {}
+                    Ok(f) => each(f),
+                    Err(len) => {
+                        tracing::warn!(
+                            remote_peer_id = format!("{:x}", self.from),
+                            len,
+                            "peer sent an oversized frame; closing"
+                        );
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Hands a frame the member does not handle on its own thread to `Inbound::frame`, on
+    /// the transport's runtime.
+    pub fn pass(&self, frame: Bytes) {
+        let (peers, from) = (self.peers.clone(), self.from);
+        self.peers
+            .rt
+            .spawn(async move { peers.inbound.frame(from, frame) });
+    }
+}
+
+impl std::os::fd::AsRawFd for Adopted {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        self.peers.link_from(self.from, false);
+    }
 }
 
 /// Asks the members at `urls` (the first that answers) what the cluster looks like.
@@ -289,7 +374,7 @@ impl Peers {
         }
     }
 
-    async fn read_loop(&self, mut s: TcpStream, addr: SocketAddr) {
+    async fn read_loop(self: Arc<Self>, mut s: TcpStream, addr: SocketAddr) {
         let _ = s.set_nodelay(true);
         let mut h = [0u8; HELLO_BYTES];
         if s.read_exact(&mut h).await.is_err() {
@@ -330,6 +415,20 @@ impl Peers {
             return self.read_stream(s, from).await;
         }
         self.link_from(from, true);
+        if self.inbound.adopts() {
+            match s.into_std() {
+                Ok(stream) => self.inbound.adopt(Adopted {
+                    from,
+                    stream,
+                    buf: BytesMut::with_capacity(64 * 1024),
+                    scratch: vec![0; 64 * 1024],
+                    noted: None,
+                    peers: self.clone(),
+                }),
+                Err(_) => self.link_from(from, false),
+            }
+            return;
+        }
         self.read_frames(s, from).await;
         self.link_from(from, false);
     }
@@ -614,6 +713,68 @@ mod tests {
         assert!(d.send(3, Bytes::from_static(b"misdirected")));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(sb.got.lock().unwrap().len(), 1000, "refused frames arrived");
+    }
+
+    /// A member that reads its links itself: they are parked here for the test to read.
+    struct Adopter {
+        sink: Arc<Sink>,
+        links: Mutex<Vec<Adopted>>,
+    }
+
+    impl Inbound for Adopter {
+        fn frame(&self, from: u64, frame: Bytes) {
+            self.sink.frame(from, frame)
+        }
+        fn unreachable(&self, _: u64) {}
+        fn adopts(&self) -> bool {
+            true
+        }
+        fn adopt(&self, link: Adopted) {
+            self.links.lock().unwrap().push(link);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_adopted_link_is_read_by_its_member_and_passes_the_rest_on() {
+        let rt = tokio::runtime::Handle::current();
+        let (la, _ua) = listener();
+        let (lb, ub) = listener();
+        let b_in = Arc::new(Adopter {
+            sink: sink(),
+            links: Mutex::new(Vec::new()),
+        });
+        let a = Peers::start(rt.clone(), 1, 77, vec![la], sink()).unwrap();
+        let b = Peers::start(rt.clone(), 2, 77, vec![lb], b_in.clone()).unwrap();
+        a.connect(2, vec![ub]);
+        // Big frames too: they come in pieces across reads.
+        let sent: Vec<Bytes> = (0..200u32)
+            .map(|i| Bytes::from(vec![i as u8; 1 + (i as usize % 7) * 40_000]))
+            .collect();
+        for f in &sent {
+            assert!(a.send(2, f.clone()));
+        }
+        assert!(wait_for(|| b_in.links.lock().unwrap().len() == 1).await);
+        assert!(
+            b.active_since(1).is_some(),
+            "an adopted link counts as open"
+        );
+        let mut link = b_in.links.lock().unwrap().pop().unwrap();
+        assert_eq!(link.from(), 1);
+        let mut got = Vec::new();
+        for _ in 0..500 {
+            assert!(link.read(&mut |f| got.push(f)), "the link stays open");
+            if got.len() == sent.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(got, sent, "every frame, whole and in order");
+        // What the member hands back reaches Inbound::frame.
+        link.pass(Bytes::from_static(b"lease"));
+        assert!(wait_for(|| b_in.sink.got.lock().unwrap().len() == 1).await);
+        // Dropped: the link is closed and no longer counted.
+        drop(link);
+        assert!(b.active_since(1).is_none());
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::TrySendError;
 use keel_net::{ApiError, Backend, Limits, WriteRequest, WriteResponse};
 use keel_proto::keelpb::InternalRequest;
 use keel_proto::pb;
@@ -57,14 +57,14 @@ fn bad_peer_urls(urls: &[String]) -> bool {
 }
 
 pub struct NodeBackend {
-    pub control: Sender<crate::raft_core::Control>,
+    pub control: crate::bell::Tx<crate::raft_core::Control>,
     pub membership: Arc<crate::cluster::Membership>,
     pub forwarder: Arc<crate::cluster::LeaseForwarder>,
     pub mvcc: Arc<Mvcc>,
     pub watch: Arc<crate::watch::WatchContext>,
     pub leases: Arc<crate::lease::Leases>,
     pub status: Arc<RaftStatus>,
-    pub proposals: Sender<Proposal>,
+    pub proposals: crate::bell::Tx<Proposal>,
     pub member_id: u64,
     pub cfg: Arc<Config>,
     pub store: StoreHandle,

@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use crossbeam_channel::Sender;
-use keel_net::peer::{Inbound, Peers};
+use keel_net::peer::{Adopted, Inbound, Peers};
 use keel_net::ApiError;
 use keel_proto::keelpb;
 use keel_proto::pb;
@@ -164,7 +163,7 @@ fn keel_frame(m: &keelpb::PeerMessage) -> Bytes {
 
 /// What a member receives from its peers.
 pub struct PeerInbound {
-    pub control: Sender<Control>,
+    pub control: crate::bell::Tx<Control>,
     pub leases: Arc<Leases>,
     pub status: Arc<RaftStatus>,
     pub member_id: u64,
@@ -198,6 +197,16 @@ impl Inbound for PeerInbound {
 
     fn unreachable(&self, peer: u64) {
         let _ = self.control.try_send(Control::Unreachable(peer));
+    }
+
+    /// The raft core reads its peers' frames itself (one thread crossing less each way).
+    fn adopts(&self) -> bool {
+        true
+    }
+
+    /// A full control queue drops the link: the peer dials again.
+    fn adopt(&self, link: Adopted) {
+        let _ = self.control.try_send(Control::Adopt(Box::new(link)));
     }
 
     fn query(&self) -> Bytes {

@@ -6,6 +6,7 @@
 mod apply;
 mod autocompact;
 mod backend;
+mod bell;
 mod cluster;
 mod concurrency;
 mod config;
@@ -354,8 +355,13 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         &mut store,
         Duration::from_millis(cfg.election_ms),
     );
+    // The raft core parks on this poll while it reads peer links itself; senders ring.
+    let poll = mio::Poll::new()?;
+    let bell = bell::Bell::new(&poll)?;
     let (tx, rx) = crossbeam_channel::bounded(PROPOSAL_QUEUE_MAX);
+    let tx = bell::Tx::new(tx, bell.clone());
     let (ctl_tx, ctl_rx) = crossbeam_channel::bounded(raft_core::CONTROL_QUEUE_MAX);
+    let ctl_tx = bell::Tx::new(ctl_tx, bell.clone());
     let forwarder = Arc::new(cluster::LeaseForwarder::new());
     let start: raft_core::PeerStarter = {
         let inbound = Arc::new(cluster::PeerInbound {
@@ -407,6 +413,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             peers,
             membership: membership.clone(),
             start_peers: start_peers_later,
+            poll: (poll, bell),
         },
         &cfg,
     )?;

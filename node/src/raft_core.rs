@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use std::collections::BTreeMap;
 
-use crossbeam_channel::{Receiver, Sender};
-use keel_net::peer::Peers;
+use crossbeam_channel::Receiver;
+use keel_net::peer::{Adopted, Peers};
 use keel_net::{ApiError, WriteResponse};
 use keel_proto::keelpb::InternalRequest;
 use keel_proto::prost::Message;
@@ -41,6 +41,7 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::oneshot;
 
 use crate::apply;
+use crate::bell::{Bell, Tx};
 use crate::cluster::Membership;
 use crate::lease::LeaseBook;
 
@@ -64,12 +65,15 @@ pub type Reader = oneshot::Sender<Result<(), ApiError>>;
 /// How the raft core reaches the rest of the cluster.
 pub struct Links {
     /// Its control channel (both ends: it keeps a sender so the channel never disconnects).
-    pub control: (Sender<Control>, Receiver<Control>),
+    pub control: (Tx<Control>, Receiver<Control>),
     /// The peer transport (none for a lone member).
     pub peers: Option<Arc<Peers>>,
     pub membership: Arc<Membership>,
     /// Starts the peer transport when a lone member gets company.
     pub start_peers: Option<PeerStarter>,
+    /// What the raft core parks on while it reads peer links itself, and the bell its
+    /// senders ring.
+    pub poll: (mio::Poll, Arc<Bell>),
 }
 
 pub type PeerStarter = Box<dyn FnOnce() -> anyhow::Result<Arc<Peers>> + Send>;
@@ -94,6 +98,8 @@ pub enum Control {
     Promote(u64, Responder),
     /// MoveLeader: the leader hands leadership to this voter.
     MoveLeader(u64, Responder),
+    /// A frames connection from a peer, to read here (see `Adopted`).
+    Adopt(Box<Adopted>),
 }
 
 /// How long a leadership transfer may take (etcd: its request timeout, 5 s + 2 elections).
@@ -162,7 +168,15 @@ pub struct RaftCore {
     rx: Receiver<Proposal>,
     ctl: Receiver<Control>,
     /// Keeps `ctl` connected whoever else holds a sender.
-    _ctl_tx: Sender<Control>,
+    _ctl_tx: Tx<Control>,
+    /// Peer links read here (`Adopted`), by their poll token.
+    links: HashMap<usize, Adopted>,
+    next_link: usize,
+    poll: mio::Poll,
+    events: mio::Events,
+    bell: Arc<Bell>,
+    /// Links that had something to read at the last poll.
+    readable: Vec<usize>,
     peers: Option<Arc<Peers>>,
     start_peers: Option<PeerStarter>,
     membership: Arc<Membership>,
@@ -265,6 +279,12 @@ impl RaftCore {
             rx,
             ctl: links.control.1,
             _ctl_tx: links.control.0,
+            links: HashMap::new(),
+            next_link: 1,
+            poll: links.poll.0,
+            events: mio::Events::with_capacity(64),
+            bell: links.poll.1,
+            readable: Vec::new(),
             peers: links.peers,
             start_peers: links.start_peers,
             membership: links.membership,
@@ -321,6 +341,7 @@ impl RaftCore {
             while let Ok(c) = self.ctl.try_recv() {
                 self.control(c);
             }
+            self.read_links();
             for _ in 1..BATCH_PROPOSALS_MAX {
                 if batch_bytes > BATCH_BYTES_MAX {
                     break;
@@ -373,7 +394,10 @@ impl RaftCore {
 
     /// Waits for a proposal or a control message until `deadline`; spins briefly first. Err
     /// when the proposal senders are gone.
-    fn wait(&self, deadline: Instant) -> Result<Option<Input>, ()> {
+    fn wait(&mut self, deadline: Instant) -> Result<Option<Input>, ()> {
+        if !self.links.is_empty() {
+            return self.wait_polling(deadline);
+        }
         let now = Instant::now();
         // Alone, the next proposal is the only thing worth catching early. With peers, the
         // turn waits on their acks (a network hop anyway), and a spinning leader would take the
@@ -407,8 +431,122 @@ impl RaftCore {
         }
     }
 
+    /// `wait` while this member reads peer links itself: parks in the poll (peer sockets and
+    /// the bell), never spins (the members of a cluster may share the machine).
+    fn wait_polling(&mut self, deadline: Instant) -> Result<Option<Input>, ()> {
+        loop {
+            if let Some(input) = self.try_input()? {
+                return Ok(Some(input));
+            }
+            if !self.readable.is_empty() {
+                return Ok(None);
+            }
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            if timeout.is_zero() {
+                return Ok(None);
+            }
+            self.bell.park();
+            // Sent before the bell was raised: the ring may have been skipped.
+            if self.rx.is_empty() && self.ctl.is_empty() {
+                match self.poll.poll(&mut self.events, Some(timeout)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => crate::fatal(crate::FATAL_EXIT_CODE, &format!("poll: {e}")),
+                }
+            }
+            self.bell.unpark();
+            for ev in self.events.iter() {
+                if ev.token() != crate::bell::BELL {
+                    self.readable.push(ev.token().0);
+                }
+            }
+            self.events.clear();
+        }
+    }
+
+    fn try_input(&self) -> Result<Option<Input>, ()> {
+        if let Ok(c) = self.ctl.try_recv() {
+            return Ok(Some(Input::Control(c)));
+        }
+        match self.rx.try_recv() {
+            Ok(p) => Ok(Some(Input::Propose(p))),
+            Err(crossbeam_channel::TryRecvError::Empty) => Ok(None),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => Err(()),
+        }
+    }
+
+    /// Reads the peer links that had something to read: raft messages are stepped here,
+    /// anything else goes to the transport's runtime. A link that closed is dropped.
+    fn read_links(&mut self) {
+        if self.readable.is_empty() {
+            return;
+        }
+        let mut frames = Vec::new();
+        let mut readable = std::mem::take(&mut self.readable);
+        readable.sort_unstable();
+        readable.dedup();
+        for token in readable.drain(..) {
+            let Some(link) = self.links.get_mut(&token) else {
+                continue;
+            };
+            let open = link.read(&mut |f| frames.push(f));
+            for f in frames.drain(..) {
+                if f.first() != Some(&crate::cluster::FRAME_RAFT) {
+                    link.pass(f);
+                    continue;
+                }
+                match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&f[1..]) {
+                    Ok(m) => {
+                        if m.get_msg_type() != MessageType::MsgSnapshot {
+                            let _ = self.node.step(m);
+                        }
+                    }
+                    Err(e) => tracing::warn!(
+                        from = format!("{:x}", link.from()),
+                        error = %e,
+                        "bad raft frame"
+                    ),
+                }
+            }
+            if !open {
+                self.drop_link(token);
+            }
+        }
+        self.readable = readable;
+    }
+
+    fn adopt(&mut self, link: Adopted) {
+        use std::os::fd::AsRawFd;
+        let token = self.next_link;
+        self.next_link += 1;
+        let fd = link.as_raw_fd();
+        if let Err(e) = self.poll.registry().register(
+            &mut mio::unix::SourceFd(&fd),
+            mio::Token(token),
+            mio::Interest::READABLE,
+        ) {
+            tracing::warn!(error = %e, "cannot wait on a peer link");
+            return;
+        }
+        self.links.insert(token, link);
+        // Whatever came before it was registered.
+        self.readable.push(token);
+    }
+
+    fn drop_link(&mut self, token: usize) {
+        use std::os::fd::AsRawFd;
+        if let Some(link) = self.links.remove(&token) {
+            let fd = link.as_raw_fd();
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut mio::unix::SourceFd(&fd));
+        }
+    }
+
     fn control(&mut self, c: Control) {
         match c {
+            Control::Adopt(link) => self.adopt(*link),
             Control::Step(m) => {
                 // A snapshot comes only as a stream, with its state (`Control::Snapshot`).
                 if m.get_msg_type() == MessageType::MsgSnapshot {
