@@ -315,6 +315,33 @@ impl Peers {
         self.links.store(Arc::new(links));
     }
 
+    /// Whether there is a link to `peer` (it is a member).
+    pub fn has_link(&self, peer: u64) -> bool {
+        self.links.load().contains_key(&peer)
+    }
+
+    /// Dials `peer` for a frames connection of the caller's own (beside the link's, which
+    /// stays), says hello, and hands it over nonblocking to `done`, or None if the peer
+    /// could not be reached. Frames written on it are `u32 length (LE) | payload`, as on
+    /// any link; the peer reads it as one more link from this member.
+    pub fn dial_frames(
+        &self,
+        peer: u64,
+        done: Box<dyn FnOnce(Option<std::net::TcpStream>) + Send>,
+    ) {
+        let urls = self.links.load().get(&peer).map(|l| l.urls.clone());
+        let hello = hello(KIND_FRAMES, self.cluster, self.local, peer);
+        self.rt.spawn(async move {
+            let s = async {
+                let mut s = dial(&urls?).await?;
+                s.write_all(&hello).await.ok()?;
+                s.into_std().ok()
+            }
+            .await;
+            done(s);
+        });
+    }
+
     /// Queues a frame for `peer`; false if there is no such peer or its queue is full.
     pub fn send(&self, peer: u64, frame: Bytes) -> bool {
         match self.links.load().get(&peer) {
@@ -634,7 +661,8 @@ fn drain_or_closed(rx: &mut mpsc::Receiver<Bytes>) -> bool {
     }
 }
 
-fn push_frame(out: &mut Vec<u8>, f: &[u8]) {
+/// Appends `f` to `out` as a frame (`u32 length (LE) | payload`).
+pub fn push_frame(out: &mut Vec<u8>, f: &[u8]) {
     out.extend_from_slice(&(f.len() as u32).to_le_bytes());
     out.extend_from_slice(f);
 }

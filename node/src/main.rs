@@ -10,6 +10,7 @@ mod bell;
 mod cluster;
 mod concurrency;
 mod config;
+mod direct;
 mod ids;
 mod install;
 mod lease;

@@ -43,6 +43,7 @@ use tokio::sync::oneshot;
 use crate::apply;
 use crate::bell::{Bell, Tx};
 use crate::cluster::Membership;
+use crate::direct::{goes_direct, Directs, Sent};
 use crate::lease::LeaseBook;
 
 pub type Responder = oneshot::Sender<Result<WriteResponse, ApiError>>;
@@ -100,6 +101,9 @@ pub enum Control {
     MoveLeader(u64, Responder),
     /// A frames connection from a peer, to read here (see `Adopted`).
     Adopt(Box<Adopted>),
+    /// A connection of the raft core's own to this peer (see `direct`), or None if it could
+    /// not be made.
+    Direct(u64, Option<std::net::TcpStream>),
 }
 
 /// How long a leadership transfer may take (etcd: its request timeout, 5 s + 2 elections).
@@ -177,6 +181,8 @@ pub struct RaftCore {
     bell: Arc<Bell>,
     /// Links that had something to read at the last poll.
     readable: Vec<usize>,
+    /// Its own connections to peers, for what it sends after its turn's work.
+    directs: Directs,
     peers: Option<Arc<Peers>>,
     start_peers: Option<PeerStarter>,
     membership: Arc<Membership>,
@@ -285,6 +291,7 @@ impl RaftCore {
             events: mio::Events::with_capacity(64),
             bell: links.poll.1,
             readable: Vec::new(),
+            directs: Directs::default(),
             peers: links.peers,
             start_peers: links.start_peers,
             membership: links.membership,
@@ -384,6 +391,10 @@ impl RaftCore {
                 self.leaderless.retain(|(_, p)| !p.tx.is_closed());
                 self.check_transfers();
                 self.auto_promote();
+                if let Some(peers) = &self.peers {
+                    self.directs
+                        .retain(|p| peers.has_link(p), self.poll.registry());
+                }
                 next_tick += self.tick;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + self.tick;
@@ -486,6 +497,9 @@ impl RaftCore {
         readable.sort_unstable();
         readable.dedup();
         for token in readable.drain(..) {
+            if self.directs.ready(token, self.poll.registry()) {
+                continue;
+            }
             let Some(link) = self.links.get_mut(&token) else {
                 continue;
             };
@@ -547,6 +561,12 @@ impl RaftCore {
     fn control(&mut self, c: Control) {
         match c {
             Control::Adopt(link) => self.adopt(*link),
+            Control::Direct(peer, stream) => {
+                let token = self.next_link;
+                self.next_link += 1;
+                self.directs
+                    .connected(peer, stream, token, self.poll.registry());
+            }
             Control::Step(m) => {
                 // A snapshot comes only as a stream, with its state (`Control::Snapshot`).
                 if m.get_msg_type() == MessageType::MsgSnapshot {
@@ -817,7 +837,29 @@ impl RaftCore {
                 self.send_snapshot(&peers, m);
                 continue;
             }
-            if !peers.send(to, crate::cluster::raft_frame(&m)) {
+            let frame = crate::cluster::raft_frame(&m);
+            // The raft core's own connection, while it reads its peers itself (so its poll
+            // sees the connection's room come back).
+            if !self.links.is_empty()
+                && goes_direct(m.get_msg_type(), frame.len())
+                && peers.has_link(to)
+            {
+                match self.directs.send(to, &frame, self.poll.registry()) {
+                    Sent::Done => continue,
+                    Sent::NotConnected { dial } => {
+                        if dial {
+                            let ctl = self._ctl_tx.clone();
+                            peers.dial_frames(
+                                to,
+                                Box::new(move |s| {
+                                    let _ = ctl.try_send(Control::Direct(to, s));
+                                }),
+                            );
+                        }
+                    }
+                }
+            }
+            if !peers.send(to, frame) {
                 self.node.report_unreachable(to);
             }
         }
