@@ -199,6 +199,8 @@ pub struct Wal {
     /// The next segment, being zero-filled in the background as `{seq}.wal.tmp`, so a roll
     /// costs a rename instead of writing and syncing a whole segment in the write path.
     next_segment: Option<std::thread::JoinHandle<Result<()>>>,
+    /// How long a write's completion is polled for before the thread sleeps on it.
+    spin: std::time::Duration,
 }
 
 impl Drop for Wal {
@@ -249,6 +251,7 @@ impl Wal {
             align,
             buf: AlignedBuf::new(1 << 20),
             next_segment: None,
+            spin: std::time::Duration::ZERO,
         };
         wal.prepare_next();
         Ok((wal, recovery))
@@ -256,6 +259,15 @@ impl Wal {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Polls each write's completion for up to `spin` before sleeping on it: a sleeping
+    /// thread is woken tens of µs after a fast disk is done. Zero (the default) sleeps at once.
+    /// The poll yields the CPU between looks: an O_DSYNC write may complete through a kernel
+    /// worker on this CPU, which a busy loop would hold off (tried: half the puts per second).
+    /// Single member, put 1x1, A/B medians of 9: 7220 -> 7717 req/s.
+    pub fn set_spin(&mut self, spin: std::time::Duration) {
+        self.spin = spin;
     }
 
     /// The record every new segment starts with.
@@ -396,10 +408,19 @@ impl Wal {
                 .push(&write)
                 .expect("wal ring has room for its one entry");
         }
+        let mut spin_until = (!self.spin.is_zero()).then(|| std::time::Instant::now() + self.spin);
         let cqe = loop {
             // The kernel may read the buffer until the completion arrives, so nothing returns
             // (or frees or reuses the buffer) before it: an interrupted wait is retried.
-            match self.ring.submit_and_wait(1) {
+            let waited = match spin_until {
+                // Submitted (or nothing left to submit), then polled without sleeping.
+                Some(until) if std::time::Instant::now() < until => self.ring.submit(),
+                _ => {
+                    spin_until = None;
+                    self.ring.submit_and_wait(1)
+                }
+            };
+            match waited {
                 Ok(_) => {}
                 Err(e) if retry_wait(&e) => {}
                 Err(e) => {
@@ -414,6 +435,10 @@ impl Wal {
             }
             if let Some(cqe) = self.ring.completion().next() {
                 break cqe;
+            }
+            if spin_until.is_some() {
+                // The completion may need a kernel worker on this CPU.
+                std::thread::yield_now();
             }
         };
         Ok(cqe.result())
@@ -766,12 +791,20 @@ mod tests {
 
     #[test]
     fn append_and_recover_in_order_across_segments() {
+        // Sleeping on each write, polling for it, and polling too briefly (then sleeping).
+        for spin in [0, 500, 1] {
+            append_and_recover_in_order(std::time::Duration::from_micros(spin));
+        }
+    }
+
+    fn append_and_recover_in_order(spin: std::time::Duration) {
         let dir = tempfile::tempdir().unwrap();
         let payloads: Vec<Vec<u8>> = (0..200u32)
             .map(|i| vec![(i % 251) as u8; (i as usize * 37) % 3000])
             .collect();
         {
             let (mut wal, rec) = Wal::open(dir.path(), small()).unwrap();
+            wal.set_spin(spin);
             assert!(rec.records.is_empty());
             for p in &payloads {
                 wal.append(&[(7, p)]).unwrap();
