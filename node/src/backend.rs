@@ -41,6 +41,7 @@ const LEASE_OVERHEAD_BYTES: usize = 64;
 
 /// The raft core's answer to `rx`, waited for up to `WRITE_TIMEOUT` (etcd's request timeout).
 async fn answer<T>(rx: oneshot::Receiver<Result<T, ApiError>>) -> Result<T, ApiError> {
+    let _waiting = crate::raft_core::Waiting::start();
     match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(ApiError::Stopped),

@@ -726,8 +726,10 @@ fn net_core(
     if let Some(id) = pin {
         core_affinity::set_for_current(id);
     }
+    let status = backend.status.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(move || raft_core::spin_for_answer(&status.multi))
         .build()
         .expect("tokio runtime for a net core");
     rt.block_on(async move {

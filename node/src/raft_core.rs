@@ -143,6 +143,57 @@ const SPIN_BEFORE_PARK: Duration = Duration::from_micros(300);
 /// How long a WAL write's completion is polled for before the loop sleeps on it, while it
 /// spins (see `spinning`).
 const WAL_SPIN: Duration = Duration::from_micros(200);
+/// Answers the raft core has sent so far (a net core about to sleep while one of its
+/// callers waits polls it briefly: see `spin_for_answer`).
+pub static ANSWERED: AtomicU64 = AtomicU64::new(0);
+/// How long a net core polls for an answer before it sleeps.
+const NET_SPIN: Duration = Duration::from_micros(150);
+/// A net core polls only while at most this many of its callers wait.
+const NET_SPIN_CALLERS_MAX: usize = 4;
+
+thread_local! {
+    /// Callers on this thread waiting for the raft core's answer.
+    static WAITING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts a caller waiting for the raft core's answer on this thread while it lives.
+pub struct Waiting(());
+
+impl Waiting {
+    pub fn start() -> Waiting {
+        WAITING.with(|w| w.set(w.get() + 1));
+        Waiting(())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING.with(|w| w.set(w.get().saturating_sub(1)));
+    }
+}
+
+/// Called by a lone member's net core just before it sleeps: while a few of its callers wait
+/// for the raft core's answer, it polls for a new answer for up to `NET_SPIN`, so the answer
+/// finds it awake (its runtime's wake-up then costs no sleep). A member of a cluster never
+/// polls (the members may share the machine; the answer is a network round away).
+pub fn spin_for_answer(multi: &std::sync::atomic::AtomicBool) {
+    if !polls_for_answer(WAITING.with(|w| w.get()), multi.load(Ordering::Relaxed)) {
+        return;
+    }
+    let seen = ANSWERED.load(Ordering::Acquire);
+    let until = Instant::now() + NET_SPIN;
+    while ANSWERED.load(Ordering::Acquire) == seen && Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
+/// Whether a net core with `waiting` callers polls before it sleeps. Many callers waiting:
+/// more requests are on their way anyway, and the poll would take the CPU from the raft core
+/// and from them.
+fn polls_for_answer(waiting: usize, multi: bool) -> bool {
+    (1..=NET_SPIN_CALLERS_MAX).contains(&waiting) && !multi
+}
+
 /// "Busy": a proposal arrived this recently. An idle node parks at once.
 const BUSY_WINDOW: Duration = Duration::from_millis(2);
 /// The spin pays only while proposals come back soon after a turn (a client waiting for its
@@ -930,6 +981,7 @@ impl RaftCore {
         let id = <[u8; 8]>::try_from(context).map(u64::from_le_bytes);
         if let Some((_, tx)) = id.ok().and_then(|id| self.pending.remove(&id)) {
             let _ = tx.send(result);
+            ANSWERED.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -1363,5 +1415,47 @@ impl RaftCore {
 
         let applied = self.status.applied_index.load(Ordering::Acquire);
         self.node.mut_store().compact_applied(applied);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A net core polls for an answer only while a few of its own callers wait, and only
+    /// in a lone member.
+    #[test]
+    fn a_net_core_polls_only_for_a_few_waiting_callers_of_a_lone_member() {
+        let waiting = || WAITING.with(|w| w.get());
+        assert_eq!(waiting(), 0);
+        assert!(!polls_for_answer(waiting(), false), "nobody waits");
+        let a = Waiting::start();
+        assert!(polls_for_answer(waiting(), false));
+        assert!(!polls_for_answer(waiting(), true), "a member of a cluster");
+        let more: Vec<Waiting> = (0..NET_SPIN_CALLERS_MAX)
+            .map(|_| Waiting::start())
+            .collect();
+        assert!(!polls_for_answer(waiting(), false), "many callers wait");
+        drop(more);
+        drop(a);
+        assert_eq!(waiting(), 0, "a caller that stops waiting is not counted");
+        // Another thread's callers are its own.
+        let other = std::thread::spawn(|| {
+            let _w = Waiting::start();
+            WAITING.with(|w| w.get())
+        });
+        assert_eq!(other.join().unwrap(), 1);
+        assert_eq!(waiting(), 0);
+
+        // The poll ends when an answer comes (long before a generous bound), and returns at
+        // once when nobody waits.
+        let multi = std::sync::atomic::AtomicBool::new(false);
+        let t = Instant::now();
+        spin_for_answer(&multi);
+        assert!(t.elapsed() < NET_SPIN, "nobody waits: no poll");
+        let _w = Waiting::start();
+        let t = Instant::now();
+        spin_for_answer(&multi);
+        assert!(t.elapsed() >= NET_SPIN, "no answer: the whole poll");
     }
 }
