@@ -1,19 +1,20 @@
-//! The raft core's own connections to its peers. It writes a small message (a follower's
-//! acks, heartbeats, forwarded proposals, read-index calls, the appends of a light load)
-//! itself, straight from its turn, instead of waking the transport's thread to do it: on a
-//! put at 1x1 that thread was one more wake-up each way. A big append (`DIRECT_FRAME_MAX`
-//! or more) still goes through the transport, whose thread writes it while the leader
-//! writes its own WAL: written here it would hold that WAL write back (on loopback a send
-//! also does the receiver's TCP work: put 100x1000 lost a quarter of its rate that way).
+//! The raft core's own connections to its peers. It writes the messages that are not
+//! appends (a follower's acks, heartbeats and their answers, votes, forwarded proposals,
+//! read-index calls and answers) itself, straight from its turn, instead of waking the
+//! transport's thread to do it: on a put at 1x1 that thread was one more wake-up each way.
+//! Appends (and snapshots) still go through the transport, whose thread writes them while
+//! the leader writes its own WAL (written here, a big one would hold that WAL write back:
+//! on loopback a send also does the receiver's TCP work, and put 100x1000 lost a quarter of
+//! its rate that way), and all of them on one connection, in order: appends split over two
+//! connections overtake each other, and a follower that finds a gap rejects, which sends
+//! the leader back to probing.
 //!
 //! Each is one more frames connection to the peer (the transport dials it, then hands it
 //! over), written nonblocking: what the socket does not take waits in `pending` and goes
 //! when the poll says it is writable; anything sent meanwhile queues behind it, up to
 //! `PENDING_MAX` (beyond, a message is dropped: raft resends). A broken connection is dropped
 //! and dialled again after `REDIAL_AFTER`; until it is back, messages go through the
-//! transport. Messages on two connections may overtake each other (a small append before a
-//! big one sent earlier): raft takes messages in any order, and the leader resends what a
-//! follower could not place.
+//! transport. The messages that go here do not depend on their order relative to appends.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,20 +27,26 @@ use raft::eraftpb::MessageType;
 const PENDING_MAX: usize = 4 << 20;
 const REDIAL_AFTER: Duration = Duration::from_millis(100);
 
-/// Frames this big or bigger go through the transport's thread.
+/// Frames this big or bigger go through the transport's thread (a batch of forwarded
+/// proposals can be big).
 pub const DIRECT_FRAME_MAX: usize = 16 * 1024;
 
 /// Whether the raft core writes this message (of `frame_len` bytes as a frame) itself.
 pub fn goes_direct(t: MessageType, frame_len: usize) -> bool {
-    frame_len < DIRECT_FRAME_MAX && t != MessageType::MsgSnapshot
+    frame_len < DIRECT_FRAME_MAX && !matches!(t, MessageType::MsgAppend | MessageType::MsgSnapshot)
 }
+
+/// A dial whose answer never came (its message was lost to a full control queue) is given
+/// up after this.
+const DIAL_STUCK: Duration = Duration::from_secs(5);
 
 struct Direct {
     stream: Option<TcpStream>,
     /// Its poll token while it has a stream.
     token: usize,
     pending: Vec<u8>,
-    dialing: bool,
+    /// Since when a dial is under way.
+    dialing: Option<Instant>,
     retry_at: Instant,
 }
 
@@ -52,7 +59,8 @@ pub struct Directs {
 
 /// What `Directs::send` did with a message.
 pub enum Sent {
-    /// Written, or queued behind what the socket has not taken yet.
+    /// Written, or queued behind what the socket has not taken yet, or dropped because too
+    /// much is queued already (raft resends).
     Done,
     /// No connection yet (one is being dialled if `dial`): send it the other way.
     NotConnected { dial: bool },
@@ -65,12 +73,15 @@ impl Directs {
             stream: None,
             token: 0,
             pending: Vec::new(),
-            dialing: false,
+            dialing: None,
             retry_at: Instant::now(),
         });
         let Some(stream) = d.stream.as_mut() else {
-            let dial = !d.dialing && Instant::now() >= d.retry_at;
-            d.dialing |= dial;
+            let now = Instant::now();
+            let dial = d.dialing.is_none_or(|t| now >= t + DIAL_STUCK) && now >= d.retry_at;
+            if dial {
+                d.dialing = Some(now);
+            }
             return Sent::NotConnected { dial };
         };
         if !d.pending.is_empty() {
@@ -107,7 +118,7 @@ impl Directs {
         let Some(d) = self.by_peer.get_mut(&peer) else {
             return;
         };
-        d.dialing = false;
+        d.dialing = None;
         let Some(stream) = stream else {
             d.retry_at = Instant::now() + REDIAL_AFTER;
             return;

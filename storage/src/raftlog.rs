@@ -454,13 +454,13 @@ impl RaftLog {
         self.entries.extend(entries);
     }
 
-    /// How many applied entries to keep in memory for followers catching up (etcd's
-    /// `--snapshot-catchup-entries`); a follower further behind is sent the whole state.
     /// See `Wal::set_spin`.
     pub fn set_wal_spin(&mut self, spin: std::time::Duration) {
         self.wal.set_spin(spin);
     }
 
+    /// How many applied entries to keep in memory for followers catching up (etcd's
+    /// `--snapshot-catchup-entries`); a follower further behind is sent the whole state.
     pub fn set_keep_applied(&mut self, n: u64) {
         self.keep_applied = n;
     }
