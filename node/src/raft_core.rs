@@ -651,6 +651,11 @@ impl RaftCore {
                 .registry()
                 .deregister(&mut mio::unix::SourceFd(&fd));
         }
+        if self.links.is_empty() {
+            // Without links the loop waits on its channels only, and nobody would see the
+            // own connections' room come back: they are closed (dialled again when needed).
+            self.directs.retain(|_| false, self.poll.registry());
+        }
     }
 
     fn control(&mut self, c: Control) {
