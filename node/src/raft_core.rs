@@ -599,18 +599,22 @@ impl RaftCore {
     }
 
     /// The connection from (or to) `peer` closed or could not be made. If it is the leader a
-    /// follower hears from, this member's next election comes at the shortest timeout raft
-    /// allows (`election_tick`) instead of a random one up to twice that: a leader whose
-    /// process died closes its connections at once, and the first survivor to time out
-    /// takes over sooner (failover ~1.0-1.2 s after the last heartbeat, was 1.0-2.0 s). Any
-    /// timeout in that range is one raft could have drawn, so nothing else changes: a leader
-    /// still alive keeps resetting the timer with its heartbeats, pre-vote still asks the
-    /// others, and they still ignore it while they hear from a leader (check-quorum).
+    /// follower hears from, this member's next election comes soon after the shortest
+    /// timeout raft allows (`election_tick`) instead of at a random one up to twice that: a
+    /// leader whose process died closes its connections at once, and the survivors take
+    /// over sooner (failover ~1.1-1.3 s after the last heartbeat, was 1.0-2.0 s and more).
+    /// Any timeout in that range is one raft could have drawn, so nothing else changes: a
+    /// leader still alive keeps resetting the timer with its heartbeats, pre-vote still asks
+    /// the others, and they still ignore it while they hear from a leader (check-quorum).
     ///
-    /// The survivors must not time out together (their ticks can run in step, as when they
-    /// started together: both would stand, split the vote, and wait a whole random timeout
-    /// more; seen, 2.1 s): each adds a tick per member with a lower ID than its own, so no two
-    /// time out in the same tick.
+    /// The timeout is `election_tick + 1 + (members with a lower ID)`:
+    /// - one tick more than the shortest, so the others' lease on the old leader (an
+    ///   election timeout of their own ticks, which run at another phase) has run out when
+    ///   the first stands; standing inside it, it was ignored, drew a new random timeout and,
+    ///   if the other's log was longer than its own, the other was refused too: a whole
+    ///   random timeout more (seen, 2.1 s);
+    /// - a tick per lower ID, so no two survivors stand in the same tick and split the vote,
+    ///   and one refused for a shorter log leaves the next one to win a tick later.
     fn leader_lost(&mut self, peer: u64) {
         let raft = &mut self.node.raft;
         if raft.state != StateRole::Follower || raft.leader_id != peer || peer == 0 {
@@ -618,7 +622,7 @@ impl RaftCore {
         }
         let rank = raft.prs().iter().filter(|(&v, _)| v < raft.id).count();
         let timeout = raft.election_timeout();
-        let soon = timeout + rank.min(timeout - 1);
+        let soon = (timeout + 1 + rank).min(2 * timeout - 1);
         if raft.randomized_election_timeout() > soon {
             raft.set_randomized_election_timeout(soon);
         }
