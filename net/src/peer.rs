@@ -88,7 +88,7 @@ pub struct Adopted {
     stream: std::net::TcpStream,
     buf: BytesMut,
     scratch: Vec<u8>,
-    /// When activity was last noted (at most every `KEEPALIVE`, as `read_frames`).
+    /// When this link last noted activity (`Peers::note_heard`).
     noted: Option<std::time::Instant>,
     peers: Arc<Peers>,
 }
@@ -107,30 +107,15 @@ impl Adopted {
             match self.stream.read(&mut self.scratch) {
                 Ok(0) => return false,
                 Ok(n) => self.buf.extend_from_slice(&self.scratch[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => return false,
             }
-            if self.noted.is_none_or(|t| t.elapsed() >= KEEPALIVE) {
-                self.peers.heard_from(self.from);
-                self.noted = Some(std::time::Instant::now());
-            }
-            while let Some(frame) = take_frame(&mut self.buf) {
-                match frame {
-                    Ok(f) if f.is_empty() => {}
-                    Ok(f) => each(f),
-                    Err(len) => {
-                        tracing::warn!(
-                            remote_peer_id = format!("{:x}", self.from),
-                            len,
-                            "peer sent an oversized frame; closing"
-                        );
-                        return false;
-                    }
-                }
+            self.peers.note_heard(self.from, &mut self.noted);
+            if !hand_frames(&mut self.buf, self.from, each) {
+                return false;
             }
         }
-        true
     }
 
     /// Hands a frame the member does not handle on its own thread to `Inbound::frame`, on
@@ -300,8 +285,14 @@ impl Peers {
         }
     }
 
-    /// Notes frames from `peer` now.
-    fn heard_from(&self, peer: u64) {
+    /// Notes frames from `peer` now, at most every `KEEPALIVE` per link (`noted`: when this
+    /// link last did): activity is judged over `ACTIVE_GAP`, not on every read of the
+    /// replication stream.
+    fn note_heard(&self, peer: u64, noted: &mut Option<std::time::Instant>) {
+        if noted.is_some_and(|t| t.elapsed() < KEEPALIVE) {
+            return;
+        }
+        *noted = Some(std::time::Instant::now());
         if let Some(h) = self.heard.lock().expect("peer activity").get_mut(&peer) {
             h.last = std::time::Instant::now();
         }
@@ -329,17 +320,24 @@ impl Peers {
         peer: u64,
         done: Box<dyn FnOnce(Option<std::net::TcpStream>) + Send>,
     ) {
+        let open = self.open(peer, KIND_FRAMES);
+        self.rt
+            .spawn(async move { done(open.await.and_then(|s| s.into_std().ok())) });
+    }
+
+    /// Dials `peer` at its link's URLs for a connection of `kind` of its own and says hello.
+    fn open(
+        &self,
+        peer: u64,
+        kind: u32,
+    ) -> impl std::future::Future<Output = Option<TcpStream>> + Send + 'static {
         let urls = self.links.load().get(&peer).map(|l| l.urls.clone());
-        let hello = hello(KIND_FRAMES, self.cluster, self.local, peer);
-        self.rt.spawn(async move {
-            let s = async {
-                let mut s = dial(&urls?).await?;
-                s.write_all(&hello).await.ok()?;
-                s.into_std().ok()
-            }
-            .await;
-            done(s);
-        });
+        let hello = hello(kind, self.cluster, self.local, peer);
+        async move {
+            let mut s = dial(&urls?).await?;
+            s.write_all(&hello).await.ok()?;
+            Some(s)
+        }
     }
 
     /// Queues a frame for `peer`; false if there is no such peer or its queue is full.
@@ -360,12 +358,10 @@ impl Peers {
         mut frames: mpsc::Receiver<Bytes>,
         done: Box<dyn FnOnce(bool) + Send>,
     ) {
-        let urls = self.links.load().get(&peer).map(|l| l.urls.clone());
-        let hello = hello(KIND_STREAM, self.cluster, self.local, peer);
+        let open = self.open(peer, KIND_STREAM);
         self.rt.spawn(async move {
             let ok = async {
-                let mut s = dial(&urls?).await?;
-                s.write_all(&hello).await.ok()?;
+                let mut s = open.await?;
                 let mut out = Vec::with_capacity(2 << 20);
                 while let Some(f) = frames.recv().await {
                     out.clear();
@@ -462,28 +458,13 @@ impl Peers {
 
     async fn read_frames(&self, mut s: TcpStream, from: u64) {
         let mut buf = BytesMut::with_capacity(64 * 1024);
-        // Activity is noted at most every `KEEPALIVE` (it is judged over `ACTIVE_GAP`), not on
-        // every read of the replication stream.
         let mut noted: Option<std::time::Instant> = None;
         loop {
-            if !buf.is_empty() && noted.is_none_or(|t| t.elapsed() >= KEEPALIVE) {
-                self.heard_from(from);
-                noted = Some(std::time::Instant::now());
+            if !buf.is_empty() {
+                self.note_heard(from, &mut noted);
             }
-            while let Some(frame) = take_frame(&mut buf) {
-                match frame {
-                    // An empty frame only says the link is alive.
-                    Ok(f) if f.is_empty() => {}
-                    Ok(f) => self.inbound.frame(from, f),
-                    Err(len) => {
-                        tracing::warn!(
-                            remote_peer_id = format!("{from:x}"),
-                            len,
-                            "peer sent an oversized frame; closing"
-                        );
-                        return;
-                    }
-                }
+            if !hand_frames(&mut buf, from, &mut |f| self.inbound.frame(from, f)) {
+                return;
             }
             if buf.capacity() - buf.len() < 16 * 1024 {
                 buf.reserve(64 * 1024);
@@ -537,6 +518,26 @@ impl Peers {
 }
 
 /// The next whole frame in `buf`, if there is one; `Err(len)` for an oversized one.
+/// Hands every whole frame in `buf` (from `from`) to `each`; an empty frame only says the
+/// link is alive and is not handed on. False if an oversized frame came: the link closes.
+fn hand_frames(buf: &mut BytesMut, from: u64, each: &mut dyn FnMut(Bytes)) -> bool {
+    while let Some(frame) = take_frame(buf) {
+        match frame {
+            Ok(f) if f.is_empty() => {}
+            Ok(f) => each(f),
+            Err(len) => {
+                tracing::warn!(
+                    remote_peer_id = format!("{from:x}"),
+                    len,
+                    "peer sent an oversized frame; closing"
+                );
+                return false;
+            }
+        }
+    }
+    true
+}
+
 fn take_frame(buf: &mut BytesMut) -> Option<Result<Bytes, usize>> {
     if buf.len() < 4 {
         return None;

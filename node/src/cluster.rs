@@ -154,6 +154,17 @@ pub fn raft_frame(m: &raft::eraftpb::Message) -> Bytes {
     Bytes::from(v)
 }
 
+/// The raft message in a `FRAME_RAFT` frame from `from`; a bad one is logged and dropped.
+pub fn parse_raft_frame(from: u64, frame: &[u8]) -> Option<raft::eraftpb::Message> {
+    match raft::eraftpb::Message::parse_from_bytes(frame.get(1..)?) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(from = format!("{from:x}"), error = %e, "bad raft frame");
+            None
+        }
+    }
+}
+
 fn keel_frame(m: &keelpb::PeerMessage) -> Bytes {
     let mut v = Vec::with_capacity(1 + m.encoded_len());
     v.push(FRAME_KEEL);
@@ -180,13 +191,12 @@ pub struct PeerInbound {
 impl Inbound for PeerInbound {
     fn frame(&self, from: u64, frame: Bytes) {
         match frame.first() {
-            Some(&FRAME_RAFT) => match raft::eraftpb::Message::parse_from_bytes(&frame[1..]) {
-                // A full queue drops the message: raft resends.
-                Ok(m) => {
+            Some(&FRAME_RAFT) => {
+                if let Some(m) = parse_raft_frame(from, &frame) {
+                    // A full queue drops the message: raft resends.
                     let _ = self.control.try_send(Control::Step(Box::new(m)));
                 }
-                Err(e) => tracing::warn!(from = format!("{from:x}"), error = %e, "bad raft frame"),
-            },
+            }
             Some(&FRAME_KEEL) => match keelpb::PeerMessage::decode(&frame[1..]) {
                 Ok(m) => self.keel_message(from, m),
                 Err(e) => tracing::warn!(from = format!("{from:x}"), error = %e, "bad peer frame"),

@@ -54,7 +54,6 @@ struct Direct {
 pub struct Directs {
     by_peer: HashMap<u64, Direct>,
     by_token: HashMap<usize, u64>,
-    out: Vec<u8>,
 }
 
 /// What `Directs::send` did with a message.
@@ -90,20 +89,13 @@ impl Directs {
             }
             return Sent::Done;
         }
-        self.out.clear();
-        keel_net::peer::push_frame(&mut self.out, frame);
-        match write_some(stream, &self.out) {
-            Ok(n) if n == self.out.len() => Sent::Done,
-            Ok(n) => {
-                d.pending.extend_from_slice(&self.out[n..]);
-                Sent::Done
-            }
-            Err(_) => {
-                let token = d.token;
-                self.close(token, registry);
-                Sent::NotConnected { dial: false }
-            }
+        keel_net::peer::push_frame(&mut d.pending, frame);
+        if flush(stream, &mut d.pending).is_err() {
+            let token = d.token;
+            self.close(token, registry);
+            return Sent::NotConnected { dial: false };
         }
+        Sent::Done
     }
 
     /// A connection dialled for `peer` (None: it could not be made), to be polled as
@@ -152,14 +144,8 @@ impl Directs {
         let Some(stream) = d.stream.as_mut() else {
             return true;
         };
-        if d.pending.is_empty() {
-            return true;
-        }
-        match write_some(stream, &d.pending) {
-            Ok(n) => {
-                d.pending.drain(..n);
-            }
-            Err(_) => self.close(token, registry),
+        if flush(stream, &mut d.pending).is_err() {
+            self.close(token, registry);
         }
         true
     }
@@ -191,19 +177,23 @@ impl Directs {
     }
 }
 
-/// Writes as much of `buf` as the nonblocking socket takes now.
-fn write_some(s: &mut TcpStream, buf: &[u8]) -> std::io::Result<usize> {
+/// Writes as much of `pending` as the nonblocking socket takes now, and keeps the rest.
+fn flush(s: &mut TcpStream, pending: &mut Vec<u8>) -> std::io::Result<()> {
     let mut done = 0;
-    while done < buf.len() {
-        match s.write(&buf[done..]) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+    let res = loop {
+        if done == pending.len() {
+            break Ok(());
         }
-    }
-    Ok(done)
+        match s.write(&pending[done..]) {
+            Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    pending.drain(..done);
+    res
 }
 
 #[cfg(test)]

@@ -471,14 +471,10 @@ impl RaftCore {
         };
         let spin_until = now + spin;
         while Instant::now() < spin_until.min(deadline) {
-            if let Ok(c) = self.ctl.try_recv() {
-                return Ok(Some(Input::Control(c)));
+            if let Some(input) = self.try_input()? {
+                return Ok(Some(input));
             }
-            match self.rx.try_recv() {
-                Ok(p) => return Ok(Some(Input::Propose(p))),
-                Err(crossbeam_channel::TryRecvError::Empty) => std::hint::spin_loop(),
-                Err(crossbeam_channel::TryRecvError::Disconnected) => return Err(()),
-            }
+            std::hint::spin_loop();
         }
         let timeout = deadline.saturating_duration_since(Instant::now());
         crossbeam_channel::select! {
@@ -576,17 +572,8 @@ impl RaftCore {
                     link.pass(f);
                     continue;
                 }
-                match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&f[1..]) {
-                    Ok(m) => {
-                        if m.get_msg_type() != MessageType::MsgSnapshot {
-                            let _ = self.node.step(m);
-                        }
-                    }
-                    Err(e) => tracing::warn!(
-                        from = format!("{:x}", link.from()),
-                        error = %e,
-                        "bad raft frame"
-                    ),
+                if let Some(m) = crate::cluster::parse_raft_frame(link.from(), &f) {
+                    Self::step_peer(&mut self.node, m);
                 }
             }
             if !open {
@@ -596,6 +583,23 @@ impl RaftCore {
             }
         }
         self.readable = readable;
+    }
+
+    /// Steps a raft message from a peer.
+    fn step_peer(node: &mut RawNode<RaftLog>, m: raft::eraftpb::Message) {
+        // A snapshot comes only as a stream, with its state (`Control::Snapshot`).
+        if m.get_msg_type() == MessageType::MsgSnapshot {
+            return;
+        }
+        // Messages from unknown or removed members, or stale ones, are refused by raft;
+        // nothing to do about them here.
+        let _ = node.step(m);
+    }
+
+    /// A poll token for a new socket.
+    fn next_token(&mut self) -> usize {
+        self.next_link += 1;
+        self.next_link - 1
     }
 
     /// The connection from (or to) `peer` closed or could not be made. If it is the leader a
@@ -630,8 +634,7 @@ impl RaftCore {
 
     fn adopt(&mut self, link: Adopted) {
         use std::os::fd::AsRawFd;
-        let token = self.next_link;
-        self.next_link += 1;
+        let token = self.next_token();
         let fd = link.as_raw_fd();
         if let Err(e) = self.poll.registry().register(
             &mut mio::unix::SourceFd(&fd),
@@ -666,20 +669,11 @@ impl RaftCore {
         match c {
             Control::Adopt(link) => self.adopt(*link),
             Control::Direct(peer, stream) => {
-                let token = self.next_link;
-                self.next_link += 1;
+                let token = self.next_token();
                 self.directs
                     .connected(peer, stream, token, self.poll.registry());
             }
-            Control::Step(m) => {
-                // A snapshot comes only as a stream, with its state (`Control::Snapshot`).
-                if m.get_msg_type() == MessageType::MsgSnapshot {
-                    return;
-                }
-                // Messages from unknown or removed members, or stale ones, are refused by
-                // raft; nothing to do about them here.
-                let _ = self.node.step(*m);
-            }
+            Control::Step(m) => Self::step_peer(&mut self.node, *m),
             Control::ReadIndex(tx) => self.read_batch.push(tx),
             Control::Unreachable(peer) => {
                 self.node.report_unreachable(peer);
