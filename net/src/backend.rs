@@ -48,7 +48,8 @@ pub enum WriteResponse {
 /// A Watch stream's requests, as the client sends them (ends when the client stops sending).
 pub type WatchRequests = Pin<Box<dyn Stream<Item = pb::WatchRequest> + Send>>;
 /// A Watch stream's responses; an error ends the stream with that status.
-pub type WatchResponses = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, ApiError>> + Send>>;
+pub type WatchResponses =
+    Pin<Box<dyn Stream<Item = Result<crate::watch::WatchOut, ApiError>> + Send>>;
 
 /// RangeStream's chunks.
 pub type RangeChunks =

@@ -18,3 +18,4 @@ pub use backend::{
     WriteRequest, WriteResponse, GRPC_OVERHEAD_BYTES,
 };
 pub use error::ApiError;
+pub use watch::WatchOut;

@@ -14,7 +14,7 @@ use crate::concurrency::{ElectionService, LockService};
 use crate::lease::LeaseService;
 use crate::service::{decode_limit_bytes, ClusterService, KvService, MaintenanceService};
 use crate::unserved;
-use crate::watch::WatchService;
+use crate::watch::WatchServer;
 
 /// A TCP socket for `addr`'s family, with SO_REUSEADDR.
 fn tcp_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
@@ -108,11 +108,7 @@ pub async fn serve<B: Backend>(
             pb::lease_server::LeaseServer::new(LeaseService::new(backend.clone()))
                 .max_decoding_message_size(limit),
         )
-        .add_service(
-            pb::watch_server::WatchServer::new(WatchService::new(backend.clone()))
-                .max_decoding_message_size(limit)
-                .max_encoding_message_size(usize::MAX),
-        )
+        .add_service(WatchServer::new(backend.clone(), limit))
         .add_service(
             pb::cluster_server::ClusterServer::new(ClusterService::new(backend))
                 .max_decoding_message_size(limit),
