@@ -167,21 +167,10 @@ fn not_yet(what: &str) -> Status {
 impl<B: Backend> pb::maintenance_server::Maintenance for MaintenanceService<B> {
     async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Reply<pb::AlarmResponse> {
         let r = req.into_inner();
-        let action = pb::alarm_request::AlarmAction::try_from(r.action)
+        pb::alarm_request::AlarmAction::try_from(r.action)
             .map_err(|_| Status::invalid_argument("etcdserver: unknown alarm action"))?;
-        if action == pb::alarm_request::AlarmAction::Get {
-            // All alarms, or those of one type.
-            let alarms = self
-                .backend
-                .alarms()
-                .into_iter()
-                .filter(|a| r.alarm == pb::AlarmType::None as i32 || a.alarm == r.alarm)
-                .collect();
-            return Ok(Response::new(pb::AlarmResponse {
-                header: Some(self.backend.header(0)),
-                alarms,
-            }));
-        }
+        // Every action goes through the log, a get too (etcd's), so a member cut off from
+        // a quorum does not answer it.
         match self.backend.write(WriteRequest::Alarm(r)).await? {
             WriteResponse::Alarm(mut resp) => {
                 resp.header = Some(self.backend.header(0));
@@ -252,6 +241,16 @@ impl<B> ClusterService<B> {
     }
 }
 
+impl<B: Backend> ClusterService<B> {
+    /// etcd's cluster server header: cluster, member and term, no revision.
+    fn header(&self) -> Option<pb::ResponseHeader> {
+        Some(pb::ResponseHeader {
+            revision: 0,
+            ..self.backend.header(0)
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl<B: Backend> pb::cluster_server::Cluster for ClusterService<B> {
     async fn member_add(&self, req: Request<pb::MemberAddRequest>) -> Reply<pb::MemberAddResponse> {
@@ -261,7 +260,7 @@ impl<B: Backend> pb::cluster_server::Cluster for ClusterService<B> {
             .member_add(req.peer_ur_ls, req.is_learner)
             .await?;
         Ok(Response::new(pb::MemberAddResponse {
-            header: Some(self.backend.header(0)),
+            header: self.header(),
             member: Some(member),
             members: self.backend.members(),
         }))
@@ -273,7 +272,7 @@ impl<B: Backend> pb::cluster_server::Cluster for ClusterService<B> {
     ) -> Reply<pb::MemberRemoveResponse> {
         self.backend.member_remove(req.into_inner().id).await?;
         Ok(Response::new(pb::MemberRemoveResponse {
-            header: Some(self.backend.header(0)),
+            header: self.header(),
             members: self.backend.members(),
         }))
     }
@@ -285,7 +284,7 @@ impl<B: Backend> pb::cluster_server::Cluster for ClusterService<B> {
         let req = req.into_inner();
         self.backend.member_update(req.id, req.peer_ur_ls).await?;
         Ok(Response::new(pb::MemberUpdateResponse {
-            header: Some(self.backend.header(0)),
+            header: self.header(),
             members: self.backend.members(),
         }))
     }
@@ -295,7 +294,7 @@ impl<B: Backend> pb::cluster_server::Cluster for ClusterService<B> {
         _req: Request<pb::MemberListRequest>,
     ) -> Reply<pb::MemberListResponse> {
         Ok(Response::new(pb::MemberListResponse {
-            header: Some(self.backend.header(0)),
+            header: self.header(),
             members: self.backend.members(),
         }))
     }
@@ -306,7 +305,7 @@ impl<B: Backend> pb::cluster_server::Cluster for ClusterService<B> {
     ) -> Reply<pb::MemberPromoteResponse> {
         self.backend.member_promote(req.into_inner().id).await?;
         Ok(Response::new(pb::MemberPromoteResponse {
-            header: Some(self.backend.header(0)),
+            header: self.header(),
             members: self.backend.members(),
         }))
     }

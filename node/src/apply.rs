@@ -123,10 +123,24 @@ pub fn txn_cost_bytes(t: &pb::TxnRequest) -> usize {
     cost(&t.success).max(cost(&t.failure))
 }
 
-/// Alarm activate/deactivate (etcd's applyAlarm): activating answers the alarm (also when it
-/// was already raised), deactivating answers it if it was raised.
+/// Alarms (etcd's applyAlarm): a get answers every alarm raised (or those of one type);
+/// activating answers the alarm (also when it was already raised), deactivating answers it
+/// if it was raised. A get goes through the log as the others do, as etcd's, so a member
+/// that cannot reach a quorum does not answer it.
 fn alarm(store: &mut Store, r: &pb::AlarmRequest) -> pb::AlarmResponse {
     use pb::alarm_request::AlarmAction;
+    if AlarmAction::try_from(r.action) == Ok(AlarmAction::Get) {
+        let alarms = store
+            .alarms()
+            .iter()
+            .filter(|a| r.alarm == pb::AlarmType::None as i32 || a.1 == r.alarm)
+            .map(|&(member_id, alarm)| pb::AlarmMember { member_id, alarm })
+            .collect();
+        return pb::AlarmResponse {
+            header: header(store.mvcc().current_rev()),
+            alarms,
+        };
+    }
     let member = (r.member_id, r.alarm);
     let answered = match AlarmAction::try_from(r.action) {
         Ok(AlarmAction::Activate) if r.alarm != pb::AlarmType::None as i32 => {

@@ -151,6 +151,32 @@ impl NodeBackend {
         started > left.len() / 2
     }
 
+    /// etcd's second check before adding a member, learners too (mayAddMember,
+    /// isConnectedFullySince): this member has heard from every voter continuously for at
+    /// least `HEALTH_INTERVAL`. A voter that is down, or was added and never started, makes
+    /// the cluster too fragile to grow.
+    fn connected_to_every_voter(&self) -> bool {
+        let Some(peers) = self.forwarder.peers.get() else {
+            return true; // a lone member: no peers to count
+        };
+        let since = std::time::Instant::now().checked_sub(HEALTH_INTERVAL);
+        let members = self.membership.get();
+        let missing: Vec<String> = members
+            .iter()
+            .filter(|m| !m.is_learner && m.id != self.member_id)
+            .filter(|m| !matches!((peers.active_since(m.id), since), (Some(t), Some(s)) if t <= s))
+            .map(|m| format!("{:x}", m.id))
+            .collect();
+        if !missing.is_empty() {
+            tracing::warn!(
+                not_connected = ?missing,
+                "rejecting member add request; local member has not been connected to all \
+                 peers, reconfigure breaks active quorum"
+            );
+        }
+        missing.is_empty()
+    }
+
     /// etcd's second check before removing a voter (mayRemoveMember): a member not heard
     /// from may always go; otherwise the voters heard from continuously for at least
     /// `HEALTH_INTERVAL` (this one included) must stay a quorum without the one removed.
@@ -449,6 +475,9 @@ impl Backend for NodeBackend {
             }
             if self.strict() && !is_learner && !self.ready_to_add_voter() {
                 return Err(ApiError::MemberNotEnoughStarted);
+            }
+            if self.strict() && !self.connected_to_every_voter() {
+                return Err(ApiError::Unhealthy);
             }
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

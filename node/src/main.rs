@@ -304,6 +304,16 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             if !awaiting_state {
                 log.set_conf_state(cluster::conf_state(&m));
             }
+            // Removed, and started again on its old data: as etcd's (whose peers answer such
+            // a member "gone"), stop. IDs are never given out again, so this one is out for
+            // good.
+            if !awaiting_state && !m.iter().any(|x| x.id == meta.member_id) {
+                fatal(
+                    0,
+                    "the member has been permanently removed from the cluster; the data-dir \
+                     used by this member must be removed",
+                );
+            }
             m
         }
         // Joining: the members as the cluster told them, kept (a restart before the leader's

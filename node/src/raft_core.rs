@@ -269,6 +269,8 @@ pub struct RaftCore {
     incoming: Option<((u64, u64), std::path::PathBuf)>,
     /// `--auto-promote-learners`.
     auto_promote: bool,
+    /// `--strict-reconfig-check`.
+    strict_reconfig: bool,
     next_id: u64,
     tick: Duration,
     last_proposal: Instant,
@@ -365,6 +367,7 @@ impl RaftCore {
             transfers: Vec::new(),
             incoming: None,
             auto_promote: cfg.auto_promote_learners,
+            strict_reconfig: cfg.strict_reconfig_check,
             next_id: ((meta.member_id & 0xffff) << 48) | ((now_ms << 8) & ((1 << 48) - 1)),
             tick: Duration::from_millis(heartbeat_ms),
             last_proposal: Instant::now(),
@@ -1194,6 +1197,16 @@ impl RaftCore {
         let learner_match = raft.prs().get(id).map_or(0, |p| p.matched);
         if (learner_match as f64) < (leader_match as f64) * 0.9 {
             let _ = tx.send(Err(ApiError::LearnerNotReady));
+            return;
+        }
+        // etcd's IsReadyToPromoteMember: the voters that have started, with the learner,
+        // must be a quorum of the voters it will be one of.
+        let voters = members.iter().filter(|m| !m.is_learner);
+        let (n, started) = voters.fold((1, 1), |(n, s), m| {
+            (n + 1, s + usize::from(!m.name.is_empty()))
+        });
+        if self.strict_reconfig && started <= n / 2 {
+            let _ = tx.send(Err(ApiError::MemberNotEnoughStarted));
             return;
         }
         let cc = raft::eraftpb::ConfChange {
