@@ -17,6 +17,11 @@
 //! frame:  u32 len | len bytes
 //! ```
 //!
+//! A member refuses a hello from a member removed from the cluster with one byte, `GONE`,
+//! and closes the connection (etcd's peers answer such a member 410 Gone); the removed
+//! member learns it so (`Inbound::removed`) and stops. No other byte ever flows back on a
+//! frames connection.
+//!
 //! A connection of kind 1 carries frames for as long as it lives. One of kind 2 carries one
 //! stream (a whole state sent to a member far behind, on a connection of its own so the
 //! heartbeats never wait behind it): frames, then `u32 0xffffffff`; the receiver answers one
@@ -40,6 +45,8 @@ const KIND_STREAM: u32 = 2;
 /// hello's IDs are zero; the answer is one frame, then the connection closes.
 const KIND_QUERY: u32 = 3;
 const STREAM_END: u32 = u32::MAX;
+/// The answer to a hello from a member removed from the cluster.
+const GONE: u8 = b'G';
 /// How long a sender waits for the receiver to write a whole stream down.
 const STREAM_ACK_TIMEOUT: Duration = Duration::from_secs(300);
 const HELLO_BYTES: usize = 8 + 4 + 8 + 8 + 8;
@@ -68,6 +75,13 @@ pub trait Inbound: Send + Sync + 'static {
     fn query(&self) -> Bytes {
         Bytes::new()
     }
+    /// Whether `peer` was removed from the cluster (its connections are refused with `GONE`).
+    fn is_removed(&self, peer: u64) -> bool {
+        let _ = peer;
+        false
+    }
+    /// A peer refused this member as removed from the cluster.
+    fn removed(&self) {}
     /// Whether the member reads frames connections itself (`adopt`) instead of having the
     /// transport's runtime read them and call `frame`.
     fn adopts(&self) -> bool {
@@ -359,6 +373,7 @@ impl Peers {
         done: Box<dyn FnOnce(bool) + Send>,
     ) {
         let open = self.open(peer, KIND_STREAM);
+        let inbound = self.inbound.clone();
         self.rt.spawn(async move {
             let ok = async {
                 let mut s = open.await?;
@@ -374,6 +389,9 @@ impl Peers {
                     .await
                     .ok()?
                     .ok()?;
+                if ack[0] == GONE {
+                    inbound.removed();
+                }
                 Some(ack[0] == 1)
             }
             .await
@@ -432,6 +450,15 @@ impl Peers {
                 requested_member_id = format!("{to:x}"),
                 "refused a peer connection: it is meant for another member ID"
             );
+            return;
+        }
+        if self.inbound.is_removed(from) {
+            tracing::warn!(
+                remote = %addr,
+                remote_peer_id = format!("{from:x}"),
+                "refused a peer connection: the peer was removed from the cluster"
+            );
+            let _ = s.write_all(&[GONE]).await;
             return;
         }
         if kind == KIND_STREAM {
@@ -627,11 +654,28 @@ async fn write_loop(
         loop {
             out.clear();
             // An idle link still sends an empty frame now and then, so the peer knows it is
-            // alive whatever raft has to say (etcd's links stay active the same way).
-            match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
-                Ok(Some(first)) => push_frame(&mut out, &first),
-                Ok(None) => return,
-                Err(_) => push_frame(&mut out, &[]),
+            // alive whatever raft has to say (etcd's links stay active the same way). The
+            // peer writes nothing back, unless to say this member was removed.
+            let mut back = [0u8; 1];
+            tokio::select! {
+                next = tokio::time::timeout(KEEPALIVE, rx.recv()) => match next {
+                    Ok(Some(first)) => push_frame(&mut out, &first),
+                    Ok(None) => return,
+                    Err(_) => push_frame(&mut out, &[]),
+                },
+                got = s.read(&mut back) => {
+                    if matches!(got, Ok(1)) && back[0] == GONE {
+                        tracing::warn!(
+                            peer = format!("{peer:x}"),
+                            "a peer refused this member: it was removed from the cluster"
+                        );
+                        inbound.removed();
+                        return;
+                    }
+                    tracing::info!(peer = format!("{peer:x}"), "lost the connection to a peer");
+                    inbound.unreachable(peer);
+                    continue 'connect;
+                }
             }
             while out.len() < 4 << 20 {
                 match rx.try_recv() {
@@ -675,6 +719,10 @@ mod tests {
     struct Sink {
         got: Mutex<Vec<(u64, Bytes)>>,
         lost: Mutex<Vec<u64>>,
+        /// Peers this member holds as removed.
+        removed_peers: Vec<u64>,
+        /// Times a peer told this member it was removed.
+        told_removed: std::sync::atomic::AtomicUsize,
     }
 
     impl Inbound for Sink {
@@ -684,13 +732,51 @@ mod tests {
         fn unreachable(&self, peer: u64) {
             self.lost.lock().unwrap().push(peer);
         }
+        fn is_removed(&self, peer: u64) -> bool {
+            self.removed_peers.contains(&peer)
+        }
+        fn removed(&self) {
+            self.told_removed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     fn sink() -> Arc<Sink> {
+        sink_removing(&[])
+    }
+
+    fn sink_removing(removed_peers: &[u64]) -> Arc<Sink> {
         Arc::new(Sink {
             got: Mutex::new(Vec::new()),
             lost: Mutex::new(Vec::new()),
+            removed_peers: removed_peers.to_vec(),
+            told_removed: Default::default(),
         })
+    }
+
+    /// A member removed from the cluster dials a member that knows it: refused, and told so
+    /// (its frames never arrive); a member not removed is not told anything.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_removed_member_is_refused_and_told_so() {
+        let rt = tokio::runtime::Handle::current();
+        let (la, _) = listener();
+        let (lb, ub) = listener();
+        let (lc, _) = listener();
+        let (sa, sb, sc) = (sink(), sink_removing(&[1]), sink());
+        let a = Peers::start(rt.clone(), 1, 77, vec![la], sa.clone()).unwrap();
+        let _b = Peers::start(rt.clone(), 2, 77, vec![lb], sb.clone()).unwrap();
+        let c = Peers::start(rt.clone(), 3, 77, vec![lc], sc.clone()).unwrap();
+        a.connect(2, vec![ub.clone()]);
+        c.connect(2, vec![ub]);
+        assert!(a.send(2, Bytes::from_static(b"from a removed member")));
+        assert!(c.send(2, Bytes::from_static(b"from a member")));
+        let told = || sa.told_removed.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(wait_for(|| told() == 1).await, "a was not told");
+        assert!(wait_for(|| sb.got.lock().unwrap().len() == 1).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let got = sb.got.lock().unwrap().clone();
+        assert_eq!(got, [(3, Bytes::from_static(b"from a member"))]);
+        assert_eq!(sc.told_removed.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     fn listener() -> (std::net::TcpListener, String) {

@@ -625,11 +625,11 @@ impl Backend for NodeBackend {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let store = self.store.clone();
         let applied = self.status.applied_index.load(Ordering::Acquire);
-        let members = self.membership.get();
+        let (members, removed) = (self.membership.get(), self.membership.removed());
         let header = self.header(0);
         let spawned = std::thread::Builder::new()
             .name("keel-snapshot".into())
-            .spawn(move || crate::snapshot::serve(store, applied, members, header, tx));
+            .spawn(move || crate::snapshot::serve(store, applied, members, removed, header, tx));
         if let Err(e) = spawned {
             return Box::pin(futures::stream::once(async move {
                 Err(ApiError::Internal(format!("snapshot: {e}")))

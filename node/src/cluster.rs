@@ -68,15 +68,18 @@ pub fn bootstrap(
     (members, meta)
 }
 
-/// The membership as applied, readable from every core.
+/// The membership as applied, readable from every core: the members, and the IDs of those
+/// removed (etcd's removed members, refused for good).
 pub struct Membership {
     members: ArcSwap<Vec<keelpb::Member>>,
+    removed: ArcSwap<Vec<u64>>,
 }
 
 impl Membership {
-    pub fn new(members: Vec<keelpb::Member>) -> Membership {
+    pub fn new(members: Vec<keelpb::Member>, removed: Vec<u64>) -> Membership {
         Membership {
             members: ArcSwap::from_pointee(members),
+            removed: ArcSwap::from_pointee(removed),
         }
     }
 
@@ -84,11 +87,35 @@ impl Membership {
         Ok(keelpb::Members::decode(b)?.members)
     }
 
-    pub fn encode(members: &[keelpb::Member]) -> Vec<u8> {
+    /// The removed IDs of a stored membership.
+    pub fn decode_removed(b: &[u8]) -> anyhow::Result<Vec<u64>> {
+        Ok(keelpb::Members::decode(b)?.removed)
+    }
+
+    pub fn encode(members: &[keelpb::Member], removed: &[u64]) -> Vec<u8> {
         keelpb::Members {
             members: members.to_vec(),
+            removed: removed.to_vec(),
         }
         .encode_to_vec()
+    }
+
+    pub fn removed(&self) -> Arc<Vec<u64>> {
+        self.removed.load_full()
+    }
+
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.removed.load().contains(&id)
+    }
+
+    /// Notes `id` as removed for good.
+    pub fn remove(&self, id: u64) {
+        let mut r = self.removed().to_vec();
+        if !r.contains(&id) {
+            r.push(id);
+            r.sort_unstable();
+            self.removed.store(Arc::new(r));
+        }
     }
 
     pub fn get(&self) -> Arc<Vec<keelpb::Member>> {
@@ -207,6 +234,20 @@ impl Inbound for PeerInbound {
 
     fn unreachable(&self, peer: u64) {
         let _ = self.control.try_send(Control::Unreachable(peer));
+    }
+
+    fn is_removed(&self, peer: u64) -> bool {
+        self.membership.is_removed(peer)
+    }
+
+    /// A peer says this member was removed (it was down or cut off when that was decided):
+    /// stop, as etcd's does when its peers answer it 410 Gone.
+    fn removed(&self) {
+        crate::fatal(
+            0,
+            "the member has been permanently removed from the cluster; the data-dir used by \
+             this member must be removed",
+        );
     }
 
     /// The raft core reads its peers' frames itself (one thread crossing less each way).

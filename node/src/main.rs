@@ -320,14 +320,14 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         // state arrives must not fall back to --initial-cluster's IDs); raft's configuration
         // comes with the leader's state.
         (None, Some(m)) => {
-            store.set_members(cluster::Membership::encode(&m));
+            store.set_members(cluster::Membership::encode(&m, &[]));
             store.commit().context("store the joined membership")?;
             m
         }
         // Joined, but died before keeping the membership: ask again.
         (None, None) if log.meta().voters.is_empty() => {
             let (_, m) = join_meta(&cfg)?;
-            store.set_members(cluster::Membership::encode(&m));
+            store.set_members(cluster::Membership::encode(&m, &[]));
             store.commit().context("store the joined membership")?;
             m
         }
@@ -337,11 +337,15 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 // A lone member need not wait for its own publication to list its URLs.
                 only.client_urls = cfg.advertise_client_urls.clone();
             }
-            store.set_members(cluster::Membership::encode(&m));
+            store.set_members(cluster::Membership::encode(&m, &[]));
             m
         }
     };
-    let membership = Arc::new(cluster::Membership::new(members));
+    let removed = match store.members() {
+        Some(b) => cluster::Membership::decode_removed(b).context("the stored membership")?,
+        None => Vec::new(),
+    };
+    let membership = Arc::new(cluster::Membership::new(members, removed));
     let multi = membership.get().len() > 1;
     status.multi.store(multi, Ordering::Release);
     status.learner.store(

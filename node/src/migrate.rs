@@ -268,16 +268,16 @@ fn consistent_index(f: &BoltFile<'_>) -> anyhow::Result<u64> {
 /// membership change, so it alone decides (a member `etcdctl snapshot restore` made has such
 /// a WAL, while its backend still lists the old cluster's members). Otherwise the backend's
 /// "members" bucket (less "members_removed") is the membership as of its consistent index,
-/// and the WAL's committed changes after that index apply on top.
+/// and the WAL's committed changes after that index apply on top. Also the IDs removed.
 fn etcd_members(
     bolt: &BoltFile<'_>,
     wal: &EtcdWal,
     from: u64,
-) -> anyhow::Result<Vec<keelpb::Member>> {
+) -> anyhow::Result<(Vec<keelpb::Member>, Vec<u64>)> {
     let mut members: Vec<keelpb::Member> = Vec::new();
+    let mut removed: Vec<u64> = Vec::new();
     let whole_log = wal.conf.first().is_some_and(|(i, _)| *i == 1);
     if !whole_log {
-        let mut removed: Vec<u64> = Vec::new();
         if let Some(b) = bolt.bucket(b"members_removed")? {
             bolt.for_each(&b, |k, _| {
                 if let Some(id) = std::str::from_utf8(k)
@@ -317,7 +317,10 @@ fn etcd_members(
                     members.push(m);
                 }
             }
-            CC_REMOVE_NODE => members.retain(|x| x.id != id),
+            CC_REMOVE_NODE => {
+                members.retain(|x| x.id != id);
+                removed.push(id);
+            }
             CC_UPDATE_NODE => {
                 if let (Some(new), Some(m)) = (
                     member_from_json(&cc.context),
@@ -330,7 +333,9 @@ fn etcd_members(
         }
     }
     members.sort_by_key(|m| m.id);
-    Ok(members)
+    removed.sort_unstable();
+    removed.dedup();
+    Ok((members, removed))
 }
 
 /// What a conversion did.
@@ -492,7 +497,7 @@ pub fn adopt(cfg: &crate::config::Config) -> anyhow::Result<bool> {
         .map_err(|e| anyhow::anyhow!("etcd backend {}: {e}", etcd_db.display()))?;
     let from = consistent_index(&bolt)?;
     let wal = read_wal(&etcd_wal, from)?;
-    let members = etcd_members(&bolt, &wal, from)?;
+    let (members, removed) = etcd_members(&bolt, &wal, from)?;
     let voters = members.iter().filter(|m| !m.is_learner).count();
     if voters > 1 && wal.normal_entries > 0 {
         // Members of a cluster that ran stop at different points: taken over one by one, each
@@ -519,7 +524,7 @@ pub fn adopt(cfg: &crate::config::Config) -> anyhow::Result<bool> {
         &wal,
         from,
         &staged,
-        crate::cluster::Membership::encode(&members),
+        crate::cluster::Membership::encode(&members, &removed),
     )?;
     drop(db);
     if etcd_wal == cfg.wal_dir {

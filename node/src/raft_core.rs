@@ -1269,6 +1269,10 @@ impl RaftCore {
         use raft::eraftpb::ConfChangeType;
         let mut members = self.membership.get().to_vec();
         let id = cc.node_id;
+        // etcd's ErrIDRemoved: a removed ID never comes back (answered "member not found").
+        if self.membership.is_removed(id) {
+            return Err(ApiError::MemberNotFound);
+        }
         match cc.get_change_type() {
             ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
                 let learner = cc.get_change_type() == ConfChangeType::AddLearnerNode;
@@ -1310,6 +1314,9 @@ impl RaftCore {
             .apply_conf_change(&cc)
             .map_err(|e| ApiError::Internal(format!("membership change: {e}")))?;
         self.node.mut_store().set_conf_state(cs);
+        if cc.get_change_type() == ConfChangeType::RemoveNode {
+            self.membership.remove(id);
+        }
         self.set_members(members);
         tracing::info!(
             change = ?cc.get_change_type(),
@@ -1355,8 +1362,10 @@ impl RaftCore {
     /// follow it (a lone member starts its transport when it gets company).
     fn set_members(&mut self, members: Vec<keel_proto::keelpb::Member>) {
         let me = self.node.raft.id;
-        self.store
-            .set_members(crate::cluster::Membership::encode(&members));
+        self.store.set_members(crate::cluster::Membership::encode(
+            &members,
+            &self.membership.removed(),
+        ));
         self.status
             .multi
             .store(members.len() > 1, Ordering::Release);

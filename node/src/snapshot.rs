@@ -386,7 +386,7 @@ impl Target {
                 .with_context(|| format!("create {}", snap_dir.display()))?;
             let imported = fill(
                 &snap_dir.join("keel.db"),
-                crate::cluster::Membership::encode(&members),
+                crate::cluster::Membership::encode(&members, &[]),
             )?;
             // The WAL goes inside the staged dir unless it has a place of its own.
             let staged_wal = match &self.wal_dir {
@@ -483,22 +483,25 @@ fn export_offline(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
         .context("a running member is saved with `etcdctl snapshot save`")?;
     let store = keel_storage::store::Store::open(&db_path, Default::default())
         .with_context(|| format!("open backend {}", db_path.display()))?;
-    let members = match store.members() {
-        Some(b) => crate::cluster::Membership::decode(b)?,
-        None => Vec::new(),
+    let (members, removed) = match store.members() {
+        Some(b) => (
+            crate::cluster::Membership::decode(b)?,
+            crate::cluster::Membership::decode_removed(b)?,
+        ),
+        None => (Vec::new(), Vec::new()),
     };
     let snap = store
         .mvcc()
         .backend()
         .expect("a store reads its backend")
         .snapshot();
-    let layout = etcdfmt::plan_export(&snap, &members)?;
+    let layout = etcdfmt::plan_export(&snap, &members, &removed)?;
     let mut part = file.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
     let out = std::fs::File::create(&part).with_context(|| format!("create {}", part.display()))?;
     let mut w = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, out));
-    w = etcdfmt::write_export(&snap, &members, layout, w)?;
+    w = etcdfmt::write_export(&snap, &members, &removed, layout, w)?;
     let (buf, sha) = w.finish();
     let mut out = buf.into_inner().map_err(|e| e.into_error())?;
     out.write_all(&sha)?;
@@ -524,13 +527,15 @@ pub fn serve(
     store: keel_storage::store::StoreHandle,
     applied: u64,
     members: std::sync::Arc<Vec<keelpb::Member>>,
+    removed: std::sync::Arc<Vec<u64>>,
     header: keel_proto::pb::ResponseHeader,
     tx: tokio::sync::mpsc::Sender<Result<keel_proto::pb::SnapshotResponse, keel_net::ApiError>>,
 ) {
     let internal = |e: String| keel_net::ApiError::Internal(e);
     let result = (|| -> Result<(), keel_net::ApiError> {
         let snap = store.pinned(applied).map_err(crate::apply::storage_err)?;
-        let layout = etcdfmt::plan_export(&snap, &members).map_err(|e| internal(e.to_string()))?;
+        let layout =
+            etcdfmt::plan_export(&snap, &members, &removed).map_err(|e| internal(e.to_string()))?;
         let total = layout.size();
         tracing::info!(size = total, "sending database snapshot to client");
         let sender = HashingWriter::new(ChunkSender {
@@ -540,7 +545,7 @@ pub fn serve(
             sent: 0,
             header: Some(header),
         });
-        match etcdfmt::write_export(&snap, &members, layout, sender) {
+        match etcdfmt::write_export(&snap, &members, &removed, layout, sender) {
             Ok(sender) => {
                 let (sender, sha) = sender.finish();
                 sender.finish(sha)

@@ -144,9 +144,10 @@ pub fn member_from_json(v: &[u8]) -> Option<keelpb::Member> {
 pub fn plan_export<F: PageFile>(
     snap: &Snapshot<F>,
     members: &[keelpb::Member],
+    removed: &[u64],
 ) -> Result<Layout, BoltError> {
     let mut w = Writer::plan();
-    feed(snap, members, &mut w)?;
+    feed(snap, members, removed, &mut w)?;
     Ok(w.finish()?.0)
 }
 
@@ -154,11 +155,12 @@ pub fn plan_export<F: PageFile>(
 pub fn write_export<F: PageFile, W: Write>(
     snap: &Snapshot<F>,
     members: &[keelpb::Member],
+    removed: &[u64],
     layout: Layout,
     out: W,
 ) -> Result<W, BoltError> {
     let mut w = Writer::write(out, layout)?;
-    feed(snap, members, &mut w)?;
+    feed(snap, members, removed, &mut w)?;
     Ok(w.finish()?.1.expect("the writing pass has an output"))
 }
 
@@ -166,6 +168,7 @@ pub fn write_export<F: PageFile, W: Write>(
 fn feed<F: PageFile, W: Write>(
     snap: &Snapshot<F>,
     members: &[keelpb::Member],
+    removed: &[u64],
     w: &mut Writer<W>,
 ) -> Result<(), BoltError> {
     w.begin_bucket(b"alarm")?;
@@ -264,6 +267,11 @@ fn feed<F: PageFile, W: Write>(
         w.put(k.as_bytes(), v.as_bytes())?;
     }
     w.begin_bucket(b"members_removed")?;
+    let mut gone: Vec<String> = removed.iter().map(|id| format!("{id:x}")).collect();
+    gone.sort();
+    for k in gone {
+        w.put(k.as_bytes(), b"removed")?;
+    }
     w.begin_bucket(b"meta")?;
     let index = meta_i64(snap, META_CONSISTENT_INDEX, 0)? as u64;
     let term = meta_i64(snap, META_TERM, 0)? as u64;
@@ -568,8 +576,9 @@ mod tests {
         }
         let before = store.mvcc().hash_kv(0).unwrap();
         let snap = store.mvcc().backend().unwrap().snapshot();
-        let layout = plan_export(&snap, &members()).unwrap();
-        let bytes = write_export(&snap, &members(), layout, Vec::new()).unwrap();
+        let layout = plan_export(&snap, &members(), &[0x1e15ce0f058daaad]).unwrap();
+        let bytes =
+            write_export(&snap, &members(), &[0x1e15ce0f058daaad], layout, Vec::new()).unwrap();
         assert_eq!(bytes.len() as u64, layout.size());
         drop(snap);
         drop(store);
@@ -578,8 +587,19 @@ mod tests {
         let st = crate::bolt::status(&file).unwrap();
         assert_eq!(st.revision, 7);
         // alarm 1, auth 1, key 6 (a@2 survives the compaction at 3), lease 1, members 1,
-        // meta 5.
-        assert_eq!(st.total_key, 15);
+        // members_removed 1, meta 5.
+        assert_eq!(st.total_key, 16);
+        let gone = file.bucket(b"members_removed").unwrap().unwrap();
+        let mut removed = Vec::new();
+        file.for_each(&gone, |k, v| {
+            removed.push((k.to_vec(), v.to_vec()));
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(
+            removed,
+            [(b"1e15ce0f058daaad".to_vec(), b"removed".to_vec())]
+        );
         let dest = dir.path().join("b.db");
         let got = import(&file, &dest, (1, 1), Some(b"m".to_vec()), Adjust::default()).unwrap();
         assert_eq!(
@@ -668,8 +688,8 @@ mod tests {
             .unwrap();
         assert_eq!(r.kvs.len(), 2);
         let snap = store.mvcc().backend().unwrap().snapshot();
-        let layout = plan_export(&snap, &[]).unwrap();
-        let out = write_export(&snap, &[], layout, Vec::new()).unwrap();
+        let layout = plan_export(&snap, &[], &[]).unwrap();
+        let out = write_export(&snap, &[], &[], layout, Vec::new()).unwrap();
         let f = BoltFile::open(&out).unwrap();
         let users = f.bucket(b"authUsers").unwrap().unwrap();
         let mut seen = Vec::new();

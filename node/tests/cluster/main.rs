@@ -1260,6 +1260,17 @@ fn removing_a_healthy_voter_while_another_is_down_is_refused() {
         let (ok, out, err) = etcdctl(&ep, &["member", "remove", &format!("{down_id:x}")]);
         assert!(ok, "{err}");
         assert!(out.contains("removed from cluster"), "{out}");
+        // Back on its old data, the member removed while down is refused by the others as
+        // removed, and stops (etcd's peers answer it 410 Gone), where it would wait for ever.
+        c.start_again(down);
+        let exited = c.wait_exit(down, Duration::from_secs(10));
+        let log = c.members[down].log_text();
+        assert!(exited.is_some_and(|s| s.success()), "{exited:?}\n{log}");
+        assert!(
+            log.contains("the member has been permanently removed from the cluster"),
+            "{log}"
+        );
+        write_anywhere_read_everywhere(&c, "without-the-removed");
     }
 }
 
