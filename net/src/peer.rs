@@ -112,6 +112,13 @@ impl Adopted {
         self.from
     }
 
+    /// Tells the peer it was removed from the cluster (`GONE`, as to a hello from it); the
+    /// caller then drops the link.
+    pub fn tell_removed(&self) {
+        use std::io::Write;
+        let _ = (&self.stream).write(&[GONE]);
+    }
+
     /// Reads everything the socket holds now and hands each whole frame to `each` (empty
     /// keep-alive frames are not handed on). False once the connection is closed, broken or
     /// sent an oversized frame: the caller drops it.
@@ -672,8 +679,12 @@ async fn write_loop(
                         inbound.removed();
                         return;
                     }
+                    // Closed by the peer (it refused the hello, or could not take the
+                    // link): dial again only after the backoff, not in a tight loop.
                     tracing::info!(peer = format!("{peer:x}"), "lost the connection to a peer");
                     inbound.unreachable(peer);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue 'connect;
                 }
             }

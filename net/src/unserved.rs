@@ -145,12 +145,39 @@ fn no_leader() -> tonic::Status {
     tonic::Status::unavailable("etcdserver: no leader")
 }
 
+/// How much sooner than its deadline a call is answered as past it here, so this answer (not
+/// tonic's own "Timeout expired", Canceled, around the same layer) is the one sent.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The call's deadline from its `grpc-timeout` header (gRPC's format: up to 8 digits and a
+/// unit, H M S m u n).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Routes every call the router does not serve to `answer`, answers unknown methods of served
 /// services the same way, and, while the member is a learner, every call a learner does not
 /// serve (streams included) with etcd's "rpc not supported for learner". A call that asks for a
 /// leader (`hasleader: true`) is refused with etcd's "no leader" while the member has none,
 /// and a stream that asked is ended so once the member has had none for
-/// `NO_LEADER_TIMEOUTS` election timeouts (as etcd's interceptors do). One layer checks all.
+/// `NO_LEADER_TIMEOUTS` election timeouts (as etcd's interceptors do). A call still waiting
+/// at its deadline is answered as etcd's (grpc-go's) are: DeadlineExceeded, "context deadline
+/// exceeded". One layer checks all.
 pub fn route(router: &mut axum::Router, gate: Gate) {
     let r = std::mem::take(router);
     let gate = std::sync::Arc::new(gate);
@@ -173,12 +200,26 @@ pub fn route(router: &mut axum::Router, gate: Gate) {
                 None
             };
             let watched = (wants_leader && STREAMS.contains(&path)).then(|| gate.clone());
+            let timeout = grpc_timeout(req.headers());
             async move {
                 if let Some(status) = refused {
                     let answer: http::Response<axum::body::Body> = status.into_http();
                     return answer;
                 }
-                let resp = next.run(req).await;
+                let resp = match timeout {
+                    None => next.run(req).await,
+                    Some(t) => {
+                        let limit = t.saturating_sub(DEADLINE_MARGIN);
+                        match tokio::time::timeout(limit, next.run(req)).await {
+                            Ok(resp) => resp,
+                            Err(_) => {
+                                let status =
+                                    tonic::Status::deadline_exceeded("context deadline exceeded");
+                                return status.into_http();
+                            }
+                        }
+                    }
+                };
                 match watched {
                     Some(gate) => {
                         resp.map(|body| axum::body::Body::new(LeaderWatch::new(body, &gate)))
@@ -287,5 +328,80 @@ mod tests {
         assert!(!unknown_method_of_served("/etcdserverpb.KV/Range"));
         assert!(!unknown_method_of_served("/etcdserverpb.Auth/UserList"));
         assert_eq!(message("/nothing"), "malformed method name: \"/nothing\"");
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_as_grpc_writes_them() {
+        use std::time::Duration;
+        let parse = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&h)
+        };
+        assert_eq!(parse("4999870u"), Some(Duration::from_micros(4999870)));
+        assert_eq!(parse("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse("7n"), Some(Duration::from_nanos(7)));
+        assert_eq!(parse("5"), None);
+        assert_eq!(parse("123456789S"), None, "more than 8 digits");
+        assert_eq!(parse("1x"), None);
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    /// A call still running at its deadline is answered DeadlineExceeded with grpc-go's words
+    /// (etcd's), before it; one that finishes in time is answered by its service.
+    #[tokio::test]
+    async fn a_call_past_its_deadline_is_answered_as_etcd_answers_it() {
+        use tonic::codegen::Service;
+        let slow = |d: u64| async move {
+            tokio::time::sleep(std::time::Duration::from_millis(d)).await;
+            tonic::Status::ok("done").into_http::<axum::body::Body>()
+        };
+        let mut router = axum::Router::new()
+            .route(
+                "/etcdserverpb.KV/Range",
+                axum::routing::post(move || slow(1000)),
+            )
+            .route(
+                "/etcdserverpb.KV/Put",
+                axum::routing::post(move || slow(10)),
+            );
+        route(
+            &mut router,
+            Gate {
+                learner: std::sync::Arc::new(|| false),
+                has_leader: std::sync::Arc::new(|| true),
+                election_timeout: std::time::Duration::from_secs(1),
+            },
+        );
+        for (path, status) in [
+            (
+                "/etcdserverpb.KV/Range",
+                Some(("4", "context deadline exceeded")),
+            ),
+            ("/etcdserverpb.KV/Put", None),
+        ] {
+            let req = http::Request::post(path)
+                .header("grpc-timeout", "200m")
+                .header("content-type", "application/grpc")
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let started = std::time::Instant::now();
+            let resp = router.call(req).await.unwrap();
+            let h = resp.headers();
+            let got = h.get("grpc-status").map(|v| v.to_str().unwrap());
+            match status {
+                Some((code, msg)) => {
+                    assert!(started.elapsed() < std::time::Duration::from_millis(500));
+                    assert_eq!(got, Some(code));
+                    assert_eq!(
+                        h.get("grpc-message").unwrap(),
+                        msg.replace(' ', "%20").as_str()
+                    );
+                }
+                None => assert_eq!(got, Some("0")),
+            }
+        }
     }
 }

@@ -1316,6 +1316,20 @@ impl RaftCore {
         self.node.mut_store().set_conf_state(cs);
         if cc.get_change_type() == ConfChangeType::RemoveNode {
             self.membership.remove(id);
+            // Its links here are told and closed: a member that missed its own removal (down
+            // or cut off when it was committed) dials again, is refused, and stops.
+            let from_it: Vec<usize> = self
+                .links
+                .iter()
+                .filter(|(_, l)| l.from() == id)
+                .map(|(t, _)| *t)
+                .collect();
+            for t in from_it {
+                if let Some(l) = self.links.get(&t) {
+                    l.tell_removed();
+                }
+                self.drop_link(t);
+            }
         }
         self.set_members(members);
         tracing::info!(

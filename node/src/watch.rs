@@ -5,9 +5,10 @@
 //! only appends to it and never waits: a stream that falls behind by more than the ring holds
 //! loses its place ("lagged") and every watcher it serves moves to the catch-up path, which
 //! reads the history out of the store (etcd's unsynced group). A stream whose client stops
-//! reading blocks only itself: its responses are bounded in number (`STREAM_RESPONSES`) and
-//! in bytes (`STREAM_BYTES`), so it stops taking events from the ring, lags, and later
-//! catches up from the store. Neither apply nor memory waits on a slow watcher.
+//! reading blocks only itself: its queue is bounded in entries (`STREAM_RESPONSES`, each
+//! the responses of one fan-out) and in bytes (`STREAM_BYTES` queued, plus the entry the
+//! transport is writing), so it stops taking events from the ring, lags, and later catches up
+//! from the store. Neither apply nor memory waits on a slow watcher.
 //!
 //! Invariants, per stream:
 //! - `delivered`: every synced watcher has been sent every event at or below it. It starts at
@@ -26,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use keel_net::{ApiError, WatchOut};
 use keel_proto::mvccpb::{event::EventType, Event, KeyValue};
 use keel_proto::pb;
@@ -43,7 +44,8 @@ use crate::raft_core::RaftStatus;
 const HUB_REVISIONS: usize = 4096;
 /// Changes per read of the catch-up path (whole revisions, so possibly more).
 const CATCH_UP_CHANGES: usize = 1000;
-/// Responses a stream queues toward its client before it stops taking events.
+/// Queue entries (a fan-out's responses each) a stream holds toward its client before it
+/// stops taking events.
 const STREAM_RESPONSES: usize = 64;
 /// ... and about this many bytes of events (responses carrying several revisions are big).
 const STREAM_BYTES: usize = 256 << 10;
@@ -66,22 +68,23 @@ pub struct Revision {
     pub rev: i64,
     pub events: Vec<Event>,
     /// Each event encoded: by the first stream that sends it, then shared by every stream
-    /// and watcher (a revision fanned out to a thousand watchers is encoded once).
-    encoded: OnceLock<Vec<Bytes>>,
+    /// and watcher (an event fanned out to a thousand watchers is encoded once; one no
+    /// watcher wants, never).
+    encoded: Box<[OnceLock<Bytes>]>,
 }
 
 impl Revision {
     pub fn new(rev: i64, events: Vec<Event>) -> Revision {
+        let encoded = events.iter().map(|_| OnceLock::new()).collect();
         Revision {
             rev,
             events,
-            encoded: OnceLock::new(),
+            encoded,
         }
     }
 
-    fn encoded(&self) -> &[Bytes] {
-        self.encoded
-            .get_or_init(|| self.events.iter().map(encode_event).collect())
+    fn encoded(&self, i: usize) -> &Bytes {
+        self.encoded[i].get_or_init(|| encode_event(&self.events[i]))
     }
 }
 
@@ -89,82 +92,54 @@ fn encode_event(e: &Event) -> Bytes {
     Bytes::from(e.encode_to_vec())
 }
 
-/// What a response takes in memory besides its bytes (its slot, its frame).
+/// What a response takes in memory besides its bytes (its slot, its parts).
 const RESPONSE_MEMORY_BYTES: usize = 64;
-
-/// A watcher's events response, byte for byte as prost encodes the `WatchResponse` with that
-/// header, watch ID, fragment flag and (encoded) events: fields in tag order, defaults left
-/// out.
-fn encode_events_response(header: &[u8], watch_id: i64, fragment: bool, events: &[Bytes]) -> Bytes {
-    use keel_proto::prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
-    let framed = |len: usize| 1 + encoded_len_varint(len as u64) + len;
-    let size =
-        framed(header.len()) + 11 + 2 + events.iter().map(|e| framed(e.len())).sum::<usize>();
-    let mut b = BytesMut::with_capacity(size);
-    encode_key(1, WireType::LengthDelimited, &mut b);
-    encode_varint(header.len() as u64, &mut b);
-    b.put_slice(header);
-    if watch_id != 0 {
-        encode_key(2, WireType::Varint, &mut b);
-        encode_varint(watch_id as u64, &mut b);
-    }
-    if fragment {
-        encode_key(7, WireType::Varint, &mut b);
-        encode_varint(1, &mut b);
-    }
-    for e in events {
-        encode_key(11, WireType::LengthDelimited, &mut b);
-        encode_varint(e.len() as u64, &mut b);
-        b.put_slice(e);
-    }
-    b.freeze()
-}
 
 /// A watcher's events as the responses that carry them: one, or (for a watcher that asked
 /// for fragments, when they are too big for one message) etcd's sendFragments: as many
 /// events per message as fit under `limit` (at least one), `fragment` set on all but the
-/// last.
+/// last. `header` is the responses' header field (`keel_net::watch::header_field`).
 fn events_responses(
-    header: &[u8],
+    header: &Bytes,
     watch_id: i64,
     fragment: bool,
     limit: usize,
-    events: &[Bytes],
-    out: &mut Vec<Bytes>,
+    events: Vec<Bytes>,
+    out: &mut Vec<WatchOut>,
 ) {
-    use keel_proto::prost::encoding::encoded_len_varint;
-    let framed = |len: usize| 1 + encoded_len_varint(len as u64) + len;
-    let id_len = if watch_id == 0 {
-        0
-    } else {
-        1 + encoded_len_varint(watch_id as u64)
+    let response = |fragment: bool, events: Vec<Bytes>| WatchOut::Events {
+        header: header.clone(),
+        watch_id,
+        fragment,
+        events,
     };
-    let shell = framed(header.len()) + id_len;
-    let whole = shell + events.iter().map(|e| framed(e.len())).sum::<usize>();
-    if !fragment || events.len() < 2 || whole < limit {
-        out.push(encode_events_response(header, watch_id, false, events));
+    let whole = response(false, events);
+    if !fragment || whole.encoded_len() < limit {
+        out.push(whole);
         return;
     }
-    let mut start = 0;
-    while start < events.len() {
-        let mut size = shell + 2;
-        let mut end = start;
-        while end < events.len() {
-            let grow = framed(events[end].len());
-            if end > start && size + grow >= limit {
-                break;
-            }
-            size += grow;
-            end += 1;
+    let WatchOut::Events { events, .. } = whole else {
+        unreachable!("built above")
+    };
+    if events.len() < 2 {
+        out.push(response(false, events));
+        return;
+    }
+    let shell = response(true, Vec::new()).encoded_len();
+    let mut part = Vec::new();
+    let mut size = shell;
+    let count = events.len();
+    for (i, e) in events.into_iter().enumerate() {
+        let grow = keel_net::watch::framed_event_len(&e);
+        if !part.is_empty() && size + grow >= limit {
+            out.push(response(true, std::mem::take(&mut part)));
+            size = shell;
         }
-        let more = end < events.len();
-        out.push(encode_events_response(
-            header,
-            watch_id,
-            more,
-            &events[start..end],
-        ));
-        start = end;
+        size += grow;
+        part.push(e);
+        if i + 1 == count {
+            out.push(response(false, std::mem::take(&mut part)));
+        }
     }
 }
 
@@ -306,19 +281,20 @@ impl Out {
         self.put(vec![r], 0).await
     }
 
-    /// Sends event responses (encoded), charged what they hold: as few queue entries as the
-    /// byte budget allows (one for a revision fanned out to a stream's watchers).
-    async fn send_events(&self, responses: Vec<Bytes>) -> Result<(), Gone> {
+    /// Sends event responses, charged what they take encoded (what the transport copies
+    /// out): as few queue entries as the byte budget allows (one for a revision fanned out
+    /// to a stream's watchers). Their events are shared, so holding them costs little more.
+    async fn send_events(&self, responses: Vec<WatchOut>) -> Result<(), Gone> {
         let mut entry = Vec::new();
         let mut bytes = 0;
         for r in responses {
-            let cost = (r.len() + RESPONSE_MEMORY_BYTES).min(STREAM_BYTES);
+            let cost = (r.encoded_len() + RESPONSE_MEMORY_BYTES).min(STREAM_BYTES);
             if bytes + cost > STREAM_BYTES && !entry.is_empty() {
                 self.put(std::mem::take(&mut entry), bytes).await?;
                 bytes = 0;
             }
             bytes += cost;
-            entry.push(Ok(WatchOut::Encoded(r)));
+            entry.push(Ok(r));
         }
         if entry.is_empty() {
             return Ok(());
@@ -673,17 +649,16 @@ impl WatchStream {
             return Ok(());
         };
         self.delivered = last;
-        let header = self.ctx.header(last).encode_to_vec();
+        let header = keel_net::watch::header_field(&self.ctx.header(last));
         let limit = self.ctx.max_request_bytes + keel_net::GRPC_OVERHEAD_BYTES;
         let mvcc = &self.ctx.mvcc;
         let mut with_prev: HashMap<(usize, usize), Bytes> = HashMap::new();
-        let mut events: Vec<Bytes> = Vec::new();
-        let mut sends: Vec<Bytes> = Vec::new();
+        let mut sends: Vec<WatchOut> = Vec::new();
         for (id, w) in self.watchers.iter_mut() {
             if !w.is(SYNCED) || w.is(COMPACTED) || w.next_rev > last {
                 continue;
             }
-            events.clear();
+            let mut events: Vec<Bytes> = Vec::new();
             for (ri, r) in revs.iter().enumerate() {
                 if r.rev < w.next_rev {
                     continue;
@@ -698,14 +673,14 @@ impl WatchStream {
                             .or_insert_with(|| encode_with_prev(mvcc, e))
                             .clone()
                     } else {
-                        r.encoded()[ei].clone()
+                        r.encoded(ei).clone()
                     });
                 }
             }
             w.next_rev = last + 1;
             if !events.is_empty() {
                 w.set(SENT_SINCE_TICK, true);
-                events_responses(&header, *id, w.is(FRAGMENT), limit, &events, &mut sends);
+                events_responses(&header, *id, w.is(FRAGMENT), limit, events, &mut sends);
             }
         }
         self.out.send_events(sends).await
@@ -753,7 +728,7 @@ impl WatchStream {
                     })
                     .collect();
                 if !events.is_empty() {
-                    self.send_events(id, &events, now).await?;
+                    self.send_events(id, events, now).await?;
                 }
                 Ok(())
             }
@@ -782,14 +757,14 @@ impl WatchStream {
     async fn send_events(
         &mut self,
         id: i64,
-        events: &[Bytes],
+        events: Vec<Bytes>,
         header_rev: i64,
     ) -> Result<(), Gone> {
         let Some(w) = self.watchers.get_mut(&id) else {
             return Ok(());
         };
         w.set(SENT_SINCE_TICK, true);
-        let header = self.ctx.header(header_rev).encode_to_vec();
+        let header = keel_net::watch::header_field(&self.ctx.header(header_rev));
         let limit = self.ctx.max_request_bytes + keel_net::GRPC_OVERHEAD_BYTES;
         let mut parts = Vec::new();
         events_responses(&header, id, w.is(FRAGMENT), limit, events, &mut parts);
@@ -956,7 +931,7 @@ mod tests {
             revision: 1 << 40,
             raft_term: 9,
         };
-        let hb = header.encode_to_vec();
+        let hb = keel_net::watch::header_field(&header);
         let sizes = [0usize, 1, 100, 127, 128, 300, 5000, 20_000, 70_000];
         let events: Vec<Event> = sizes
             .iter()
@@ -982,9 +957,10 @@ mod tests {
                             vec![msg.clone()]
                         };
                         let mut got = Vec::new();
-                        events_responses(&hb, watch_id, fragment, limit, &encoded[..n], &mut got);
+                        let evs = encoded[..n].to_vec();
+                        events_responses(&hb, watch_id, fragment, limit, evs, &mut got);
                         let want: Vec<Vec<u8>> = want.iter().map(|m| m.encode_to_vec()).collect();
-                        let got: Vec<Vec<u8>> = got.iter().map(|b| b.to_vec()).collect();
+                        let got: Vec<Vec<u8>> = got.iter().map(|r| r.to_vec()).collect();
                         assert_eq!(got, want, "id {watch_id}, {n} events, limit {limit}");
                     }
                 }

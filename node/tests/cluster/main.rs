@@ -1452,3 +1452,33 @@ fn a_write_without_a_leader_waits_for_one() {
     );
     c.resume(other);
 }
+
+/// A member removed while paused (its connections open) stops when it wakes, as etcd's does,
+/// and the others go on without it. (It finds its removal in what the leader had sent it
+/// before; one that never got it is refused on its links, see `Adopted::tell_removed`.)
+#[test]
+fn a_member_removed_while_paused_stops_when_it_wakes() {
+    let _s = serial();
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let x = (leader + 1) % 3;
+    let x_id = c.member_id(x);
+    c.pause(x);
+    // Silent past the transport's activity gap (3 s): no longer counted as connected, so
+    // etcd's check lets it go.
+    std::thread::sleep(Duration::from_millis(3500));
+    let (ok, out, err) = etcdctl(
+        &endpoints(&c, &[leader]),
+        &["member", "remove", &format!("{x_id:x}")],
+    );
+    assert!(ok && out.contains("removed from cluster"), "{out}{err}");
+    c.resume(x);
+    let exited = c.wait_exit(x, Duration::from_secs(10));
+    let log = c.members[x].log_text();
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}\n{log}");
+    assert!(
+        log.contains("the member has been permanently removed from the cluster"),
+        "{log}"
+    );
+    write_anywhere_read_everywhere(&c, "after-the-paused-one");
+}
