@@ -113,23 +113,19 @@ fn events_responses(
         fragment,
         events,
     };
-    let whole = response(false, events);
-    if !fragment || whole.encoded_len() < limit {
-        out.push(whole);
-        return;
-    }
-    let WatchOut::Events { events, .. } = whole else {
-        unreachable!("built above")
-    };
-    if events.len() < 2 {
+    let body: usize = events
+        .iter()
+        .map(|e| keel_net::watch::framed_event_len(e))
+        .sum();
+    let whole = response(false, Vec::new()).encoded_len() + body;
+    if !fragment || events.len() < 2 || whole < limit {
         out.push(response(false, events));
         return;
     }
     let shell = response(true, Vec::new()).encoded_len();
     let mut part = Vec::new();
     let mut size = shell;
-    let count = events.len();
-    for (i, e) in events.into_iter().enumerate() {
+    for e in events {
         let grow = keel_net::watch::framed_event_len(&e);
         if !part.is_empty() && size + grow >= limit {
             out.push(response(true, std::mem::take(&mut part)));
@@ -137,15 +133,12 @@ fn events_responses(
         }
         size += grow;
         part.push(e);
-        if i + 1 == count {
-            out.push(response(false, std::mem::take(&mut part)));
-        }
     }
+    out.push(response(false, part));
 }
 
 /// An event with the key's version just before it, encoded.
-fn encode_with_prev(mvcc: &Mvcc, ev: &Event) -> Bytes {
-    let mut ev = ev.clone();
+fn encode_with_prev(mvcc: &Mvcc, mut ev: Event) -> Bytes {
     ev.prev_kv = prev_kv(mvcc, &ev);
     encode_event(&ev)
 }
@@ -670,7 +663,7 @@ impl WatchStream {
                     events.push(if w.is(PREV_KV) {
                         with_prev
                             .entry((ri, ei))
-                            .or_insert_with(|| encode_with_prev(mvcc, e))
+                            .or_insert_with(|| encode_with_prev(mvcc, e.clone()))
                             .clone()
                     } else {
                         r.encoded(ei).clone()
@@ -721,7 +714,7 @@ impl WatchStream {
                     .filter(|e| w.wants(e))
                     .map(|e| {
                         if prev {
-                            encode_with_prev(&mvcc, &e)
+                            encode_with_prev(&mvcc, e)
                         } else {
                             encode_event(&e)
                         }
