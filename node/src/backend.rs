@@ -133,22 +133,23 @@ impl NodeBackend {
     /// etcd's strict reconfiguration check: a voter may join only if the members that have
     /// started (published themselves) would still be a quorum.
     fn ready_to_add_voter(&self) -> bool {
-        let members = self.membership.get();
-        let voters: Vec<_> = members.iter().filter(|m| !m.is_learner).collect();
-        let started = voters.iter().filter(|m| !m.name.is_empty()).count();
-        let n = voters.len() + 1;
+        let (voters, started) = crate::cluster::started_voters(&self.membership.get(), None);
+        let n = voters + 1;
         (started == 1 && n == 2) || started > n / 2
     }
 
     /// ... and a voter may go only if the started members left are a quorum of those left.
     fn ready_to_remove_voter(&self, id: u64) -> bool {
-        let members = self.membership.get();
-        let left: Vec<_> = members
-            .iter()
-            .filter(|m| !m.is_learner && m.id != id)
-            .collect();
-        let started = left.iter().filter(|m| !m.name.is_empty()).count();
-        started > left.len() / 2
+        let (left, started) = crate::cluster::started_voters(&self.membership.get(), Some(id));
+        started > left / 2
+    }
+
+    /// etcd's isConnectedSince: `peer` is this member, or this member has heard from it
+    /// continuously for at least `HEALTH_INTERVAL`.
+    fn connected_long_enough(&self, peers: &keel_net::peer::Peers, peer: u64) -> bool {
+        let since = std::time::Instant::now().checked_sub(HEALTH_INTERVAL);
+        peer == self.member_id
+            || matches!((peers.active_since(peer), since), (Some(t), Some(s)) if t <= s)
     }
 
     /// etcd's second check before adding a member, learners too (mayAddMember,
@@ -159,12 +160,10 @@ impl NodeBackend {
         let Some(peers) = self.forwarder.peers.get() else {
             return true; // a lone member: no peers to count
         };
-        let since = std::time::Instant::now().checked_sub(HEALTH_INTERVAL);
         let members = self.membership.get();
         let missing: Vec<String> = members
             .iter()
-            .filter(|m| !m.is_learner && m.id != self.member_id)
-            .filter(|m| !matches!((peers.active_since(m.id), since), (Some(t), Some(s)) if t <= s))
+            .filter(|m| !m.is_learner && !self.connected_long_enough(peers, m.id))
             .map(|m| format!("{:x}", m.id))
             .collect();
         if !missing.is_empty() {
@@ -193,13 +192,9 @@ impl NodeBackend {
             .filter(|m| !m.is_learner)
             .map(|m| m.id)
             .collect();
-        let since = std::time::Instant::now().checked_sub(HEALTH_INTERVAL);
         let active = voters
             .iter()
-            .filter(|&&v| {
-                v == self.member_id
-                    || matches!((peers.active_since(v), since), (Some(t), Some(s)) if t <= s)
-            })
+            .filter(|&&v| self.connected_long_enough(peers, v))
             .count();
         let ok = active > voters.len().saturating_sub(1) / 2 + 1;
         if !ok {

@@ -68,6 +68,21 @@ pub fn bootstrap(
     (members, meta)
 }
 
+/// What a member removed from the cluster says as it stops (etcd's words).
+pub const REMOVED: &str = "the member has been permanently removed from the cluster; the \
+     data-dir used by this member must be removed";
+
+/// The voters other than `except`: how many, and how many of them have started (published
+/// their name), for etcd's strict reconfiguration checks.
+pub fn started_voters(members: &[keelpb::Member], except: Option<u64>) -> (usize, usize) {
+    members
+        .iter()
+        .filter(|m| !m.is_learner && Some(m.id) != except)
+        .fold((0, 0), |(n, s), m| {
+            (n + 1, s + usize::from(!m.name.is_empty()))
+        })
+}
+
 /// The membership as applied, readable from every core: the members, and the IDs of those
 /// removed (etcd's removed members, refused for good).
 pub struct Membership {
@@ -87,9 +102,10 @@ impl Membership {
         Ok(keelpb::Members::decode(b)?.members)
     }
 
-    /// The removed IDs of a stored membership.
-    pub fn decode_removed(b: &[u8]) -> anyhow::Result<Vec<u64>> {
-        Ok(keelpb::Members::decode(b)?.removed)
+    /// A stored membership whole: its members and the IDs removed.
+    pub fn decode_with_removed(b: &[u8]) -> anyhow::Result<(Vec<keelpb::Member>, Vec<u64>)> {
+        let m = keelpb::Members::decode(b)?;
+        Ok((m.members, m.removed))
     }
 
     pub fn encode(members: &[keelpb::Member], removed: &[u64]) -> Vec<u8> {
@@ -243,11 +259,7 @@ impl Inbound for PeerInbound {
     /// A peer says this member was removed (it was down or cut off when that was decided):
     /// stop, as etcd's does when its peers answer it 410 Gone.
     fn removed(&self) {
-        crate::fatal(
-            0,
-            "the member has been permanently removed from the cluster; the data-dir used by \
-             this member must be removed",
-        );
+        crate::fatal(0, REMOVED);
     }
 
     /// The raft core reads its peers' frames itself (one thread crossing less each way).

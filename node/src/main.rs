@@ -295,9 +295,10 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let hub = watch::hub();
     let mut store = store;
     store.set_event_sink(Box::new(watch::HubSink(hub.clone())));
-    let members = match (store.members(), joined) {
+    let (members, removed) = match (store.members(), joined) {
         (Some(b), _) => {
-            let m = cluster::Membership::decode(b).context("the stored membership")?;
+            let (m, removed) =
+                cluster::Membership::decode_with_removed(b).context("the stored membership")?;
             // Raft's configuration as of the backend; later changes replay from the WAL. A
             // member that joined and has not received the leader's state yet has none.
             let awaiting_state = log.meta().voters.is_empty() && store.applied().0 == 0;
@@ -308,13 +309,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             // a member "gone"), stop. IDs are never given out again, so this one is out for
             // good.
             if !awaiting_state && !m.iter().any(|x| x.id == meta.member_id) {
-                fatal(
-                    0,
-                    "the member has been permanently removed from the cluster; the data-dir \
-                     used by this member must be removed",
-                );
+                fatal(0, cluster::REMOVED);
             }
-            m
+            (m, removed)
         }
         // Joining: the members as the cluster told them, kept (a restart before the leader's
         // state arrives must not fall back to --initial-cluster's IDs); raft's configuration
@@ -322,14 +319,14 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         (None, Some(m)) => {
             store.set_members(cluster::Membership::encode(&m, &[]));
             store.commit().context("store the joined membership")?;
-            m
+            (m, Vec::new())
         }
         // Joined, but died before keeping the membership: ask again.
         (None, None) if log.meta().voters.is_empty() => {
             let (_, m) = join_meta(&cfg)?;
             store.set_members(cluster::Membership::encode(&m, &[]));
             store.commit().context("store the joined membership")?;
-            m
+            (m, Vec::new())
         }
         (None, None) => {
             let mut m = initial_members(&cfg).0;
@@ -338,12 +335,8 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 only.client_urls = cfg.advertise_client_urls.clone();
             }
             store.set_members(cluster::Membership::encode(&m, &[]));
-            m
+            (m, Vec::new())
         }
-    };
-    let removed = match store.members() {
-        Some(b) => cluster::Membership::decode_removed(b).context("the stored membership")?,
-        None => Vec::new(),
     };
     let membership = Arc::new(cluster::Membership::new(members, removed));
     let multi = membership.get().len() > 1;

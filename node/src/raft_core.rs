@@ -1201,10 +1201,8 @@ impl RaftCore {
         }
         // etcd's IsReadyToPromoteMember: the voters that have started, with the learner,
         // must be a quorum of the voters it will be one of.
-        let voters = members.iter().filter(|m| !m.is_learner);
-        let (n, started) = voters.fold((1, 1), |(n, s), m| {
-            (n + 1, s + usize::from(!m.name.is_empty()))
-        });
+        let (voters, started) = crate::cluster::started_voters(&members, None);
+        let (n, started) = (voters + 1, started + 1);
         if self.strict_reconfig && started <= n / 2 {
             let _ = tx.send(Err(ApiError::MemberNotEnoughStarted));
             return;
@@ -1341,10 +1339,7 @@ impl RaftCore {
             // etcd's removed member stops; give the answers of this turn time to go out.
             std::thread::spawn(|| {
                 std::thread::sleep(Duration::from_millis(500));
-                crate::fatal(
-                    0,
-                    "the member has been permanently removed from the cluster",
-                );
+                crate::fatal(0, crate::cluster::REMOVED);
             });
         }
         Ok(WriteResponse::Alarm(Default::default()))

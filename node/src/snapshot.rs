@@ -484,10 +484,7 @@ fn export_offline(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
     let store = keel_storage::store::Store::open(&db_path, Default::default())
         .with_context(|| format!("open backend {}", db_path.display()))?;
     let (members, removed) = match store.members() {
-        Some(b) => (
-            crate::cluster::Membership::decode(b)?,
-            crate::cluster::Membership::decode_removed(b)?,
-        ),
+        Some(b) => crate::cluster::Membership::decode_with_removed(b)?,
         None => (Vec::new(), Vec::new()),
     };
     let snap = store
