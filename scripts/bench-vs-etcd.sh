@@ -34,6 +34,7 @@ WORKLOADS_ALL=(
   "list-200k-by-500|load:200000|--conns 1 --clients 1 list k l --total 3 --page-size 500"
   "put-1m-keys-100x1000|-|--conns 100 --clients 1000 --threads 2 put --total 1000000 --key-size 32 --val-size 256 --key-space-size 1000000 --sequential-keys"
   "watch-10x100-fanout|-|--conns 10 watch --streams 10 --watchers-per-stream 100 --put-total 2000 --put-rate 200"
+  "watch-1key-1000-fanout|-|--conns 10 watch --streams 10 --watchers-per-stream 100 --watched-key-total 1 --put-total 2000 --put-rate 200"
   "lease-keepalive-10x100|-|--conns 10 --clients 100 lease-keepalive --total 20000"
   "put-100x1000-100-slow-watchers|-|--slow-watchers 100 --conns 100 --clients 1000 --threads 2 put --total 100000 --key-size 8 --val-size 256"
 )

@@ -189,9 +189,8 @@ impl<B: Backend> pb::maintenance_server::Maintenance for MaintenanceService<B> {
         _req: Request<pb::DefragmentRequest>,
     ) -> Reply<pb::DefragmentResponse> {
         self.backend.defragment().await?;
-        Ok(Response::new(pb::DefragmentResponse {
-            header: Some(self.backend.header(0)),
-        }))
+        // etcd answers Defragment and MoveLeader with an empty message, no header.
+        Ok(Response::new(pb::DefragmentResponse { header: None }))
     }
 
     async fn hash(&self, _req: Request<pb::HashRequest>) -> Reply<pb::HashResponse> {
@@ -221,9 +220,7 @@ impl<B: Backend> pb::maintenance_server::Maintenance for MaintenanceService<B> {
         req: Request<pb::MoveLeaderRequest>,
     ) -> Reply<pb::MoveLeaderResponse> {
         self.backend.move_leader(req.into_inner().target_id).await?;
-        Ok(Response::new(pb::MoveLeaderResponse {
-            header: Some(self.backend.header(0)),
-        }))
+        Ok(Response::new(pb::MoveLeaderResponse { header: None }))
     }
 
     async fn downgrade(&self, _req: Request<pb::DowngradeRequest>) -> Reply<pb::DowngradeResponse> {

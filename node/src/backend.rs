@@ -434,7 +434,9 @@ impl Backend for NodeBackend {
             errors: no_leader.into_iter().chain(alarms).collect(),
             db_size_in_use: db_bytes_in_use,
             is_learner: self.learner(),
-            storage_version: String::new(),
+            // etcd 3.6 reports its db file's version once the cluster runs 3.6: Keel's is
+            // always the version it serves.
+            storage_version: ETCD_API_VERSION.to_string(),
             db_size_quota: self.cfg.quota_backend_bytes.unwrap_or(0) as i64,
             // etcd 3.6 always reports one (no downgrade in progress).
             downgrade_info: Some(Default::default()),
@@ -621,10 +623,9 @@ impl Backend for NodeBackend {
         let store = self.store.clone();
         let applied = self.status.applied_index.load(Ordering::Acquire);
         let (members, removed) = (self.membership.get(), self.membership.removed());
-        let header = self.header(0);
         let spawned = std::thread::Builder::new()
             .name("keel-snapshot".into())
-            .spawn(move || crate::snapshot::serve(store, applied, members, removed, header, tx));
+            .spawn(move || crate::snapshot::serve(store, applied, members, removed, tx));
         if let Err(e) = spawned {
             return Box::pin(futures::stream::once(async move {
                 Err(ApiError::Internal(format!("snapshot: {e}")))

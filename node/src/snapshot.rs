@@ -525,7 +525,6 @@ pub fn serve(
     applied: u64,
     members: std::sync::Arc<Vec<keelpb::Member>>,
     removed: std::sync::Arc<Vec<u64>>,
-    header: keel_proto::pb::ResponseHeader,
     tx: tokio::sync::mpsc::Sender<Result<keel_proto::pb::SnapshotResponse, keel_net::ApiError>>,
 ) {
     let internal = |e: String| keel_net::ApiError::Internal(e);
@@ -540,7 +539,6 @@ pub fn serve(
             buf: Vec::with_capacity(SEND_CHUNK_BYTES),
             total,
             sent: 0,
-            header: Some(header),
         });
         match etcdfmt::write_export(&snap, &members, &removed, layout, sender) {
             Ok(sender) => {
@@ -564,13 +562,13 @@ struct ChunkSender {
     buf: Vec<u8>,
     total: u64,
     sent: u64,
-    header: Option<keel_proto::pb::ResponseHeader>,
 }
 
 impl ChunkSender {
     fn send(&mut self, blob: Vec<u8>, remaining: u64) -> std::io::Result<()> {
         let resp = keel_proto::pb::SnapshotResponse {
-            header: self.header.take(),
+            // As etcd's: no header on any piece, the server's version on every one.
+            header: None,
             remaining_bytes: remaining,
             blob: blob.into(),
             version: crate::config::ETCD_API_VERSION.to_string(),
