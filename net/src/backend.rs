@@ -87,6 +87,12 @@ pub trait Backend: Send + Sync + 'static {
 
     fn members(&self) -> Vec<pb::Member>;
 
+    /// Resolves once this member has applied everything committed when it was called (a
+    /// ReadIndex round with the leader), as a linearizable read waits.
+    fn read_barrier(&self) -> impl Future<Output = Result<(), ApiError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
     /// This member is a learner: it serves only Status and serializable ranges.
     fn is_learner(&self) -> bool {
         false

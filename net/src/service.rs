@@ -288,8 +288,13 @@ impl<B: Backend> pb::cluster_server::Cluster for ClusterService<B> {
 
     async fn member_list(
         &self,
-        _req: Request<pb::MemberListRequest>,
+        req: Request<pb::MemberListRequest>,
     ) -> Reply<pb::MemberListResponse> {
+        // etcd 3.5+: a linearizable list (etcdctl 3.6's default) first waits for a ReadIndex
+        // round, so it fails where the member is cut off and never shows a stale membership.
+        if req.into_inner().linearizable {
+            self.backend.read_barrier().await?;
+        }
         Ok(Response::new(pb::MemberListResponse {
             header: self.header(),
             members: self.backend.members(),

@@ -447,6 +447,10 @@ impl Backend for NodeBackend {
         self.membership.list()
     }
 
+    fn read_barrier(&self) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
+        self.linearize()
+    }
+
     fn is_learner(&self) -> bool {
         self.learner()
     }
