@@ -8,6 +8,7 @@ mod client;
 mod concurrency;
 mod config;
 mod crash;
+mod differential;
 mod errors;
 mod etcdctl;
 mod kube;
