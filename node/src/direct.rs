@@ -10,9 +10,11 @@
 //! the leader back to probing.
 //!
 //! Each is one more frames connection to the peer (the transport dials it, then hands it
-//! over), written nonblocking: what the socket does not take waits in `pending` and goes
-//! when the poll says it is writable; anything sent meanwhile queues behind it, up to
-//! `PENDING_MAX` (beyond, a message is dropped: raft resends). A broken connection is dropped
+//! over), written nonblocking. A turn's messages to one peer are queued in `pending` and
+//! written with one send at the end of the turn (`flush`): a follower answers every append
+//! of a batch, and on loopback each send also runs the receiver's TCP work. What the socket
+//! does not take waits and goes when the poll says it is writable; anything sent meanwhile
+//! queues behind it, up to `PENDING_MAX` (beyond, a message is dropped: raft resends). A broken connection is dropped
 //! and dialled again after `REDIAL_AFTER`; until it is back, messages go through the
 //! transport. The messages that go here do not depend on their order relative to appends.
 
@@ -45,6 +47,9 @@ struct Direct {
     /// Its poll token while it has a stream.
     token: usize,
     pending: Vec<u8>,
+    /// The socket took less than it was given: the rest goes when the poll says it has
+    /// room (edge-triggered).
+    blocked: bool,
     /// Since when a dial is under way.
     dialing: Option<Instant>,
     retry_at: Instant,
@@ -54,48 +59,70 @@ struct Direct {
 pub struct Directs {
     by_peer: HashMap<u64, Direct>,
     by_token: HashMap<usize, u64>,
+    /// Peers with frames queued this turn.
+    queued: Vec<u64>,
 }
 
 /// What `Directs::send` did with a message.
 pub enum Sent {
-    /// Written, or queued behind what the socket has not taken yet, or dropped because too
-    /// much is queued already (raft resends).
+    /// Queued for this turn's `flush` (or behind what the socket has not taken yet), or
+    /// dropped because too much is queued already (raft resends).
     Done,
     /// No connection yet (one is being dialled if `dial`): send it the other way.
     NotConnected { dial: bool },
 }
 
 impl Directs {
-    /// Writes `frame` (a whole peer frame's payload) to `peer`.
-    pub fn send(&mut self, peer: u64, frame: &[u8], registry: &mio::Registry) -> Sent {
+    /// Queues `frame` (a whole peer frame's payload) for `peer`; `flush` writes it.
+    pub fn send(&mut self, peer: u64, frame: &[u8]) -> Sent {
         let d = self.by_peer.entry(peer).or_insert_with(|| Direct {
             stream: None,
             token: 0,
             pending: Vec::new(),
+            blocked: false,
             dialing: None,
             retry_at: Instant::now(),
         });
-        let Some(stream) = d.stream.as_mut() else {
+        if d.stream.is_none() {
             let now = Instant::now();
             let dial = d.dialing.is_none_or(|t| now >= t + DIAL_STUCK) && now >= d.retry_at;
             if dial {
                 d.dialing = Some(now);
             }
             return Sent::NotConnected { dial };
-        };
-        if !d.pending.is_empty() {
-            if d.pending.len() + frame.len() <= PENDING_MAX {
-                keel_net::peer::push_frame(&mut d.pending, frame);
-            }
+        }
+        if d.pending.len() + frame.len() > PENDING_MAX {
             return Sent::Done;
         }
-        keel_net::peer::push_frame(&mut d.pending, frame);
-        if flush(stream, &mut d.pending).is_err() {
-            let token = d.token;
-            self.close(token, registry);
-            return Sent::NotConnected { dial: false };
+        if d.pending.is_empty() {
+            self.queued.push(peer);
         }
+        keel_net::peer::push_frame(&mut d.pending, frame);
         Sent::Done
+    }
+
+    /// Writes what this turn queued: one send per peer (what the socket does not take waits
+    /// for the poll). A connection that fails is dropped; its frames are lost (raft resends).
+    pub fn flush(&mut self, registry: &mio::Registry) {
+        let mut broken = Vec::new();
+        for peer in self.queued.drain(..) {
+            let Some(d) = self.by_peer.get_mut(&peer) else {
+                continue;
+            };
+            let Some(stream) = d.stream.as_mut() else {
+                continue;
+            };
+            if d.blocked {
+                continue;
+            }
+            match write_some(stream, &mut d.pending) {
+                Ok(()) => d.blocked = !d.pending.is_empty(),
+                Err(_) => broken.push(d.token),
+            }
+        }
+        for token in broken {
+            self.close(token, registry);
+        }
     }
 
     /// A connection dialled for `peer` (None: it could not be made), to be polled as
@@ -132,6 +159,7 @@ impl Directs {
         d.stream = Some(stream);
         d.token = token;
         d.pending.clear();
+        d.blocked = false;
         self.by_token.insert(token, peer);
     }
 
@@ -144,8 +172,9 @@ impl Directs {
         let Some(stream) = d.stream.as_mut() else {
             return true;
         };
-        if flush(stream, &mut d.pending).is_err() {
-            self.close(token, registry);
+        match write_some(stream, &mut d.pending) {
+            Ok(()) => d.blocked = !d.pending.is_empty(),
+            Err(_) => self.close(token, registry),
         }
         true
     }
@@ -172,13 +201,14 @@ impl Directs {
                 let _ = registry.deregister(&mut mio::unix::SourceFd(&fd));
             }
             d.pending = Vec::new();
+            d.blocked = false;
             d.retry_at = Instant::now() + REDIAL_AFTER;
         }
     }
 }
 
 /// Writes as much of `pending` as the nonblocking socket takes now, and keeps the rest.
-fn flush(s: &mut TcpStream, pending: &mut Vec<u8>) -> std::io::Result<()> {
+fn write_some(s: &mut TcpStream, pending: &mut Vec<u8>) -> std::io::Result<()> {
     let mut done = 0;
     let res = loop {
         if done == pending.len() {
@@ -208,12 +238,9 @@ mod tests {
         let mut poll = mio::Poll::new().unwrap();
         let mut events = mio::Events::with_capacity(16);
         let mut d = Directs::default();
+        assert!(matches!(d.send(7, b"x"), Sent::NotConnected { dial: true }));
         assert!(matches!(
-            d.send(7, b"x", poll.registry()),
-            Sent::NotConnected { dial: true }
-        ));
-        assert!(matches!(
-            d.send(7, b"x", poll.registry()),
+            d.send(7, b"x"),
             Sent::NotConnected { dial: false }
         ));
 
@@ -225,8 +252,14 @@ mod tests {
         // Far more than the socket buffers hold while nobody reads.
         let frames: Vec<Vec<u8>> = (0..400u32).map(|i| vec![i as u8; 10_000]).collect();
         for f in &frames {
-            assert!(matches!(d.send(7, f, poll.registry()), Sent::Done));
+            assert!(matches!(d.send(7, f), Sent::Done));
         }
+        assert!(
+            !d.by_peer[&7].blocked,
+            "nothing is written before the turn's flush"
+        );
+        d.flush(poll.registry());
+        assert!(d.by_peer[&7].blocked);
         assert!(!d.by_peer[&7].pending.is_empty(), "the socket filled up");
 
         let reader = std::thread::spawn(move || {

@@ -950,7 +950,7 @@ impl RaftCore {
                 && goes_direct(m.get_msg_type(), frame.len())
                 && peers.has_link(to)
             {
-                match self.directs.send(to, &frame, self.poll.registry()) {
+                match self.directs.send(to, &frame) {
                     Sent::Done => continue,
                     Sent::NotConnected { dial } => {
                         if dial {
@@ -969,6 +969,7 @@ impl RaftCore {
                 self.node.report_unreachable(to);
             }
         }
+        self.directs.flush(self.poll.registry());
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>) {
