@@ -525,3 +525,193 @@ async fn a_put_that_needs_a_key_its_txn_deleted_is_refused_whole() {
     assert_eq!(r.header.unwrap().revision, rev, "nothing applied");
     assert_eq!(&r.kvs[0].value[..], b"old");
 }
+
+/// One watcher on one server: what it has received so far, as lines (each event on its own
+/// line, so etcd's and Keel's different grouping of revisions into responses does not
+/// matter; everything else a response says is kept).
+type Trace = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+async fn open_watch(url: &str, create: pb::WatchCreateRequest) -> (Trace, impl Drop) {
+    use pb::watch_request::RequestUnion;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(create)),
+    })
+    .await
+    .unwrap();
+    let mut c = pb::watch_client::WatchClient::new(crate::harness::channel(url).await);
+    let mut responses = c
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let trace: Trace = Default::default();
+    let t = trace.clone();
+    let task = tokio::spawn(async move {
+        let _keep_sending_side = tx;
+        while let Ok(Some(r)) = responses.message().await {
+            let mut t = t.lock().unwrap();
+            if r.created || r.canceled || r.compact_revision != 0 || r.events.is_empty() {
+                t.push(format!(
+                    "created {} canceled {} compact {} reason {:?} events {}",
+                    r.created,
+                    r.canceled,
+                    r.compact_revision,
+                    r.cancel_reason,
+                    r.events.len()
+                ));
+            }
+            for e in r.events {
+                t.push(format!("{e:?}"));
+            }
+        }
+    });
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    (trace, Abort(task))
+}
+
+/// Watches side by side with a live etcd 3.4: watchers on keys, prefixes, spans and from-key
+/// ranges, from now or from a past revision (below a compaction too), with filters and
+/// previous values, opened before and during a seeded random history of puts, deletes,
+/// txns and lease revokes; each must see exactly the events etcd's twin sees, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_watches_see_etcds_events() {
+    use pb::watch_create_request::FilterType;
+    let seed: u64 = std::env::var("KEEL_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261201);
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LiveEtcd::start(dir.path()).await;
+    let keel = Keel::start_async(dir.path(), &[]).await;
+    let (mut e, mut k) = (
+        Clients::new(&etcd.url).await,
+        Clients::new(&keel.url()).await,
+    );
+    let mut g = Gen {
+        rng: StdRng::seed_from_u64(seed),
+        rev: 1,
+        compacted: 0,
+    };
+    let mut watchers = Vec::new();
+    let mut guards = Vec::new();
+    for step in 0..600 {
+        if step % 20 == 0 {
+            // Let etcd's catch-up (every 100 ms) finish before history is compacted away
+            // under a watcher still catching up: which side of it a watcher lands on would
+            // be timing, not semantics.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let rev = g.rng.gen_range(g.compacted.max(1)..=g.rev);
+            let op = Op::Compact(pb::CompactionRequest {
+                revision: rev,
+                physical: true,
+            });
+            let (want, got) = (call(&mut e, &op).await, call(&mut k, &op).await);
+            assert_eq!(got, want, "step {step} (seed {seed}): {op:?}");
+            if want.is_ok() {
+                g.compacted = rev;
+            }
+        }
+        if step % 4 == 0 {
+            for _ in 0..g.rng.gen_range(1..4) {
+                let key = g.key();
+                let mut filters = Vec::new();
+                if g.rng.gen_ratio(1, 5) {
+                    filters.push(FilterType::Noput as i32);
+                }
+                if g.rng.gen_ratio(1, 5) {
+                    filters.push(FilterType::Nodelete as i32);
+                }
+                let create = pb::WatchCreateRequest {
+                    range_end: g.range_end(&key),
+                    key,
+                    start_revision: match g.rng.gen_range(0..3) {
+                        0 => 0,
+                        _ => g.rng.gen_range(1..=g.rev + 1),
+                    },
+                    filters,
+                    prev_kv: g.rng.gen(),
+                    ..Default::default()
+                };
+                let (we, ge) = open_watch(&etcd.url, create.clone()).await;
+                let (wk, gk) = open_watch(&keel.url(), create.clone()).await;
+                guards.push((ge, gk));
+                watchers.push((create, we, wk));
+            }
+        }
+        let op = match g.rng.gen_range(0..10) {
+            0..=3 => Op::Put(g.put()),
+            4 | 5 => Op::Delete(g.delete()),
+            6..=8 => {
+                let mut t = g.txn(0);
+                if has_delete(&t) {
+                    clear_ignores(&mut t);
+                }
+                Op::Txn(t)
+            }
+            _ => match g.op() {
+                op @ (Op::Grant(_) | Op::Revoke(_)) => op,
+                _ => Op::Put(g.put()),
+            },
+        };
+        let (want, got) = (call(&mut e, &op).await, call(&mut k, &op).await);
+        if !checked_in_3_6_order(&op, &got, &want) {
+            assert_eq!(got, want, "step {step} (seed {seed}): {op:?}");
+        }
+        if let Ok((rev, _)) = want {
+            g.rev = g.rev.max(rev);
+        }
+    }
+    // Everything delivered: no trace grows for a second (or 20 s pass).
+    let total = |ws: &Vec<(pb::WatchCreateRequest, Trace, Trace)>| {
+        ws.iter()
+            .map(|(_, a, b)| a.lock().unwrap().len() + b.lock().unwrap().len())
+            .sum::<usize>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut last = usize::MAX;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = total(&watchers);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let mut events = 0;
+    let mut canceled = 0;
+    for (i, (create, we, wk)) in watchers.iter().enumerate() {
+        let (want, got) = (we.lock().unwrap().clone(), wk.lock().unwrap().clone());
+        for (n, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g, w,
+                "watcher {i} (seed {seed}), line {n} (left Keel, right etcd): {create:?}"
+            );
+        }
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "watcher {i} (seed {seed}): {} lines from Keel, {} from etcd: {create:?}",
+            got.len(),
+            want.len()
+        );
+        events += want.iter().filter(|l| l.starts_with("Event")).count();
+        canceled += want.iter().any(|l| l.contains("canceled true")) as usize;
+    }
+    eprintln!(
+        "seed {seed}: {} watchers, {events} events, {canceled} canceled by compaction; \
+         revision {}",
+        watchers.len(),
+        g.rev
+    );
+    assert!(
+        events > 1000 && canceled > 0,
+        "{events} events, {canceled} canceled"
+    );
+    drop(guards);
+}
