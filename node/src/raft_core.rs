@@ -247,6 +247,8 @@ pub struct RaftCore {
     /// it, as etcd's do. etcd holds them up to its 7 s request timeout; these wait at most an
     /// election timeout, then "no leader" (answered within 2 s, the cluster's failover rule).
     leaderless: std::collections::VecDeque<(Instant, Proposal)>,
+    /// This turn's proposals, stepped into raft as one message (`flush_proposals`).
+    batch: Vec<Proposal>,
     /// Reads collected this turn, asked together in one ReadIndex round.
     read_batch: Vec<Reader>,
     /// ReadIndex rounds asked: context -> (when, readers).
@@ -353,6 +355,7 @@ impl RaftCore {
             membership: links.membership,
             pending: HashMap::new(),
             leaderless: Default::default(),
+            batch: Vec::new(),
             read_batch: Vec::new(),
             reads_asked: HashMap::new(),
             reads_ready: BTreeMap::new(),
@@ -418,6 +421,7 @@ impl RaftCore {
                     Err(_) => break,
                 }
             }
+            self.flush_proposals();
             self.ask_read_index();
             if Instant::now() >= next_tick {
                 if !self.collected && self.last_proposal.elapsed() >= IDLE_COLLECT_AFTER {
@@ -852,7 +856,49 @@ impl RaftCore {
             }
             return;
         }
-        self.track(p.tx, |node, ctx| node.propose(ctx, p.data));
+        self.batch.push(p);
+    }
+
+    /// Steps this turn's proposals into raft as one proposal message: a leader appends them
+    /// at once and sends each follower one append for them all, and a follower forwards them
+    /// to the leader in one message (raft-rs's `propose` takes one entry a message, and a
+    /// leader answers each with an append to every follower). Each entry's context is its
+    /// proposal ID; raft refusing the message (no leader, a leadership transfer) answers
+    /// every one of them at once.
+    fn flush_proposals(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let first = self.next_id;
+        self.next_id += self.batch.len() as u64;
+        let mut txs = Vec::with_capacity(self.batch.len());
+        let entries: Vec<Entry> = (first..)
+            .zip(self.batch.drain(..))
+            .map(|(id, p)| {
+                txs.push(p.tx);
+                let mut e = Entry::default();
+                e.data = p.data.into();
+                e.context = id.to_le_bytes().to_vec().into();
+                e
+            })
+            .collect();
+        let mut m = raft::eraftpb::Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = self.node.raft.id;
+        m.set_entries(entries.into());
+        match self.node.step(m) {
+            Ok(()) => {
+                let term = self.node.raft.term;
+                for (id, tx) in (first..).zip(txs) {
+                    self.pending.insert(id, (term, tx));
+                }
+            }
+            Err(_) => {
+                for tx in txs {
+                    let _ = tx.send(Err(ApiError::NoLeader));
+                }
+            }
+        }
     }
 
     /// Proposes through `propose` with a new proposal ID as the entry's context, and keeps
@@ -875,6 +921,7 @@ impl RaftCore {
     }
 
     fn on_ready(&mut self) {
+        self.flush_proposals();
         if !self.node.has_ready() {
             return;
         }
