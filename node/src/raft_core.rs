@@ -876,10 +876,11 @@ impl RaftCore {
             .zip(self.batch.drain(..))
             .map(|(id, p)| {
                 txs.push(p.tx);
-                let mut e = Entry::default();
-                e.data = p.data.into();
-                e.context = id.to_le_bytes().to_vec().into();
-                e
+                Entry {
+                    data: p.data.into(),
+                    context: id.to_le_bytes().to_vec().into(),
+                    ..Default::default()
+                }
             })
             .collect();
         let mut m = raft::eraftpb::Message::default();
