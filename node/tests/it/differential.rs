@@ -394,53 +394,83 @@ fn checked_in_3_6_order(op: &Op, keel: &Answer, etcd: &Answer) -> bool {
     matches!(op, Op::Txn(_)) && range_refusal(keel) && put_refusal(etcd)
 }
 
+/// A number from the environment, or `default`.
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A fresh live etcd and a fresh Keel side by side, with clients and a history generator.
+struct Twins {
+    seed: u64,
+    g: Gen,
+    e: Clients,
+    k: Clients,
+    etcd: LiveEtcd,
+    keel: Keel,
+}
+
+impl Twins {
+    async fn start(dir: &std::path::Path) -> Twins {
+        let seed = env_or("KEEL_DIFF_SEED", 20261201);
+        let etcd = LiveEtcd::start(dir).await;
+        let keel = Keel::start_async(dir, &[]).await;
+        Twins {
+            seed,
+            g: Gen {
+                rng: StdRng::seed_from_u64(seed),
+                rev: 1,
+                compacted: 0,
+            },
+            e: Clients::new(&etcd.url).await,
+            k: Clients::new(&keel.url()).await,
+            etcd,
+            keel,
+        }
+    }
+
+    /// Sends `op` to both (etcd first); their answers must be equal, but for a txn refused
+    /// in etcd 3.6's order (`checked_in_3_6_order`, returned as true). Returns etcd's answer.
+    async fn both(&mut self, op: &Op, at: &str) -> (Answer, bool) {
+        let seed = self.seed;
+        let (want, got) = tokio::time::timeout(Duration::from_secs(20), async {
+            (call(&mut self.e, op).await, call(&mut self.k, op).await)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{at} (seed {seed}) timed out: {op:?}"));
+        let reordered = checked_in_3_6_order(op, &got, &want);
+        if !reordered {
+            assert_eq!(
+                got, want,
+                "{at} (seed {seed}) answered differently (left Keel, right etcd): {op:?}"
+            );
+        }
+        (want, reordered)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_histories_get_etcds_answers() {
-    let seed: u64 = std::env::var("KEEL_DIFF_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261201);
-    let ops: usize = std::env::var("KEEL_DIFF_OPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1500);
+    let ops = env_or("KEEL_DIFF_OPS", 1500) as usize;
     let dir = tempfile::tempdir().unwrap();
-    let etcd = LiveEtcd::start(dir.path()).await;
-    let keel = Keel::start_async(dir.path(), &[]).await;
-    let (mut e, mut k) = (
-        Clients::new(&etcd.url).await,
-        Clients::new(&keel.url()).await,
-    );
-    let mut g = Gen {
-        rng: StdRng::seed_from_u64(seed),
-        rev: 1,
-        compacted: 0,
-    };
+    let mut t = Twins::start(dir.path()).await;
+    let seed = t.seed;
     let mut kinds = std::collections::BTreeMap::<String, (u32, u32)>::new();
     let mut reordered = 0;
     for i in 0..ops {
-        let op = g.op();
-        let (want, got) = tokio::time::timeout(Duration::from_secs(20), async {
-            (call(&mut e, &op).await, call(&mut k, &op).await)
-        })
-        .await
-        .unwrap_or_else(|_| panic!("op {i} (seed {seed}) timed out: {op:?}"));
-        if checked_in_3_6_order(&op, &got, &want) {
-            reordered += 1;
-        } else {
-            assert_eq!(
-                got, want,
-                "op {i} (seed {seed}) answered differently (left Keel, right etcd): {op:?}"
-            );
-        }
+        let op = t.g.op();
+        let (want, other_order) = t.both(&op, &format!("op {i}")).await;
+        reordered += other_order as u32;
         let kind = format!("{op:?}").split('(').next().unwrap().to_string();
         let tally = kinds.entry(kind).or_default();
         match &want {
             Ok((rev, _)) => {
                 tally.0 += 1;
-                g.rev = g.rev.max(*rev);
+                t.g.rev = t.g.rev.max(*rev);
                 if let Op::Compact(c) = &op {
-                    g.compacted = c.revision;
+                    t.g.compacted = c.revision;
                 }
             }
             Err(_) => tally.1 += 1,
@@ -450,7 +480,7 @@ async fn random_histories_get_etcds_answers() {
     eprintln!(
         "seed {seed}: (ok, err) per kind {kinds:?}; revision {}; {reordered} txns refused \
          for a range where etcd 3.4 names a put",
-        g.rev
+        t.g.rev
     );
     for kind in [
         "Put", "Range", "Delete", "Txn", "Compact", "Grant", "Revoke",
@@ -458,7 +488,7 @@ async fn random_histories_get_etcds_answers() {
         let (ok, err) = kinds.get(kind).copied().unwrap_or_default();
         assert!(ok > 0 && err > 0, "{kind}: {ok} answered, {err} refused");
     }
-    assert!(g.rev > ops as i64 / 4, "revision {}", g.rev);
+    assert!(t.g.rev > ops as i64 / 4, "revision {}", t.g.rev);
 }
 
 /// The txn that makes etcd 3.4 panic (see `clear_ignores`): a from-key delete, then (in a
@@ -582,22 +612,9 @@ async fn open_watch(url: &str, create: pb::WatchCreateRequest) -> (Trace, impl D
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_watches_see_etcds_events() {
     use pb::watch_create_request::FilterType;
-    let seed: u64 = std::env::var("KEEL_DIFF_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20261201);
     let dir = tempfile::tempdir().unwrap();
-    let etcd = LiveEtcd::start(dir.path()).await;
-    let keel = Keel::start_async(dir.path(), &[]).await;
-    let (mut e, mut k) = (
-        Clients::new(&etcd.url).await,
-        Clients::new(&keel.url()).await,
-    );
-    let mut g = Gen {
-        rng: StdRng::seed_from_u64(seed),
-        rev: 1,
-        compacted: 0,
-    };
+    let mut t = Twins::start(dir.path()).await;
+    let (seed, etcd_url, keel_url) = (t.seed, t.etcd.url.clone(), t.keel.url());
     let mut watchers = Vec::new();
     let mut guards = Vec::new();
     for step in 0..600 {
@@ -606,65 +623,59 @@ async fn random_watches_see_etcds_events() {
             // under a watcher still catching up: which side of it a watcher lands on would
             // be timing, not semantics.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let rev = g.rng.gen_range(g.compacted.max(1)..=g.rev);
+            let rev = t.g.rng.gen_range(t.g.compacted.max(1)..=t.g.rev);
             let op = Op::Compact(pb::CompactionRequest {
                 revision: rev,
                 physical: true,
             });
-            let (want, got) = (call(&mut e, &op).await, call(&mut k, &op).await);
-            assert_eq!(got, want, "step {step} (seed {seed}): {op:?}");
-            if want.is_ok() {
-                g.compacted = rev;
+            if t.both(&op, &format!("step {step}")).await.0.is_ok() {
+                t.g.compacted = rev;
             }
         }
         if step % 4 == 0 {
-            for _ in 0..g.rng.gen_range(1..4) {
-                let key = g.key();
+            for _ in 0..t.g.rng.gen_range(1..4) {
+                let key = t.g.key();
                 let mut filters = Vec::new();
-                if g.rng.gen_ratio(1, 5) {
+                if t.g.rng.gen_ratio(1, 5) {
                     filters.push(FilterType::Noput as i32);
                 }
-                if g.rng.gen_ratio(1, 5) {
+                if t.g.rng.gen_ratio(1, 5) {
                     filters.push(FilterType::Nodelete as i32);
                 }
                 let create = pb::WatchCreateRequest {
-                    range_end: g.range_end(&key),
+                    range_end: t.g.range_end(&key),
                     key,
-                    start_revision: match g.rng.gen_range(0..3) {
+                    start_revision: match t.g.rng.gen_range(0..3) {
                         0 => 0,
-                        _ => g.rng.gen_range(1..=g.rev + 1),
+                        _ => t.g.rng.gen_range(1..=t.g.rev + 1),
                     },
                     filters,
-                    prev_kv: g.rng.gen(),
+                    prev_kv: t.g.rng.gen(),
                     ..Default::default()
                 };
-                let (we, ge) = open_watch(&etcd.url, create.clone()).await;
-                let (wk, gk) = open_watch(&keel.url(), create.clone()).await;
+                let (we, ge) = open_watch(&etcd_url, create.clone()).await;
+                let (wk, gk) = open_watch(&keel_url, create.clone()).await;
                 guards.push((ge, gk));
                 watchers.push((create, we, wk));
             }
         }
-        let op = match g.rng.gen_range(0..10) {
-            0..=3 => Op::Put(g.put()),
-            4 | 5 => Op::Delete(g.delete()),
+        let op = match t.g.rng.gen_range(0..10) {
+            0..=3 => Op::Put(t.g.put()),
+            4 | 5 => Op::Delete(t.g.delete()),
             6..=8 => {
-                let mut t = g.txn(0);
+                let mut t = t.g.txn(0);
                 if has_delete(&t) {
                     clear_ignores(&mut t);
                 }
                 Op::Txn(t)
             }
-            _ => match g.op() {
+            _ => match t.g.op() {
                 op @ (Op::Grant(_) | Op::Revoke(_)) => op,
-                _ => Op::Put(g.put()),
+                _ => Op::Put(t.g.put()),
             },
         };
-        let (want, got) = (call(&mut e, &op).await, call(&mut k, &op).await);
-        if !checked_in_3_6_order(&op, &got, &want) {
-            assert_eq!(got, want, "step {step} (seed {seed}): {op:?}");
-        }
-        if let Ok((rev, _)) = want {
-            g.rev = g.rev.max(rev);
+        if let (Ok((rev, _)), _) = t.both(&op, &format!("step {step}")).await {
+            t.g.rev = t.g.rev.max(rev);
         }
     }
     // Everything delivered: no trace grows for a second (or 20 s pass).
@@ -707,7 +718,7 @@ async fn random_watches_see_etcds_events() {
         "seed {seed}: {} watchers, {events} events, {canceled} canceled by compaction; \
          revision {}",
         watchers.len(),
-        g.rev
+        t.g.rev
     );
     assert!(
         events > 1000 && canceled > 0,
