@@ -14,12 +14,16 @@
 //! written with one send at the end of the turn (`flush`): a follower answers every append
 //! of a batch, and on loopback each send also runs the receiver's TCP work. What the socket
 //! does not take waits and goes when the poll says it is writable; anything sent meanwhile
-//! queues behind it, up to `PENDING_MAX` (beyond, a message is dropped: raft resends). A broken connection is dropped
-//! and dialled again after `REDIAL_AFTER`; until it is back, messages go through the
-//! transport. The messages that go here do not depend on their order relative to appends.
+//! queues behind it, up to `PENDING_MAX` (beyond, a message is dropped: raft resends). A
+//! broken connection is dropped, the frames it had not written whole go through the
+//! transport (a forwarded proposal or a vote is not resent by raft), and it is dialled again
+//! after `REDIAL_AFTER`; until it is back, messages go through the transport. The messages
+//! that go here do not depend on their order relative to appends.
 
 use std::collections::HashMap;
 use std::io::Write;
+
+use bytes::Bytes;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -47,6 +51,8 @@ struct Direct {
     /// Its poll token while it has a stream.
     token: usize,
     pending: Vec<u8>,
+    /// Bytes of `pending` already written (it starts with the frame being written).
+    written: usize,
     /// The socket took less than it was given: the rest goes when the poll says it has
     /// room (edge-triggered).
     blocked: bool,
@@ -79,6 +85,7 @@ impl Directs {
             stream: None,
             token: 0,
             pending: Vec::new(),
+            written: 0,
             blocked: false,
             dialing: None,
             retry_at: Instant::now(),
@@ -91,7 +98,7 @@ impl Directs {
             }
             return Sent::NotConnected { dial };
         }
-        if d.pending.len() + frame.len() > PENDING_MAX {
+        if d.pending.len() + 4 + frame.len() > PENDING_MAX {
             return Sent::Done;
         }
         if d.pending.is_empty() {
@@ -102,8 +109,9 @@ impl Directs {
     }
 
     /// Writes what this turn queued: one send per peer (what the socket does not take waits
-    /// for the poll). A connection that fails is dropped; its frames are lost (raft resends).
-    pub fn flush(&mut self, registry: &mio::Registry) {
+    /// for the poll). A connection that fails is dropped, and the frames it had not written
+    /// whole are added to `lost` (with their peer), for the caller to send another way.
+    pub fn flush(&mut self, registry: &mio::Registry, lost: &mut Vec<(u64, Vec<Bytes>)>) {
         let mut broken = Vec::new();
         for peer in self.queued.drain(..) {
             let Some(d) = self.by_peer.get_mut(&peer) else {
@@ -115,13 +123,13 @@ impl Directs {
             if d.blocked {
                 continue;
             }
-            match write_some(stream, &mut d.pending) {
+            match write_some(stream, &mut d.pending, &mut d.written) {
                 Ok(()) => d.blocked = !d.pending.is_empty(),
                 Err(_) => broken.push(d.token),
             }
         }
         for token in broken {
-            self.close(token, registry);
+            self.close(token, registry, lost);
         }
     }
 
@@ -138,6 +146,10 @@ impl Directs {
             return;
         };
         d.dialing = None;
+        if d.stream.is_some() {
+            // A dial given up on (DIAL_STUCK) answered after all: the link in use stays.
+            return;
+        }
         let Some(stream) = stream else {
             d.retry_at = Instant::now() + REDIAL_AFTER;
             return;
@@ -159,12 +171,19 @@ impl Directs {
         d.stream = Some(stream);
         d.token = token;
         d.pending.clear();
+        d.written = 0;
         d.blocked = false;
         self.by_token.insert(token, peer);
     }
 
-    /// The poll reported `token` ready: writes what waits. False if it is not one of these.
-    pub fn ready(&mut self, token: usize, registry: &mio::Registry) -> bool {
+    /// The poll reported `token` ready: writes what waits (frames of a connection that fails
+    /// go to `lost`, as in `flush`). False if it is not one of these.
+    pub fn ready(
+        &mut self,
+        token: usize,
+        registry: &mio::Registry,
+        lost: &mut Vec<(u64, Vec<Bytes>)>,
+    ) -> bool {
         let Some(peer) = self.by_token.get(&token) else {
             return false;
         };
@@ -172,9 +191,9 @@ impl Directs {
         let Some(stream) = d.stream.as_mut() else {
             return true;
         };
-        match write_some(stream, &mut d.pending) {
+        match write_some(stream, &mut d.pending, &mut d.written) {
             Ok(()) => d.blocked = !d.pending.is_empty(),
-            Err(_) => self.close(token, registry),
+            Err(_) => self.close(token, registry, lost),
         }
         true
     }
@@ -186,12 +205,12 @@ impl Directs {
             .map(|(_, d)| d.token)
             .collect();
         for token in gone {
-            self.close(token, registry);
+            self.close(token, registry, &mut Vec::new());
         }
         self.by_peer.retain(|p, _| member(*p));
     }
 
-    fn close(&mut self, token: usize, registry: &mio::Registry) {
+    fn close(&mut self, token: usize, registry: &mio::Registry, lost: &mut Vec<(u64, Vec<Bytes>)>) {
         let Some(peer) = self.by_token.remove(&token) else {
             return;
         };
@@ -200,30 +219,63 @@ impl Directs {
                 let fd = s.as_raw_fd();
                 let _ = registry.deregister(&mut mio::unix::SourceFd(&fd));
             }
-            d.pending = Vec::new();
+            // Every frame not written whole (the peer drops a partial one with the link).
+            let frames = whole_frames(&std::mem::take(&mut d.pending));
+            if !frames.is_empty() {
+                lost.push((peer, frames));
+            }
+            d.written = 0;
             d.blocked = false;
             d.retry_at = Instant::now() + REDIAL_AFTER;
         }
     }
 }
 
-/// Writes as much of `pending` as the nonblocking socket takes now, and keeps the rest.
-fn write_some(s: &mut TcpStream, pending: &mut Vec<u8>) -> std::io::Result<()> {
-    let mut done = 0;
+/// Writes as much of `pending` (past its `written` bytes) as the nonblocking socket takes
+/// now, then drops the frames written whole; `pending` still starts at a frame.
+fn write_some(
+    s: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    written: &mut usize,
+) -> std::io::Result<()> {
     let res = loop {
-        if done == pending.len() {
+        if *written == pending.len() {
             break Ok(());
         }
-        match s.write(&pending[done..]) {
+        match s.write(&pending[*written..]) {
             Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
+            Ok(n) => *written += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => break Err(e),
         }
     };
-    pending.drain(..done);
+    let mut whole = 0;
+    while let Some(len) = frame_len(&pending[whole..]) {
+        if whole + len > *written {
+            break;
+        }
+        whole += len;
+    }
+    pending.drain(..whole);
+    *written -= whole;
     res
+}
+
+/// The length (header included) of the frame `b` starts with, if its header is there.
+fn frame_len(b: &[u8]) -> Option<usize> {
+    let head: [u8; 4] = b.get(..4)?.try_into().ok()?;
+    Some(4 + u32::from_le_bytes(head) as usize)
+}
+
+/// The payloads of the whole frames `b` holds, in order.
+fn whole_frames(mut b: &[u8]) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    while let Some(len) = frame_len(b).filter(|l| *l <= b.len()) {
+        out.push(Bytes::copy_from_slice(&b[4..len]));
+        b = &b[len..];
+    }
+    out
 }
 
 #[cfg(test)]
@@ -258,7 +310,7 @@ mod tests {
             !d.by_peer[&7].blocked,
             "nothing is written before the turn's flush"
         );
-        d.flush(poll.registry());
+        d.flush(poll.registry(), &mut Vec::new());
         assert!(d.by_peer[&7].blocked);
         assert!(!d.by_peer[&7].pending.is_empty(), "the socket filled up");
 
@@ -273,7 +325,7 @@ mod tests {
             poll.poll(&mut events, Some(Duration::from_millis(100)))
                 .unwrap();
             for ev in events.iter() {
-                assert!(d.ready(ev.token().0, poll.registry()));
+                assert!(d.ready(ev.token().0, poll.registry(), &mut Vec::new()));
             }
         }
         // Leaving the member set closes the connection.
@@ -285,6 +337,55 @@ mod tests {
         }
         assert_eq!(all.len(), want.len());
         assert!(all == want, "frames whole and in order");
-        assert!(!d.ready(3, poll.registry()), "its token is gone");
+        assert!(
+            !d.ready(3, poll.registry(), &mut Vec::new()),
+            "its token is gone"
+        );
+    }
+
+    /// A connection that breaks gives back, whole and in order, every frame it had not
+    /// written whole, for the transport to carry; then the peer has no direct link.
+    #[test]
+    fn frames_of_a_broken_connection_come_back_whole() {
+        let poll = mio::Poll::new().unwrap();
+        let mut d = Directs::default();
+        assert!(matches!(d.send(9, b"x"), Sent::NotConnected { dial: true }));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        out.set_nonblocking(true).unwrap();
+        let (inp, _) = l.accept().unwrap();
+        d.connected(9, Some(out), 5, poll.registry());
+        drop(inp);
+        let (mut lost, mut sent) = (Vec::new(), Vec::new());
+        for i in 0..100u8 {
+            let f = vec![i; 1000 + i as usize];
+            assert!(matches!(d.send(9, &f), Sent::Done));
+            sent.push(f);
+            if i % 3 == 2 {
+                d.flush(poll.registry(), &mut lost);
+                if !lost.is_empty() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        assert_eq!(lost.len(), 1, "the write to a closed peer fails");
+        let (peer, frames) = &lost[0];
+        assert_eq!(*peer, 9);
+        assert!(!frames.is_empty() && frames.len() <= 3, "{}", frames.len());
+        for (back, f) in frames.iter().zip(&sent[sent.len() - frames.len()..]) {
+            assert_eq!(&back[..], &f[..]);
+        }
+        assert!(matches!(d.send(9, b"y"), Sent::NotConnected { .. }));
+    }
+
+    #[test]
+    fn a_partial_frame_is_not_given_back() {
+        let mut b = Vec::new();
+        keel_net::peer::push_frame(&mut b, b"one");
+        keel_net::peer::push_frame(&mut b, b"two!");
+        keel_net::peer::push_frame(&mut b, b"three");
+        let frames = whole_frames(&b[..b.len() - 2]);
+        assert_eq!(frames, vec![Bytes::from("one"), Bytes::from("two!")]);
     }
 }

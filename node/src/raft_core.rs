@@ -126,6 +126,9 @@ const LEADERLESS_MAX: usize = 16 * 1024;
 /// Most proposals drained into one batch (bounds one WAL record and one turn's latency).
 const BATCH_PROPOSALS_MAX: usize = 8192;
 const BATCH_BYTES_MAX: usize = 32 << 20;
+/// Most proposal data stepped into raft as one message (a follower forwards it to the leader
+/// as one peer frame, which may be at most `keel_net::peer::FRAME_BYTES_MAX`).
+const PROPOSE_MESSAGE_BYTES: usize = 8 << 20;
 /// What a batch's WAL record adds to its entries' data: 49 B per entry (index, term, type,
 /// two lengths, the 8 B proposal ID), the hard state and the record header and padding.
 const BATCH_OVERHEAD_BYTES_MAX: usize = 1 << 20;
@@ -567,7 +570,9 @@ impl RaftCore {
         readable.sort_unstable();
         readable.dedup();
         for token in readable.drain(..) {
-            if self.directs.ready(token, self.poll.registry()) {
+            let mut lost = Vec::new();
+            if self.directs.ready(token, self.poll.registry(), &mut lost) {
+                self.resend(lost);
                 continue;
             }
             let Some(link) = self.links.get_mut(&token) else {
@@ -829,8 +834,14 @@ impl RaftCore {
         if self.leaderless.is_empty() || self.node.raft.leader_id == raft::INVALID_ID {
             return;
         }
-        for (_, p) in std::mem::take(&mut self.leaderless) {
+        // A turn's worth at most, as the run loop drains (the rest goes next turn).
+        let mut bytes = 0;
+        while bytes <= BATCH_BYTES_MAX {
+            let Some((_, p)) = self.leaderless.pop_front() else {
+                break;
+            };
             if !p.tx.is_closed() {
+                bytes += p.data.len();
                 self.propose(p);
             }
         }
@@ -866,21 +877,38 @@ impl RaftCore {
     /// proposal ID; raft refusing the message (no leader, a leadership transfer) answers
     /// every one of them at once.
     fn flush_proposals(&mut self) {
-        if self.batch.is_empty() {
+        let mut batch = std::mem::take(&mut self.batch).into_iter().peekable();
+        while batch.peek().is_some() {
+            // One message of up to PROPOSE_MESSAGE_BYTES (a forwarded one is one peer frame).
+            let mut bytes = 0;
+            let mut part = Vec::new();
+            while let Some(p) =
+                batch.next_if(|p| part.is_empty() || bytes + p.data.len() <= PROPOSE_MESSAGE_BYTES)
+            {
+                bytes += p.data.len();
+                part.push(p);
+            }
+            self.step_proposals(part);
+        }
+    }
+
+    fn step_proposals(&mut self, mut part: Vec<Proposal>) {
+        if self.node.raft.leader_id == raft::INVALID_ID {
+            // This turn's messages from peers started an election after these came: held
+            // for the next leader, as a write that finds no leader is.
+            for p in part {
+                self.propose(p);
+            }
             return;
         }
         let first = self.next_id;
-        self.next_id += self.batch.len() as u64;
-        let mut txs = Vec::with_capacity(self.batch.len());
+        self.next_id += part.len() as u64;
         let entries: Vec<Entry> = (first..)
-            .zip(self.batch.drain(..))
-            .map(|(id, p)| {
-                txs.push(p.tx);
-                Entry {
-                    data: p.data.into(),
-                    context: id.to_le_bytes().to_vec().into(),
-                    ..Default::default()
-                }
+            .zip(&mut part)
+            .map(|(id, p)| Entry {
+                data: std::mem::take(&mut p.data).into(),
+                context: id.to_le_bytes().to_vec().into(),
+                ..Default::default()
             })
             .collect();
         let mut m = raft::eraftpb::Message::default();
@@ -890,13 +918,14 @@ impl RaftCore {
         match self.node.step(m) {
             Ok(()) => {
                 let term = self.node.raft.term;
-                for (id, tx) in (first..).zip(txs) {
-                    self.pending.insert(id, (term, tx));
+                for (id, p) in (first..).zip(part) {
+                    self.pending.insert(id, (term, p.tx));
                 }
             }
+            // A leadership transfer under way, or this leader leaving the configuration.
             Err(_) => {
-                for tx in txs {
-                    let _ = tx.send(Err(ApiError::NoLeader));
+                for p in part {
+                    let _ = p.tx.send(Err(ApiError::NoLeader));
                 }
             }
         }
@@ -1017,7 +1046,23 @@ impl RaftCore {
                 self.node.report_unreachable(to);
             }
         }
-        self.directs.flush(self.poll.registry());
+        let mut lost = Vec::new();
+        self.directs.flush(self.poll.registry(), &mut lost);
+        self.resend(lost);
+    }
+
+    /// Sends through the transport what a direct connection that broke had not written.
+    fn resend(&mut self, lost: Vec<(u64, Vec<bytes::Bytes>)>) {
+        let Some(peers) = self.peers.clone() else {
+            return;
+        };
+        for (to, frames) in lost {
+            for frame in frames {
+                if !peers.send(to, frame) {
+                    self.node.report_unreachable(to);
+                }
+            }
+        }
     }
 
     fn apply_entries(&mut self, entries: Vec<Entry>) {
