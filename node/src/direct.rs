@@ -53,9 +53,6 @@ struct Direct {
     pending: Vec<u8>,
     /// Bytes of `pending` already written (it starts with the frame being written).
     written: usize,
-    /// The socket took less than it was given: the rest goes when the poll says it has
-    /// room (edge-triggered).
-    blocked: bool,
     /// Since when a dial is under way.
     dialing: Option<Instant>,
     retry_at: Instant,
@@ -86,7 +83,6 @@ impl Directs {
             token: 0,
             pending: Vec::new(),
             written: 0,
-            blocked: false,
             dialing: None,
             retry_at: Instant::now(),
         });
@@ -114,18 +110,11 @@ impl Directs {
     pub fn flush(&mut self, registry: &mio::Registry, lost: &mut Vec<(u64, Vec<Bytes>)>) {
         let mut broken = Vec::new();
         for peer in self.queued.drain(..) {
-            let Some(d) = self.by_peer.get_mut(&peer) else {
-                continue;
-            };
-            let Some(stream) = d.stream.as_mut() else {
-                continue;
-            };
-            if d.blocked {
-                continue;
-            }
-            match write_some(stream, &mut d.pending, &mut d.written) {
-                Ok(()) => d.blocked = !d.pending.is_empty(),
-                Err(_) => broken.push(d.token),
+            // A peer is queued only when it had nothing waiting for the poll.
+            if let Some(d) = self.by_peer.get_mut(&peer) {
+                if d.write_some().is_err() {
+                    broken.push(d.token);
+                }
             }
         }
         for token in broken {
@@ -172,7 +161,6 @@ impl Directs {
         d.token = token;
         d.pending.clear();
         d.written = 0;
-        d.blocked = false;
         self.by_token.insert(token, peer);
     }
 
@@ -188,12 +176,8 @@ impl Directs {
             return false;
         };
         let d = self.by_peer.get_mut(peer).expect("a token's peer");
-        let Some(stream) = d.stream.as_mut() else {
-            return true;
-        };
-        match write_some(stream, &mut d.pending, &mut d.written) {
-            Ok(()) => d.blocked = !d.pending.is_empty(),
-            Err(_) => self.close(token, registry, lost),
+        if d.write_some().is_err() {
+            self.close(token, registry, lost);
         }
         true
     }
@@ -225,41 +209,43 @@ impl Directs {
                 lost.push((peer, frames));
             }
             d.written = 0;
-            d.blocked = false;
             d.retry_at = Instant::now() + REDIAL_AFTER;
         }
     }
 }
 
-/// Writes as much of `pending` (past its `written` bytes) as the nonblocking socket takes
-/// now, then drops the frames written whole; `pending` still starts at a frame.
-fn write_some(
-    s: &mut TcpStream,
-    pending: &mut Vec<u8>,
-    written: &mut usize,
-) -> std::io::Result<()> {
-    let res = loop {
-        if *written == pending.len() {
-            break Ok(());
+impl Direct {
+    /// Writes as much of `pending` (past its `written` bytes) as the nonblocking socket
+    /// takes now, then drops the frames written whole; `pending` still starts at a frame.
+    /// What stays waits for the poll (edge-triggered: it reports room once the socket takes
+    /// more).
+    fn write_some(&mut self) -> std::io::Result<()> {
+        let Some(s) = self.stream.as_mut() else {
+            return Ok(());
+        };
+        let res = loop {
+            if self.written == self.pending.len() {
+                break Ok(());
+            }
+            match s.write(&self.pending[self.written..]) {
+                Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        let mut whole = 0;
+        while let Some(len) = frame_len(&self.pending[whole..]) {
+            if whole + len > self.written {
+                break;
+            }
+            whole += len;
         }
-        match s.write(&pending[*written..]) {
-            Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => *written += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(e),
-        }
-    };
-    let mut whole = 0;
-    while let Some(len) = frame_len(&pending[whole..]) {
-        if whole + len > *written {
-            break;
-        }
-        whole += len;
+        self.pending.drain(..whole);
+        self.written -= whole;
+        res
     }
-    pending.drain(..whole);
-    *written -= whole;
-    res
 }
 
 /// The length (header included) of the frame `b` starts with, if its header is there.
@@ -306,12 +292,14 @@ mod tests {
         for f in &frames {
             assert!(matches!(d.send(7, f), Sent::Done));
         }
-        assert!(
-            !d.by_peer[&7].blocked,
+        let queued = frames.len() * (4 + 10_000);
+        assert_eq!(
+            (d.by_peer[&7].pending.len(), d.by_peer[&7].written),
+            (queued, 0),
             "nothing is written before the turn's flush"
         );
         d.flush(poll.registry(), &mut Vec::new());
-        assert!(d.by_peer[&7].blocked);
+        assert!(d.by_peer[&7].pending.len() < queued, "the flush wrote");
         assert!(!d.by_peer[&7].pending.is_empty(), "the socket filled up");
 
         let reader = std::thread::spawn(move || {

@@ -892,7 +892,7 @@ impl RaftCore {
         }
     }
 
-    fn step_proposals(&mut self, mut part: Vec<Proposal>) {
+    fn step_proposals(&mut self, part: Vec<Proposal>) {
         if self.node.raft.leader_id == raft::INVALID_ID {
             // This turn's messages from peers started an election after these came: held
             // for the next leader, as a write that finds no leader is.
@@ -901,51 +901,49 @@ impl RaftCore {
             }
             return;
         }
-        let first = self.next_id;
-        self.next_id += part.len() as u64;
-        let entries: Vec<Entry> = (first..)
-            .zip(&mut part)
-            .map(|(id, p)| Entry {
-                data: std::mem::take(&mut p.data).into(),
-                context: id.to_le_bytes().to_vec().into(),
-                ..Default::default()
-            })
-            .collect();
-        let mut m = raft::eraftpb::Message::default();
-        m.set_msg_type(MessageType::MsgPropose);
-        m.from = self.node.raft.id;
-        m.set_entries(entries.into());
-        match self.node.step(m) {
-            Ok(()) => {
-                let term = self.node.raft.term;
-                for (id, p) in (first..).zip(part) {
-                    self.pending.insert(id, (term, p.tx));
-                }
-            }
-            // A leadership transfer under way, or this leader leaving the configuration.
-            Err(_) => {
-                for p in part {
-                    let _ = p.tx.send(Err(ApiError::NoLeader));
-                }
-            }
-        }
+        let (txs, data): (Vec<Responder>, Vec<Vec<u8>>) =
+            part.into_iter().map(|p| (p.tx, p.data)).unzip();
+        let from = self.node.raft.id;
+        // With a leader known, raft refuses it during a leadership transfer or once this
+        // leader leaves the configuration: every one is answered "no leader".
+        self.track(txs, |node, first| {
+            let entries: Vec<Entry> = (first..)
+                .zip(data)
+                .map(|(id, data)| Entry {
+                    data: data.into(),
+                    context: id.to_le_bytes().to_vec().into(),
+                    ..Default::default()
+                })
+                .collect();
+            let mut m = raft::eraftpb::Message::default();
+            m.set_msg_type(MessageType::MsgPropose);
+            m.from = from;
+            m.set_entries(entries.into());
+            node.step(m)
+        });
     }
 
-    /// Proposes through `propose` with a new proposal ID as the entry's context, and keeps
-    /// `tx` until the entry applies; raft refusing it (no leader) answers at once.
+    /// Proposes through `propose`, given the first of `txs.len()` new proposal IDs (each
+    /// entry's context is its ID), and keeps each `tx` until its entry applies; raft refusing
+    /// (no leader) answers them all at once.
     fn track(
         &mut self,
-        tx: Responder,
-        propose: impl FnOnce(&mut RawNode<RaftLog>, Vec<u8>) -> raft::Result<()>,
+        txs: Vec<Responder>,
+        propose: impl FnOnce(&mut RawNode<RaftLog>, u64) -> raft::Result<()>,
     ) {
-        let id = self.next_id;
-        self.next_id += 1;
-        match propose(&mut self.node, id.to_le_bytes().to_vec()) {
+        let first = self.next_id;
+        self.next_id += txs.len() as u64;
+        match propose(&mut self.node, first) {
             Ok(()) => {
-                self.pending.insert(id, (self.node.raft.term, tx));
+                let term = self.node.raft.term;
+                for (id, tx) in (first..).zip(txs) {
+                    self.pending.insert(id, (term, tx));
+                }
             }
             Err(_) => {
-                let _ = tx.send(Err(ApiError::NoLeader));
+                for tx in txs {
+                    let _ = tx.send(Err(ApiError::NoLeader));
+                }
             }
         }
     }
@@ -1243,7 +1241,9 @@ impl RaftCore {
             let _ = tx.send(Err(ApiError::Timeout));
             return;
         }
-        self.track(tx, |node, ctx| node.propose_conf_change(ctx, cc));
+        self.track(vec![tx], |node, id| {
+            node.propose_conf_change(id.to_le_bytes().to_vec(), cc)
+        });
     }
 
     /// `--auto-promote-learners`: the leader promotes a learner once it has caught up, one
