@@ -293,26 +293,28 @@ fn prefix_end(key: &[u8]) -> Bytes {
 }
 
 /// A header as both servers must agree on it: the revision (IDs and term differ).
-fn header(h: &mut Option<pb::ResponseHeader>) {
-    if let Some(h) = h {
-        h.cluster_id = 0;
-        h.member_id = 0;
-        h.raft_term = 0;
-    }
+/// Returns its revision (0 without a header).
+fn header(h: &mut Option<pb::ResponseHeader>) -> i64 {
+    let Some(h) = h else { return 0 };
+    h.cluster_id = 0;
+    h.member_id = 0;
+    h.raft_term = 0;
+    h.revision
 }
 
-fn txn_headers(t: &mut pb::TxnResponse) {
+/// `header` for a txn's header and those of every response in it.
+fn txn_headers(t: &mut pb::TxnResponse) -> i64 {
     use pb::response_op::Response;
-    header(&mut t.header);
     for r in &mut t.responses {
         match &mut r.response {
             Some(Response::ResponseRange(x)) => header(&mut x.header),
             Some(Response::ResponsePut(x)) => header(&mut x.header),
             Some(Response::ResponseDeleteRange(x)) => header(&mut x.header),
             Some(Response::ResponseTxn(x)) => txn_headers(x),
-            None => {}
-        }
+            None => 0,
+        };
     }
+    header(&mut t.header)
 }
 
 type Answer = Result<(i64, String), (tonic::Code, String)>;
@@ -331,53 +333,26 @@ fn answer<T: std::fmt::Debug>(
     }
 }
 
-fn rev(h: &Option<pb::ResponseHeader>) -> i64 {
-    h.as_ref().map_or(0, |h| h.revision)
-}
-
 /// Sends `op`; the answer with its header revision (0 when it has none).
 async fn call(c: &mut Clients, op: &Op) -> Answer {
     match op.clone() {
-        Op::Range(r) => answer(c.kv.range(r).await, |x| {
-            header(&mut x.header);
-            rev(&x.header)
-        }),
-        Op::Put(r) => answer(c.kv.put(r).await, |x| {
-            header(&mut x.header);
-            rev(&x.header)
-        }),
-        Op::Delete(r) => answer(c.kv.delete_range(r).await, |x| {
-            header(&mut x.header);
-            rev(&x.header)
-        }),
-        Op::Txn(r) => answer(c.kv.txn(r).await, |x| {
-            txn_headers(x);
-            rev(&x.header)
-        }),
-        Op::Compact(r) => answer(c.kv.compact(r).await, |x| {
-            header(&mut x.header);
-            rev(&x.header)
-        }),
-        Op::Grant(r) => answer(c.lease.lease_grant(r).await, |x| {
-            header(&mut x.header);
-            rev(&x.header)
-        }),
-        Op::Revoke(r) => answer(c.lease.lease_revoke(r).await, |x| {
-            header(&mut x.header);
-            rev(&x.header)
-        }),
+        Op::Range(r) => answer(c.kv.range(r).await, |x| header(&mut x.header)),
+        Op::Put(r) => answer(c.kv.put(r).await, |x| header(&mut x.header)),
+        Op::Delete(r) => answer(c.kv.delete_range(r).await, |x| header(&mut x.header)),
+        Op::Txn(r) => answer(c.kv.txn(r).await, txn_headers),
+        Op::Compact(r) => answer(c.kv.compact(r).await, |x| header(&mut x.header)),
+        Op::Grant(r) => answer(c.lease.lease_grant(r).await, |x| header(&mut x.header)),
+        Op::Revoke(r) => answer(c.lease.lease_revoke(r).await, |x| header(&mut x.header)),
         Op::TimeToLive(r) => answer(c.lease.lease_time_to_live(r).await, |x| {
-            header(&mut x.header);
             // Seconds left move with the clock: only whether the lease is alive.
             x.ttl = x.ttl.signum();
             x.keys.sort();
-            rev(&x.header)
+            header(&mut x.header)
         }),
         Op::Leases => answer(c.lease.lease_leases(pb::LeaseLeasesRequest {}).await, |x| {
-            header(&mut x.header);
             // etcd lists them in map order.
             x.leases.sort_by_key(|l| l.id);
-            rev(&x.header)
+            header(&mut x.header)
         }),
     }
 }
