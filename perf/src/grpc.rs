@@ -52,12 +52,23 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A connection with the harness's flow-control windows: 1 MiB a stream, 16 MiB in all.
     pub async fn connect(addr: &str) -> anyhow::Result<Conn> {
+        Conn::connect_with_window(addr, 1 << 20, 16 << 20).await
+    }
+
+    /// A connection whose streams may each hold `stream_window` bytes the caller has not read,
+    /// `conn_window` bytes in all.
+    pub async fn connect_with_window(
+        addr: &str,
+        stream_window: u32,
+        conn_window: u32,
+    ) -> anyhow::Result<Conn> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let (send, conn) = h2::client::Builder::new()
-            .initial_window_size(1 << 20)
-            .initial_connection_window_size(16 << 20)
+            .initial_window_size(stream_window)
+            .initial_connection_window_size(conn_window)
             .handshake::<_, Bytes>(tcp)
             .await?;
         tokio::spawn(async move {

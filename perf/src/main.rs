@@ -14,7 +14,7 @@ mod report;
 mod streams;
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,10 +60,18 @@ pub struct Args {
     /// Write an SVG plot (latency over time, latency CDF) to this file.
     #[arg(long, global = true)]
     plot: Option<std::path::PathBuf>,
+    /// Write each request's start (ms into the run) and latency (us), one per line, to this
+    /// file (what the per-second p99s are computed from).
+    #[arg(long, global = true)]
+    samples: Option<std::path::PathBuf>,
     /// Before the workload, open this many watchers on every key, each on its own
     /// connection, that never read again (slow consumers running beside the workload).
     #[arg(long, global = true, default_value_t = 0)]
     slow_watchers: usize,
+    /// Flow-control window of each slow watcher's stream and connection: what it holds
+    /// unread. 65535 is where grpc-go, grpcio and tonic clients start.
+    #[arg(long, global = true, default_value_t = 1 << 20)]
+    slow_watcher_window: u32,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -191,6 +199,10 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         ttl: i64,
     },
+    /// Sends nothing: holds the connections and the --slow-watchers open for --duration
+    /// seconds (or until killed), so slow consumers can be a client process of their own
+    /// beside the one measuring. Prints `holding` on stdout once they are all in place.
+    Hold,
     /// Single-key ranges mixed with puts over the same key space.
     Mixed {
         #[arg(long, default_value_t = 10_000)]
@@ -370,7 +382,7 @@ fn range_at(mut r: pb::RangeRequest, revision: i64) -> pb::RangeRequest {
 fn plan(cmd: &Cmd) -> (Work, u64) {
     let value = |k: &Keys| Bytes::from(vec![b'v'; k.val_size]);
     match cmd {
-        Cmd::Disk { .. } | Cmd::Watch { .. } | Cmd::LeaseKeepalive { .. } => {
+        Cmd::Disk { .. } | Cmd::Watch { .. } | Cmd::LeaseKeepalive { .. } | Cmd::Hold => {
             unreachable!("runs its own loop")
         }
         Cmd::WatchGet { total, .. } => (
@@ -571,7 +583,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("connect {ep}"))?,
         );
     }
-    let _slow = streams::stalled_watchers(&eps, args.slow_watchers).await?;
+    let _slow =
+        streams::stalled_watchers(&eps, args.slow_watchers, args.slow_watcher_window).await?;
+    if let Cmd::Hold = args.cmd {
+        println!("holding");
+        std::io::stdout().flush()?;
+        match args.duration {
+            Some(d) => tokio::time::sleep(Duration::from_secs_f64(d)).await,
+            None => std::future::pending().await,
+        }
+        return Ok(());
+    }
     let metrics_before = scrape_all(&eps).await;
     let cpu0 = cpu_seconds();
     let (outcomes, seconds) = match &args.cmd {
@@ -643,6 +665,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .server_metrics
                 .insert(name, metrics::delta(before, &after));
         }
+    }
+    if let Some(path) = &args.samples {
+        std::fs::write(path, summary.samples_text())
+            .with_context(|| format!("write samples {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
         std::fs::write(path, report::svg(&summary))

@@ -84,6 +84,15 @@ impl Summary {
         out
     }
 
+    /// Every sample as `start_ms latency_us` lines, in start order.
+    pub fn samples_text(&self) -> String {
+        let mut out = String::with_capacity(self.samples.len() * 12);
+        for (ms, us) in &self.samples {
+            let _ = writeln!(out, "{ms} {us}");
+        }
+        out
+    }
+
     /// p99 of the requests sent from the second second of the run on (the run without its
     /// warm-up: connections opening, buffers and windows filling once); None if none were.
     pub fn p99_after_first_second(&self) -> Option<f64> {
@@ -337,6 +346,10 @@ mod tests {
             .collect();
         let s = Summary::merge(vec![o], 3.0, 0.0).unwrap();
         assert_eq!(s.p99_by_second(), vec![99.0, 5.0]);
+        let text = s.samples_text();
+        assert!(text.starts_with("9 1000\n18 2000\n"), "{text}");
+        assert!(text.ends_with("2009 5000\n"), "{text}");
+        assert_eq!(text.lines().count(), 110);
         assert_eq!(s.p99_after_first_second(), Some(5.0));
         assert_eq!(s.json()["p99_ms_after_first_second"], 5.0);
     }

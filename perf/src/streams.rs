@@ -74,14 +74,16 @@ async fn open_watchers(
 
 /// `n` watchers on every key that are never read again, each on its own connection (a stream
 /// nobody reads holds its connection's flow-control window): slow consumers, for a workload
-/// to run beside. They stay until the returned value is dropped.
+/// to run beside. Each holds at most `window` bytes of events (its stream's and its
+/// connection's flow-control window). They stay until the returned value is dropped.
 pub async fn stalled_watchers(
     eps: &[String],
     n: usize,
+    window: u32,
 ) -> anyhow::Result<Vec<(Conn, Bidi<pb::WatchRequest, pb::WatchResponse>)>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let conn = Conn::connect(&eps[i % eps.len()]).await?;
+        let conn = Conn::connect_with_window(&eps[i % eps.len()], window, window).await?;
         let mut w = conn
             .bidi::<pb::WatchRequest, pb::WatchResponse>(WATCH)
             .await
