@@ -3,8 +3,8 @@
 //! claims is a ratio of two runs of this tool on the same machine.
 //!
 //! Clients share connections as in etcd's tool: client i uses connection i % conns. Each
-//! client records latencies in its own HDR histogram (merged at the end) and a timeline of
-//! (start, latency) samples for the plot. The harness reports its own CPU use, since it shares
+//! client records a (start, latency) sample per request; the percentiles, the per-second
+//! p99s and the plot are made of them at the end. The harness reports its own CPU use, since it shares
 //! the machine with the server under test.
 
 mod disk;
@@ -23,7 +23,6 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use grpc::{Conn, Status};
-use hdrhistogram::Histogram;
 use keel_proto::pb;
 use keel_proto::pb::request_op::Request;
 
@@ -477,10 +476,9 @@ async fn endpoints(args: &Args) -> anyhow::Result<Vec<String>> {
 
 /// What one client saw.
 pub struct Outcome {
-    pub hist: Histogram<u64>,
     pub errors: BTreeMap<String, u64>,
     pub writes: u64,
-    /// (ms since start when sent, latency in µs), for the plot.
+    /// (ms since start when sent, latency in µs): every request that succeeded.
     pub samples: Vec<(u32, u32)>,
 }
 
@@ -499,7 +497,6 @@ async fn client(
     seed: u64,
 ) -> Outcome {
     let mut out = Outcome {
-        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
         errors: BTreeMap::new(),
         writes: 0,
         samples: Vec::new(),
@@ -521,7 +518,6 @@ async fn client(
         match work.one(&conn, i, &mut rng).await {
             Ok(write) => {
                 let us = t0.elapsed().as_micros().max(1) as u64;
-                out.hist.saturating_record(us);
                 out.writes += write as u64;
                 let at_ms = (t0 - limits.start).as_millis() as u32;
                 out.samples.push((at_ms, us.min(u32::MAX as u64) as u32));

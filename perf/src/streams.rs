@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use hdrhistogram::Histogram;
 use keel_proto::pb;
 
 use crate::grpc::{Bidi, Conn, Status};
@@ -22,7 +21,6 @@ const WATCH: &str = "/etcdserverpb.Watch/Watch";
 
 fn outcome() -> Outcome {
     Outcome {
-        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
         errors: BTreeMap::new(),
         writes: 0,
         samples: Vec::new(),
@@ -159,7 +157,6 @@ pub async fn watch(conns: &[Conn], p: WatchPlan) -> (Vec<Outcome>, f64) {
                                 if v.len() >= 8 {
                                     let sent = u64::from_be_bytes(v[..8].try_into().unwrap());
                                     let us = now_ns.saturating_sub(sent) / 1000;
-                                    o.hist.saturating_record(us.max(1));
                                     o.samples.push(((sent / 1_000_000) as u32, us as u32));
                                 }
                                 received.fetch_add(1, Ordering::Relaxed);
@@ -288,7 +285,6 @@ pub async fn keepalive_client(conn: Conn, issued: Arc<AtomicU64>, total: u64, tt
         match r {
             Ok(Some(resp)) if resp.ttl > 0 => {
                 let us = t.elapsed().as_micros().max(1) as u64;
-                o.hist.saturating_record(us);
                 o.samples.push(((t - start).as_millis() as u32, us as u32));
             }
             Ok(Some(_)) => {
