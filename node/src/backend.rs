@@ -654,7 +654,17 @@ impl Backend for NodeBackend {
     }
 
     fn range_stream(&self, req: pb::RangeRequest) -> keel_net::RangeChunks {
-        crate::range_stream::serve(self.watch.clone(), req)
+        // As Range: a linearizable stream is refused by a learner, and in a cluster it
+        // starts only after a ReadIndex round, so its revision is at least every write
+        // acknowledged before it was asked.
+        let ready = if req.serializable {
+            futures::future::Either::Left(std::future::ready(Ok(())))
+        } else if self.learner() {
+            futures::future::Either::Left(std::future::ready(Err(ApiError::NotSupportedForLearner)))
+        } else {
+            futures::future::Either::Right(self.linearize())
+        };
+        crate::range_stream::serve(self.watch.clone(), req, ready)
     }
 
     fn watch(&self, requests: keel_net::WatchRequests) -> keel_net::WatchResponses {

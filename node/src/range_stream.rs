@@ -25,10 +25,19 @@ const RELEASE_MAP_BYTES: usize = 8 << 20;
 
 type Chunk = Result<pb::RangeStreamResponse, ApiError>;
 
-pub fn serve(ctx: Arc<WatchContext>, r: pb::RangeRequest) -> keel_net::RangeChunks {
+/// Streams `r` once `ready` (the linearizable read's barrier) allows.
+pub fn serve(
+    ctx: Arc<WatchContext>,
+    r: pb::RangeRequest,
+    ready: impl std::future::Future<Output = Result<(), ApiError>> + Send + 'static,
+) -> keel_net::RangeChunks {
     let (tx, rx) = mpsc::channel(CHUNKS_QUEUED);
     tokio::spawn(async move {
-        if let Err(e) = stream(&ctx, r, &tx).await {
+        let streamed = match ready.await {
+            Ok(()) => stream(&ctx, r, &tx).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = streamed {
             let _ = tx.send(Err(e)).await;
         }
     });
