@@ -15,6 +15,7 @@ fn main() {
         .build_client(true)
         .build_server(true)
         .bytes(".")
+        .codec_path("crate::codec::SizedCodec")
         .compile_fds(fds)
         .expect("generate Rust from protos");
 }

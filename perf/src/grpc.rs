@@ -160,6 +160,13 @@ impl<Req: Message, Resp: Message + Default> Bidi<Req, Resp> {
             .map_err(Status::transport)
     }
 
+    /// Ends the sending side (a server-streaming call's one request is sent).
+    pub fn close_send(&mut self) -> Result<(), Status> {
+        self.send
+            .send_data(Bytes::new(), true)
+            .map_err(Status::transport)
+    }
+
     /// The next message; Ok(None) when the server ends the stream cleanly.
     pub async fn recv(&mut self) -> Result<Option<Resp>, Status> {
         if let Some(resp) = self.response.take() {

@@ -127,6 +127,9 @@ enum Cmd {
         /// Ask only for the count of keys (etcdctl 3.5's `get --count-only`).
         #[arg(long)]
         count_only: bool,
+        /// Through etcd 3.7's KV.RangeStream (the chunks read whole) instead of Range.
+        #[arg(long)]
+        stream: bool,
     },
     /// Paginated lists of [key, range_end), as kube-apiserver lists: pages of --page-size
     /// keys, each from the last key of the one before, all at the first page's revision.
@@ -222,6 +225,7 @@ enum Cmd {
 enum Work {
     Put(Keys, Bytes),
     Range(pb::RangeRequest),
+    RangeStream(pb::RangeRequest),
     List(pb::RangeRequest),
     TxnPut(Keys, Bytes, usize),
     TxnMixed(pb::RangeRequest, Keys, Bytes, f64),
@@ -273,6 +277,7 @@ fn put_req(k: &Keys, value: &Bytes, i: u64, rng: &mut Rng) -> pb::PutRequest {
 const PUT: &str = "/etcdserverpb.KV/Put";
 const WATCH_GET_KEY: &str = "watchget";
 const RANGE: &str = "/etcdserverpb.KV/Range";
+const RANGE_STREAM: &str = "/etcdserverpb.KV/RangeStream";
 const TXN: &str = "/etcdserverpb.KV/Txn";
 
 impl Work {
@@ -286,6 +291,15 @@ impl Work {
             }
             Work::Range(r) => {
                 c.unary::<_, pb::RangeResponse>(RANGE, r).await?;
+                Ok(false)
+            }
+            Work::RangeStream(r) => {
+                let mut s = c
+                    .bidi::<pb::RangeRequest, pb::RangeStreamResponse>(RANGE_STREAM)
+                    .await?;
+                s.send(r)?;
+                s.close_send()?;
+                while s.recv().await?.is_some() {}
                 Ok(false)
             }
             Work::List(first) => {
@@ -397,10 +411,17 @@ fn plan(cmd: &Cmd) -> (Work, u64) {
             limit,
             rev,
             count_only,
+            stream,
         } => {
             let mut r = range_req(key, range_end, consistency == "s", *limit);
             r.count_only = *count_only;
-            (Work::Range(range_at(r, *rev)), *total)
+            let r = range_at(r, *rev);
+            let work = if *stream {
+                Work::RangeStream(r)
+            } else {
+                Work::Range(r)
+            };
+            (work, *total)
         }
         Cmd::List {
             key,

@@ -22,5 +22,7 @@ pub mod keelpb {
     tonic::include_proto!("keelpb");
 }
 
+pub mod codec;
+
 pub use etcdserverpb as pb;
 pub use prost;
