@@ -75,6 +75,16 @@ pub trait Backend: Send + Sync + 'static {
         req: pb::RangeRequest,
     ) -> impl Future<Output = Result<pb::RangeResponse, ApiError>> + Send;
 
+    /// Range as the Range method answers it: a large response may come as encoded parts
+    /// (see `crate::range`). The header's IDs and term are filled at the edge.
+    fn range_out(
+        &self,
+        req: pb::RangeRequest,
+    ) -> impl Future<Output = Result<crate::range::RangeOut, ApiError>> + Send {
+        let response = self.range(req);
+        async move { response.await.map(crate::range::RangeOut::Message) }
+    }
+
     /// etcd 3.7's RangeStream: the range in chunks, all at one revision, in bounded memory.
     fn range_stream(&self, req: pb::RangeRequest) -> RangeChunks;
 

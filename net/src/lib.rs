@@ -7,6 +7,7 @@ pub mod concurrency;
 pub mod error;
 pub mod lease;
 pub mod peer;
+pub mod range;
 pub mod serve;
 pub mod service;
 pub mod unserved;
@@ -18,4 +19,5 @@ pub use backend::{
     WriteRequest, WriteResponse, GRPC_OVERHEAD_BYTES,
 };
 pub use error::ApiError;
+pub use range::RangeOut;
 pub use watch::WatchOut;

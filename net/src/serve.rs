@@ -80,6 +80,7 @@ pub async fn serve<B: Backend>(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    let backend_for_range = backend.clone();
     let mut routes = tonic::service::Routes::builder();
     routes
         .add_service(health_service)
@@ -114,6 +115,12 @@ pub async fn serve<B: Backend>(
                 .max_decoding_message_size(limit),
         );
     let mut routes = routes.routes();
+    // KV.Range on its own route (a static path wins over the KV service's wildcard).
+    let router = std::mem::take(routes.axum_router_mut());
+    *routes.axum_router_mut() = router.route_service(
+        crate::range::PATH,
+        crate::range::RangeServer::new(backend_for_range, limit),
+    );
     unserved::route(routes.axum_router_mut(), gate);
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(1 << 20))

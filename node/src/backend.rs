@@ -350,6 +350,29 @@ impl Backend for NodeBackend {
         })
     }
 
+    fn range_out(
+        &self,
+        req: pb::RangeRequest,
+    ) -> impl std::future::Future<Output = Result<keel_net::RangeOut, ApiError>> + Send {
+        use futures::future::Either;
+        if !crate::range_stream::encodes(&req) || (self.learner() && !req.serializable) {
+            let response = self.range(req);
+            return Either::Left(async move { response.await.map(keel_net::RangeOut::Message) });
+        }
+        fail::fail_point!("backend-range");
+        served_one();
+        let ready = if self.multi() && !req.serializable {
+            Either::Left(self.linearize())
+        } else {
+            Either::Right(std::future::ready(Ok(())))
+        };
+        let ctx = self.watch.clone();
+        Either::Right(async move {
+            ready.await?;
+            crate::range_stream::encoded(&ctx, req)
+        })
+    }
+
     fn write(
         &self,
         req: WriteRequest,

@@ -3,11 +3,14 @@
 //! chunks are exactly the unary Range's response: intermediate chunks carry key-values only,
 //! the last one also the header, `count` and `more`. Chunks grow or shrink toward
 //! `CHUNK_TARGET_BYTES` (doubling or halving their key count, as etcd's adaptive sizing).
+//!
+//! A large unary Range is read the same way, each chunk encoded as it is read (`encoded`).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use keel_net::ApiError;
+use keel_net::{ApiError, RangeOut};
+use keel_proto::mvccpb::KeyValue;
 use keel_proto::pb;
 use keel_proto::prost::Message;
 use tokio::sync::mpsc;
@@ -20,10 +23,13 @@ const FIRST_CHUNK_KEYS: i64 = 64;
 const CHUNK_TARGET_BYTES: usize = 1 << 20;
 /// Chunks queued toward the client (the rest waits for it).
 const CHUNKS_QUEUED: usize = 2;
+/// A Range with a limit above this is read in chunks as well (kube-apiserver pages by 500 or
+/// 10000).
+const ENCODED_LIMIT_MIN: i64 = 10_000;
 /// The pages of the backend map read for the stream leave RSS after this much.
 const RELEASE_MAP_BYTES: usize = 8 << 20;
 
-type Chunk = Result<pb::RangeStreamResponse, ApiError>;
+type Streamed = Result<pb::RangeStreamResponse, ApiError>;
 
 /// Streams `r` once `ready` (the linearizable read's barrier) allows.
 pub fn serve(
@@ -50,73 +56,164 @@ fn chunk(resp: pb::RangeResponse) -> pb::RangeStreamResponse {
     }
 }
 
-async fn stream(
-    ctx: &WatchContext,
+/// Reads a range a chunk at a time, every chunk at the revision the read started at: what
+/// RangeStream streams, and what a large Range encodes piece by piece.
+struct Chunks {
     r: pb::RangeRequest,
-    tx: &mpsc::Sender<Chunk>,
-) -> Result<(), ApiError> {
-    // The client went away: stop reading.
-    let gone = || ApiError::Internal("keel: range stream receiver gone".into());
-    let now = ctx.mvcc.current_rev();
-    let rev = if r.revision > 0 { r.revision } else { now };
-    let limit = r.limit.max(0) as usize;
-    let mut cursor = r.key.clone();
-    let mut keys = FIRST_CHUNK_KEYS;
-    let mut count = None;
-    let mut sent = 0usize;
-    let mut read_bytes = 0usize;
-    loop {
+    /// The revision every chunk is read at, and the store's revision when the read started.
+    rev: i64,
+    now: i64,
+    limit: usize,
+    cursor: Bytes,
+    /// Keys to ask for in the next chunk.
+    keys: i64,
+    /// The whole range's count, from the first read.
+    count: Option<i64>,
+    sent: usize,
+    read_bytes: usize,
+}
+
+enum Chunk {
+    /// Key-values with more to follow.
+    Part(Vec<KeyValue>),
+    /// The last key-values, the response's `more` and `count`.
+    Last(Vec<KeyValue>, bool, i64),
+}
+
+impl Chunks {
+    fn new(ctx: &WatchContext, r: pb::RangeRequest) -> Chunks {
+        let now = ctx.mvcc.current_rev();
+        Chunks {
+            rev: if r.revision > 0 { r.revision } else { now },
+            now,
+            limit: r.limit.max(0) as usize,
+            cursor: r.key.clone(),
+            keys: FIRST_CHUNK_KEYS,
+            count: None,
+            sent: 0,
+            read_bytes: 0,
+            r,
+        }
+    }
+
+    fn next(&mut self, ctx: &WatchContext) -> Result<Chunk, ApiError> {
+        let r = &self.r;
         let q = pb::RangeRequest {
-            key: cursor.clone(),
+            key: self.cursor.clone(),
             range_end: r.range_end.clone(),
-            revision: rev,
-            limit: if r.count_only { 0 } else { keys },
+            revision: self.rev,
+            limit: if r.count_only { 0 } else { self.keys },
             keys_only: r.keys_only,
             count_only: r.count_only,
             ..Default::default()
         };
         let resp = crate::apply::range(&*ctx.mvcc, &q)?;
         // The first read counts the whole range (later ones only what is left of it).
-        let total = *count.get_or_insert(resp.count);
+        let total = *self.count.get_or_insert(resp.count);
         let bytes: usize = resp.kvs.iter().map(|kv| kv.encoded_len()).sum();
-        read_bytes += bytes;
-        if read_bytes >= RELEASE_MAP_BYTES {
+        self.read_bytes += bytes;
+        if self.read_bytes >= RELEASE_MAP_BYTES {
             ctx.mvcc.release_map();
-            read_bytes = 0;
+            self.read_bytes = 0;
         }
         let last = resp.kvs.last().map(|kv| kv.key.clone());
         let rest = resp.more && !r.range_end.is_empty();
-        // (Revision filters and sorting are refused before a stream starts, as etcd's.)
+        // (Revision filters and sorting are refused before a stream starts, as etcd's, and
+        // never take this way for a Range.)
         let mut kvs = resp.kvs;
         let mut more = false;
-        if limit > 0 && sent + kvs.len() > limit {
-            kvs.truncate(limit - sent);
+        if self.limit > 0 && self.sent + kvs.len() > self.limit {
+            kvs.truncate(self.limit - self.sent);
             more = true;
         }
-        sent += kvs.len();
+        self.sent += kvs.len();
         if more || !rest || r.count_only {
-            let last = pb::RangeResponse {
-                header: Some(ctx.header(now)),
-                kvs,
-                more,
-                count: total,
-            };
-            return tx.send(Ok(chunk(last))).await.map_err(|_| gone());
-        }
-        if !kvs.is_empty() {
-            let part = pb::RangeResponse {
-                kvs,
-                ..Default::default()
-            };
-            tx.send(Ok(chunk(part))).await.map_err(|_| gone())?;
+            return Ok(Chunk::Last(kvs, more, total));
         }
         let mut next = last.expect("more keys follow a non-empty chunk").to_vec();
         next.push(0);
-        cursor = Bytes::from(next);
+        self.cursor = Bytes::from(next);
         if bytes < CHUNK_TARGET_BYTES / 2 {
-            keys = (keys * 2).min(1 << 20);
+            self.keys = (self.keys * 2).min(1 << 20);
         } else if bytes > CHUNK_TARGET_BYTES {
-            keys = (keys / 2).max(1);
+            self.keys = (self.keys / 2).max(1);
+        }
+        Ok(Chunk::Part(kvs))
+    }
+}
+
+async fn stream(
+    ctx: &WatchContext,
+    r: pb::RangeRequest,
+    tx: &mpsc::Sender<Streamed>,
+) -> Result<(), ApiError> {
+    // The client went away: stop reading.
+    let gone = || ApiError::Internal("keel: range stream receiver gone".into());
+    let mut chunks = Chunks::new(ctx, r);
+    loop {
+        match chunks.next(ctx)? {
+            Chunk::Part(kvs) => {
+                if kvs.is_empty() {
+                    continue;
+                }
+                let part = pb::RangeResponse {
+                    kvs,
+                    ..Default::default()
+                };
+                tx.send(Ok(chunk(part))).await.map_err(|_| gone())?;
+            }
+            Chunk::Last(kvs, more, count) => {
+                let last = pb::RangeResponse {
+                    header: Some(ctx.header(chunks.now)),
+                    kvs,
+                    more,
+                    count,
+                };
+                return tx.send(Ok(chunk(last))).await.map_err(|_| gone());
+            }
+        }
+    }
+}
+
+/// Whether a Range goes out as encoded parts: a span with no limit or a large one, in key
+/// order, with no revision filters and not count-only (anything else is small or needs
+/// every key-value at once).
+pub fn encodes(r: &pb::RangeRequest) -> bool {
+    use pb::range_request::{SortOrder, SortTarget};
+    let by_key = r.sort_target == SortTarget::Key as i32;
+    let natural = by_key
+        && (r.sort_order == SortOrder::None as i32 || r.sort_order == SortOrder::Ascend as i32);
+    !r.range_end.is_empty()
+        && (r.limit <= 0 || r.limit > ENCODED_LIMIT_MIN)
+        && natural
+        && !r.count_only
+        && !keel_net::validate::has_revision_filters(r)
+}
+
+/// A Range read a chunk at a time into encoded parts: the same response, byte for byte, as
+/// the message, holding one chunk's key-values at a time beside the encoded ones.
+pub fn encoded(ctx: &WatchContext, r: pb::RangeRequest) -> Result<RangeOut, ApiError> {
+    let mut chunks = Chunks::new(ctx, r);
+    let mut pieces = Vec::new();
+    let frame = |kvs: &[KeyValue]| {
+        let mut b = Vec::with_capacity(kvs.iter().map(keel_net::range::framed_kv_len).sum());
+        for kv in kvs {
+            keel_net::range::frame_kv(kv, &mut b);
+        }
+        Bytes::from(b)
+    };
+    loop {
+        match chunks.next(ctx)? {
+            Chunk::Part(kvs) => pieces.push(frame(&kvs)),
+            Chunk::Last(kvs, more, count) => {
+                pieces.push(frame(&kvs));
+                return Ok(RangeOut::Parts {
+                    header: ctx.header(chunks.now),
+                    kvs: pieces,
+                    more,
+                    count,
+                });
+            }
         }
     }
 }
