@@ -264,7 +264,11 @@ mod tests {
             create_revision: i as i64 + 1,
             mod_revision: i as i64 * 3 + 1,
             version: (i % 4) as i64,
-            lease: if i.is_multiple_of(3) { 0 } else { i as i64 * 1000 },
+            lease: if i.is_multiple_of(3) {
+                0
+            } else {
+                i as i64 * 1000
+            },
         };
         let kvs: Vec<KeyValue> = (0..50).map(kv).collect();
         for n in [0, 1, 7, 50] {

@@ -82,6 +82,42 @@ async fn optimistic_put(c: &mut Kv, k: Bytes, rev: i64, value: i64) -> (bool, i6
 }
 
 /// A paginated list of the prefix, 3 per page, all at the first page's revision; restarts if
+/// kube's OptimisticDelete: if the key's mod_revision is still `rev`, delete it (with its
+/// previous version); else read it back. Returns whether it deleted, and the version deleted
+/// or the current one.
+async fn optimistic_delete(c: &mut Kv, k: Bytes, rev: i64) -> (bool, keel_proto::mvccpb::KeyValue) {
+    let r = c
+        .txn(pb::TxnRequest {
+            compare: vec![pb::Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Mod as i32,
+                key: k.clone(),
+                target_union: Some(TargetUnion::ModRevision(rev)),
+                ..Default::default()
+            }],
+            success: vec![op(Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                key: k.clone(),
+                prev_kv: true,
+                ..Default::default()
+            }))],
+            failure: vec![op(Request::RequestRange(pb::RangeRequest {
+                key: k,
+                ..Default::default()
+            }))],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match &r.responses[0].response {
+        Some(Response::ResponseDeleteRange(d)) if r.succeeded => {
+            assert_eq!(d.deleted, 1);
+            (true, d.prev_kvs[0].clone())
+        }
+        Some(Response::ResponseRange(rr)) if !r.succeeded => (false, rr.kvs[0].clone()),
+        other => panic!("unexpected txn answer: {other:?}"),
+    }
+}
+
 /// a compaction overtakes it (kube's "continue token expired"). Checks it against one Range
 /// at the same revision.
 async fn paginated_list(c: &mut Kv) -> usize {
@@ -181,6 +217,8 @@ async fn kubernetes_style_traffic_against_a_model() {
         .unwrap()
         .into_inner();
     let updates = Arc::new(std::sync::Mutex::new(vec![0i64; OBJECTS]));
+    // The highest revision compacted so far: only an event at or below it may lack prev_kv.
+    let compacted = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let mut tasks = Vec::new();
     for u in 0..4u64 {
         let (url, updates) = (url.clone(), updates.clone());
@@ -219,7 +257,7 @@ async fn kubernetes_style_traffic_against_a_model() {
         })
     };
     let compactor = {
-        let url = url.clone();
+        let (url, compacted) = (url.clone(), compacted.clone());
         tokio::spawn(async move {
             let mut c = kv(&url);
             let (mut version, mut last) = (0i64, 0i64);
@@ -264,6 +302,7 @@ async fn kubernetes_style_traffic_against_a_model() {
                     })
                     .await
                     .unwrap();
+                    compacted.fetch_max(last, std::sync::atomic::Ordering::SeqCst);
                 }
                 last = cur;
             }
@@ -284,9 +323,44 @@ async fn kubernetes_style_traffic_against_a_model() {
             "object {i}"
         );
     }
-    // The watcher: every update of every object once, in order, with its previous value;
-    // progress vouches for what came before it.
+    // OptimisticDelete of half the objects: a stale revision reads the object back, the
+    // current one deletes it and returns what it deleted.
+    let mut deleted = vec![false; OBJECTS];
+    for (i, gone) in deleted.iter_mut().enumerate().take(OBJECTS / 2) {
+        let kv = get(&mut c, i).await;
+        let (ok, current) = optimistic_delete(&mut c, key(i), kv.mod_revision - 1).await;
+        assert!(!ok, "a stale delete of object {i} applied");
+        assert_eq!(current, kv);
+        let (ok, prev) = optimistic_delete(&mut c, key(i), kv.mod_revision).await;
+        assert!(ok, "object {i} not deleted");
+        assert_eq!(prev, kv);
+        *gone = true;
+    }
+    let live = OBJECTS - OBJECTS / 2;
+    assert_eq!(paginated_list(&mut c).await, live);
+    // kube's Count (count-only) and a keys-only list of the same range.
+    let range = |count_only: bool, keys_only: bool| pb::RangeRequest {
+        key: Bytes::from(PREFIX),
+        range_end: Bytes::from("/registry/pods/default0"),
+        count_only,
+        keys_only,
+        ..Default::default()
+    };
+    let counted = c.range(range(true, false)).await.unwrap().into_inner();
+    assert_eq!((counted.count, counted.kvs.len()), (live as i64, 0));
+    let keys = c.range(range(false, true)).await.unwrap().into_inner();
+    let want: Vec<Bytes> = (OBJECTS / 2..OBJECTS).map(key).collect();
+    let got: Vec<Bytes> = keys.kvs.iter().map(|kv| kv.key.clone()).collect();
+    assert_eq!(got, want);
+    assert!(keys
+        .kvs
+        .iter()
+        .all(|kv| kv.value.is_empty() && kv.mod_revision > 0));
+    // The watcher: every update of every object once, in order, with its previous value,
+    // then the deletes; progress vouches for what came before it.
     let mut seen = vec![0i64; OBJECTS];
+    let mut seen_deleted = vec![false; OBJECTS];
+    let mut with_prev = 0;
     let mut last_rev = start;
     let mut progress_asked = false;
     loop {
@@ -296,6 +370,7 @@ async fn kubernetes_style_traffic_against_a_model() {
         };
         if r.watch_id == -1 {
             assert_eq!(seen, totals, "progress came before events it covers");
+            assert_eq!(seen_deleted, deleted, "progress came before the deletes");
             assert!(r.header.unwrap().revision >= last_rev);
             break;
         }
@@ -307,16 +382,42 @@ async fn kubernetes_style_traffic_against_a_model() {
                 .unwrap()
                 .parse()
                 .unwrap();
+            // prev_kv is gone only if the compaction loop overtook the event (as in etcd).
+            let prev = match &e.prev_kv {
+                Some(p) => {
+                    with_prev += 1;
+                    Some(
+                        std::str::from_utf8(&p.value)
+                            .unwrap()
+                            .parse::<i64>()
+                            .unwrap(),
+                    )
+                }
+                None => {
+                    let c = compacted.load(std::sync::atomic::Ordering::SeqCst);
+                    assert!(
+                        kv.mod_revision <= c,
+                        "an event at {} above every compaction ({c}) without prev_kv",
+                        kv.mod_revision
+                    );
+                    None
+                }
+            };
+            if let Some(p) = prev {
+                assert_eq!(p, seen[i], "object {i}'s previous value");
+            }
+            if e.r#type == keel_proto::mvccpb::event::EventType::Delete as i32 {
+                assert!(deleted[i] && !seen_deleted[i], "object {i}: one delete");
+                assert_eq!(seen[i], totals[i], "object {i} deleted after its updates");
+                seen_deleted[i] = true;
+                continue;
+            }
+            assert!(!seen_deleted[i], "object {i} written after its delete");
             let v: i64 = std::str::from_utf8(&kv.value).unwrap().parse().unwrap();
             assert_eq!(v, seen[i] + 1, "object {i}: every update once, in order");
-            // prev_kv may be gone if the compaction loop overtook the event (as in etcd).
-            if let Some(p) = &e.prev_kv {
-                let prev: i64 = std::str::from_utf8(&p.value).unwrap().parse().unwrap();
-                assert_eq!(prev, seen[i], "object {i}'s previous value");
-            }
             seen[i] = v;
         }
-        if seen == totals && !progress_asked {
+        if seen == totals && seen_deleted == deleted && !progress_asked {
             progress_asked = true;
             wtx.send(pb::WatchRequest {
                 request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
@@ -327,4 +428,58 @@ async fn kubernetes_style_traffic_against_a_model() {
             .unwrap();
         }
     }
+    assert!(with_prev > 0, "no event carried prev_kv");
+}
+
+/// kube-apiserver's event leases: one lease of 3660 s (an hour and a minute) shared by the
+/// events written in the same minute; its keys and TTL read back as etcd reports them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_leases_of_3660_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
+    let mut c = kv(&k.url());
+    let mut leases = pb::lease_client::LeaseClient::new(channel(&k.url()).await);
+    let lease = leases
+        .lease_grant(pb::LeaseGrantRequest { ttl: 3660, id: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((lease.ttl, lease.error.as_str()), (3660, ""));
+    let events: Vec<Bytes> = (0..3)
+        .map(|i| Bytes::from(format!("/registry/events/default/pod-{i}.17f0")))
+        .collect();
+    for e in &events {
+        c.put(pb::PutRequest {
+            key: e.clone(),
+            value: Bytes::from("event"),
+            lease: lease.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let ttl = leases
+        .lease_time_to_live(pb::LeaseTimeToLiveRequest {
+            id: lease.id,
+            keys: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ttl.granted_ttl, 3660);
+    assert!((3600..=3660).contains(&ttl.ttl), "ttl {}", ttl.ttl);
+    let mut keys: Vec<Bytes> = ttl.keys.into_iter().collect();
+    keys.sort();
+    assert_eq!(keys, events);
+    let listed = c
+        .range(pb::RangeRequest {
+            key: Bytes::from("/registry/events/"),
+            range_end: Bytes::from("/registry/events0"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.kvs.iter().all(|kv| kv.lease == lease.id));
+    assert_eq!(listed.count, 3);
 }
