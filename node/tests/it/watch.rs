@@ -805,3 +805,134 @@ async fn watchers_see_exactly_the_history_across_compaction_and_reconnect() {
         );
     }
 }
+
+/// A compaction lands while 100 watchers are still reading a long history (their client not
+/// reading yet, so their streams are behind): each watcher is sent a prefix of the model's
+/// events, then either the rest or a cancel at the compaction (only if it started below
+/// it). After more writes every watcher reconnects from its last seen revision + 1 (or its
+/// start): below the compaction it is canceled with it, else it is sent exactly the model's
+/// events from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_while_watchers_catch_up_cancels_exactly_those_behind_it() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start_async(dir.path(), &[]).await;
+    let url = k.url();
+    let mut c = kv(&url);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // 600 puts of 2 KB over w00..w19: about 1.2 MB of history for a watcher of every key.
+    let mut model: Vec<Ev> = Vec::new();
+    for i in 0..600 {
+        let k = format!("w{:02}", rng.gen_range(0..20));
+        let v = format!("{i:05}{}", "x".repeat(2000));
+        let rev = put(&mut c, &k, &v).await;
+        model.push((rev, k, Some(v)));
+    }
+    let (first, last) = (model[0].0, model.last().unwrap().0);
+    let compact_at = first + 300;
+    let watchers: Vec<ModelWatcher> = (0..100)
+        .map(|_| {
+            let a = rng.gen_range(0..20);
+            let (key, end) = match rng.gen_range(0..4) {
+                0 => (format!("w{a:02}"), String::new()),
+                1 => (
+                    format!("w{a:02}"),
+                    format!("w{:02}", rng.gen_range(a + 1..=20)),
+                ),
+                2 => (format!("w{a:02}"), "\0".to_string()),
+                _ => ("w".to_string(), "x".to_string()),
+            };
+            ModelWatcher {
+                key,
+                end,
+                start: rng.gen_range(first..=last + 5),
+            }
+        })
+        .collect();
+    let expected = |w: &ModelWatcher, from: i64, model: &[Ev]| -> Vec<Ev> {
+        model
+            .iter()
+            .filter(|e| e.0 >= from && w.contains(&e.1))
+            .cloned()
+            .collect()
+    };
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        sessions.push(Session::open(&url).await);
+    }
+    for (i, w) in watchers.iter().enumerate() {
+        sessions[i % 4]
+            .create(w.create(i as i64 + 1, w.start))
+            .await;
+    }
+    c.compact(pb::CompactionRequest {
+        revision: compact_at,
+        physical: false,
+    })
+    .await
+    .unwrap();
+    let want: std::collections::HashMap<i64, usize> = watchers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (i as i64 + 1, expected(w, w.start, &model).len()))
+        .collect();
+    let mut got = std::collections::HashMap::new();
+    let canceled = collect(&mut sessions, &mut got, &want).await;
+    let mut resume = Vec::new();
+    for (i, w) in watchers.iter().enumerate() {
+        let id = i as i64 + 1;
+        let seen = got.remove(&id).unwrap_or_default();
+        let all = expected(w, w.start, &model);
+        let at = format!("watcher {id} {}..{:?} from {}", w.key, w.end, w.start);
+        assert_eq!(seen[..], all[..seen.len().min(all.len())], "{at}: a prefix");
+        match canceled.get(&id) {
+            Some(rev) => {
+                assert_eq!(*rev, compact_at, "{at}");
+                assert!(
+                    w.start < compact_at,
+                    "{at}: canceled though it needs nothing below"
+                );
+            }
+            None => assert_eq!(seen.len(), all.len(), "{at}: not canceled, so sent all"),
+        }
+        resume.push(seen.last().map_or(w.start, |e| e.0 + 1));
+    }
+    let behind = canceled.values().filter(|r| **r == compact_at).count();
+    assert!(
+        behind > 0 && behind < watchers.len(),
+        "{behind} of {} watchers canceled: the compaction must split them",
+        watchers.len()
+    );
+    // Reconnect from the last seen revision + 1 after more writes.
+    drop(sessions);
+    let mut live: std::collections::BTreeSet<String> = model.iter().map(|e| e.1.clone()).collect();
+    model.extend(random_writes(&mut c, &mut rng, 100, &mut live).await);
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        sessions.push(Session::open(&url).await);
+    }
+    for (i, w) in watchers.iter().enumerate() {
+        sessions[i % 4]
+            .create(w.create(i as i64 + 1, resume[i]))
+            .await;
+    }
+    let want: std::collections::HashMap<i64, usize> = watchers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (i as i64 + 1, expected(w, resume[i], &model).len()))
+        .collect();
+    let mut got = std::collections::HashMap::new();
+    let canceled = collect(&mut sessions, &mut got, &want).await;
+    for (i, w) in watchers.iter().enumerate() {
+        let id = i as i64 + 1;
+        let seen = got.remove(&id).unwrap_or_default();
+        let at = format!("watcher {id} {}..{:?} from {}", w.key, w.end, resume[i]);
+        if resume[i] < compact_at {
+            assert_eq!(canceled.get(&id), Some(&compact_at), "{at}");
+            assert!(seen.is_empty(), "{at}");
+        } else {
+            assert_eq!(canceled.get(&id), None, "{at}");
+            assert_eq!(seen, expected(w, resume[i], &model), "{at}");
+        }
+    }
+}
