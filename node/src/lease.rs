@@ -468,6 +468,29 @@ mod tests {
         assert!(!l.alive(2) && l.alive(1));
     }
 
+    /// A mass expiry is revoked in bounded batches, each lease once until its retry is due.
+    #[test]
+    fn expired_leases_are_taken_in_bounded_batches() {
+        let l = Leases::new(1, 100, 1000);
+        l.promote(Duration::ZERO);
+        let now = l.now_us();
+        let n = REVOKES_PER_SCAN * 2 + 7;
+        for id in 1..=n as i64 {
+            l.map.insert(id, Lease::new(5, now - id));
+        }
+        l.map.insert(0x7fff, Lease::new(5, now + 60_000_000));
+        let mut taken = std::collections::BTreeSet::new();
+        for want in [REVOKES_PER_SCAN, REVOKES_PER_SCAN, 7, 0] {
+            let batch = l.take_expired();
+            assert_eq!(batch.len(), want);
+            for id in batch {
+                assert!(taken.insert(id), "lease {id} taken twice");
+            }
+        }
+        assert_eq!(taken, (1..=n as i64).collect());
+        assert!(l.alive(0x7fff));
+    }
+
     #[test]
     fn only_a_leader_runs_deadlines() {
         let l = Leases::new(1, 100, 1000);
