@@ -328,3 +328,49 @@ async fn service_registration_with_lease_and_watch() {
     assert_eq!(gone.events()[0].event_type(), EventType::Delete);
     assert_eq!(gone.events()[0].kv().unwrap().key(), b"/services/web/node1");
 }
+
+/// With etcd's lease checkpoints on, a restart resumes a lease from its last checkpoint (plus
+/// the election timeout etcd's Promote adds), kept with the lease in the store; without them
+/// it restarts at its full TTL (plus the same), as etcd 3.4 does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_leases_from_their_checkpoints() {
+    for checkpoints in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let flags: &[&str] = if checkpoints {
+            &[
+                "--experimental-enable-lease-checkpoint",
+                "--experimental-lease-checkpoint-interval",
+                "1s",
+            ]
+        } else {
+            &[]
+        };
+        let mut k = Keel::start_async(dir.path(), flags).await;
+        let mut l = pb::lease_client::LeaseClient::new(channel(&k.url()).await);
+        l.lease_grant(pb::LeaseGrantRequest { id: 7, ttl: 30 })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(4500)).await;
+        tokio::task::block_in_place(|| {
+            k.kill9();
+            k.restart();
+        });
+        let mut l = pb::lease_client::LeaseClient::new(channel(&k.url()).await);
+        let ttl = l
+            .lease_time_to_live(pb::LeaseTimeToLiveRequest { id: 7, keys: false })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ttl.granted_ttl, 30);
+        if checkpoints {
+            // Checkpointed at 29, 28, 27 and maybe 26 s left; plus 1 s on promotion.
+            assert!(
+                (24..=28).contains(&ttl.ttl),
+                "from its checkpoint: {}",
+                ttl.ttl
+            );
+        } else {
+            assert!((29..=31).contains(&ttl.ttl), "its full TTL: {}", ttl.ttl);
+        }
+    }
+}
