@@ -496,8 +496,8 @@ impl LeaseForwarder {
     }
 }
 
-/// An error a peer answered with, back to its kind (by etcd's text).
-fn api_error(text: &str) -> ApiError {
+/// The errors a forwarded membership change can come back with.
+fn forwarded_errors() -> [ApiError; 18] {
     [
         ApiError::MemberNotFound,
         ApiError::MemberNotLearner,
@@ -507,8 +507,45 @@ fn api_error(text: &str) -> ApiError {
         ApiError::Timeout,
         ApiError::Stopped,
         ApiError::MemberExists,
+        ApiError::PeerUrlExists,
+        ApiError::MemberBadUrls,
+        ApiError::TooManyLearners,
+        ApiError::MemberNotEnoughStarted,
+        ApiError::TimeoutDueToLeaderFail,
+        ApiError::NotLeader,
+        ApiError::BadLeaderTransferee,
+        ApiError::LeaderTransferTimeout,
+        ApiError::Unhealthy,
+        ApiError::NotCapable,
     ]
-    .into_iter()
-    .find(|e| e.to_string() == text)
-    .unwrap_or_else(|| ApiError::Internal(text.to_string()))
+}
+
+/// An error a peer answered with, back to its kind (by etcd's text), so the client gets
+/// etcd's code for it as if the leader had answered.
+fn api_error(text: &str) -> ApiError {
+    forwarded_errors()
+        .into_iter()
+        .find(|e| e.to_string() == text)
+        .unwrap_or_else(|| ApiError::Internal(text.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_errors_come_back_as_themselves() {
+        for e in forwarded_errors() {
+            assert_eq!(api_error(&e.to_string()), e);
+        }
+        // etcd's codes, not Unknown, for what a leader refuses a promotion with.
+        for e in [ApiError::TooManyLearners, ApiError::MemberNotEnoughStarted] {
+            let code = tonic::Status::from(api_error(&e.to_string())).code();
+            assert_eq!(code, tonic::Code::FailedPrecondition, "{e}");
+        }
+        assert_eq!(
+            api_error("something else"),
+            ApiError::Internal("something else".into())
+        );
+    }
 }

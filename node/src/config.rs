@@ -484,7 +484,7 @@ impl Config {
         }
         if f.heartbeat_interval == 0 || f.election_timeout < 5 * f.heartbeat_interval {
             anyhow::bail!(
-                "--election-timeout[{}ms] should be at least 5 times as --heartbeat-interval[{}ms]",
+                "--election-timeout[{}ms] should be at least as 5 times as --heartbeat-interval[{}ms]",
                 f.election_timeout,
                 f.heartbeat_interval
             );
@@ -679,6 +679,18 @@ mod tests {
             "{err}"
         );
         assert!(load(&["--max-request-bytes", "300000000"]).is_err());
+    }
+
+    #[test]
+    fn election_timeout_below_five_heartbeats_is_etcds_error() {
+        let e = load(&["--heartbeat-interval", "100", "--election-timeout", "400"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "--election-timeout[400ms] should be at least as 5 times as --heartbeat-interval[100ms]"
+        );
+        assert!(load(&["--heartbeat-interval", "100", "--election-timeout", "500"]).is_ok());
     }
 
     #[test]

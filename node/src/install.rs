@@ -95,15 +95,16 @@ impl Paths {
 
 /// Starts this process over with the same arguments and environment (same PID, so a
 /// supervisor sees no exit). Files and sockets are close-on-exec, so the data dir lock and
-/// the listeners are released for the new image.
+/// the listeners are released for the new image. The image is the running one (the kernel's
+/// /proc/self/exe), even if its file was replaced or deleted since it started (a package
+/// upgrade): the member goes on as the version it was.
 pub fn restart() -> ! {
     use std::os::unix::process::CommandExt;
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => crate::fatal(crate::FATAL_EXIT_CODE, &format!("restart: {e}")),
-    };
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_else(|| "keel".into());
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
+        .args(args)
         .exec();
     crate::fatal(crate::FATAL_EXIT_CODE, &format!("restart: {err}"))
 }
