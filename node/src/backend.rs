@@ -125,6 +125,12 @@ impl NodeBackend {
         }
     }
 
+    /// Before stopping: a leader hands leadership over (see `Control::StepDown`).
+    pub fn step_down(&self) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
+        let call = self.control_call(crate::raft_core::Control::StepDown);
+        async move { call.await.map(|_| ()) }
+    }
+
     /// etcd's --strict-reconfig-check (default on): the checks below guard membership changes.
     fn strict(&self) -> bool {
         self.cfg.strict_reconfig_check

@@ -474,6 +474,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         store: store_handle,
     });
+    let backend_for_stop = backend.clone();
     if multi {
         // Like etcd, a member of a cluster serves clients only once it has published itself
         // through raft: it then knows a leader and has caught up with the log.
@@ -508,6 +509,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 notify_systemd();
             })?;
     }
+    stop_on_signals(backend_for_stop)?;
     // Nothing here returns while the node is healthy: a core that stops is fatal.
     let _ = raft_thread.join();
     fatal(FATAL_EXIT_CODE, "raft core stopped");
@@ -516,6 +518,60 @@ fn run(cfg: Config) -> anyhow::Result<()> {
 /// A new member of an existing cluster (`--initial-cluster-state existing`, etcd's member
 /// add then start): asks the other members named in `--initial-cluster` what the cluster is,
 /// and finds itself by its peer URLs (the ID was chosen when it was added).
+/// How long a stopping leader waits for its leadership to move (etcd: its request timeout).
+const STOP_TRANSFER_LIMIT: Duration = Duration::from_secs(8);
+
+/// etcd's stop on SIGTERM or SIGINT: a leader first hands leadership to its most caught-up
+/// voter, so the others need not wait out an election timeout (a rolling restart under
+/// systemd stops each member this way); then the process ends by the signal, as etcd's does.
+/// Every acknowledged write is already on disk, so nothing else needs flushing.
+fn stop_on_signals(backend: Arc<NodeBackend>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Handlers are in place before this returns (before the member reports ready).
+    let (mut term, mut int) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
+    std::thread::Builder::new()
+        .name("keel-signals".into())
+        .spawn(move || {
+            let sig = rt.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => libc::SIGTERM,
+                    _ = int.recv() => libc::SIGINT,
+                }
+            });
+            let name = if sig == libc::SIGTERM {
+                "SIGTERM"
+            } else {
+                "SIGINT"
+            };
+            tracing::info!(signal = name, "received signal; stopping");
+            let started = Instant::now();
+            let handed = backend.step_down();
+            match rt.block_on(async { tokio::time::timeout(STOP_TRANSFER_LIMIT, handed).await }) {
+                Ok(Ok(())) => tracing::info!(
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "ready to stop: no leadership held"
+                ),
+                Ok(Err(e)) => tracing::warn!("leadership transfer failed: {e}; stopping"),
+                Err(_) => tracing::warn!("leadership transfer took too long; stopping"),
+            }
+            // SAFETY: the default action of the signal ends the process; _exit if it did not.
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+                libc::raise(sig);
+                libc::_exit(128 + sig)
+            }
+        })?;
+    Ok(())
+}
+
 fn join_meta(cfg: &Config) -> anyhow::Result<(MemberMeta, Vec<keel_proto::keelpb::Member>)> {
     use keel_proto::prost::Message;
     let mine: Vec<String> = cfg

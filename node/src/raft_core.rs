@@ -99,6 +99,9 @@ pub enum Control {
     Promote(u64, Responder),
     /// MoveLeader: the leader hands leadership to this voter.
     MoveLeader(u64, Responder),
+    /// The member is stopping (SIGTERM): a leader hands leadership to its most caught-up
+    /// voter first, as etcd's stop does; anything else has nothing to hand over.
+    StepDown(Responder),
     /// A frames connection from a peer, to read here (see `Adopted`).
     Adopt(Box<Adopted>),
     /// A connection of the raft core's own to this peer (see `direct`), or None if it could
@@ -710,6 +713,7 @@ impl RaftCore {
             Control::ProposeConf(cc, tx) => self.propose_conf(*cc, tx),
             Control::Promote(id, tx) => self.promote(id, tx),
             Control::MoveLeader(target, tx) => self.move_leader(target, tx),
+            Control::StepDown(tx) => self.step_down(tx),
             Control::SnapshotSent(to, ok) => {
                 let status = if ok {
                     SnapshotStatus::Finish
@@ -1333,6 +1337,31 @@ impl RaftCore {
         self.node.transfer_leader(target);
         self.transfers
             .push((target, Instant::now() + TRANSFER_TIMEOUT, tx));
+    }
+
+    /// Hands leadership to the voter whose log matches the most of this leader's (the one that
+    /// can take over soonest); answered once it leads, at once if there is none to hand to.
+    fn step_down(&mut self, tx: Responder) {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            let _ = tx.send(Ok(WriteResponse::Alarm(Default::default())));
+            return;
+        }
+        let me = raft.id;
+        let target = self
+            .membership
+            .get()
+            .iter()
+            .filter(|m| m.id != me && !m.is_learner)
+            .filter_map(|m| raft.prs().get(m.id).map(|p| (p.matched, m.id)))
+            .max();
+        match target {
+            Some((_, id)) => self.move_leader(id, tx),
+            None => {
+                tracing::info!("skipped leadership transfer: no other voting member");
+                let _ = tx.send(Ok(WriteResponse::Alarm(Default::default())));
+            }
+        }
     }
 
     /// Answers MoveLeader calls whose target now leads, or that took too long.

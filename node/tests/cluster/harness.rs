@@ -302,6 +302,11 @@ impl Cluster {
         unsafe { libc::kill(pid as libc::pid_t, sig) };
     }
 
+    /// SIGTERM: the member stops as systemd stops it.
+    pub fn terminate(&self, i: usize) {
+        self.signal(i, libc::SIGTERM);
+    }
+
     /// SIGSTOP: the member stops dead, its sockets open.
     pub fn pause(&self, i: usize) {
         self.signal(i, libc::SIGSTOP);

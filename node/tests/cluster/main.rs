@@ -593,6 +593,60 @@ fn five_members_lose_two_and_go_on() {
     write_anywhere_read_everywhere(&c, "three-left");
 }
 
+/// SIGTERM to the leader (systemd's stop, a rolling restart): as etcd's, it hands leadership
+/// to a caught-up voter before it exits, so the others have a leader again well within an
+/// election timeout (1 s), and writes go on; it exits by the signal. A follower just stops.
+#[test]
+fn a_stopping_leader_hands_leadership_over_first() {
+    use std::os::unix::process::ExitStatusExt;
+    let _s = serial();
+    let mut c = Cluster::start(3, &[]);
+    let rt = rt();
+    let old = c.wait_leader(Duration::from_secs(10));
+    for i in 0..20 {
+        rt.block_on(put(&c.members[old].url(), &format!("k{i}"), "v", T))
+            .unwrap();
+    }
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let t0 = Instant::now();
+    c.terminate(old);
+    let status = c
+        .wait_exit(old, Duration::from_secs(10))
+        .expect("the leader exits");
+    let exited = t0.elapsed();
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "ends by the signal");
+    let new = loop {
+        if let Some(l) = c.leader_among(&others) {
+            break l;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no new leader");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elected = t0.elapsed();
+    eprintln!("SIGTERM to the leader: it exited after {exited:?}, a new leader after {elected:?}");
+    assert!(
+        elected < Duration::from_millis(700),
+        "a new leader after {elected:?} (exited after {exited:?}): a handover, not an election\n{}",
+        c.logs()
+    );
+    assert!(c.members[old].log_text().contains("moving leadership"));
+    rt.block_on(put(&c.members[new].url(), "after", "v", T))
+        .expect("writes go on");
+    // A follower has nothing to hand over.
+    let follower = *others.iter().find(|&&i| i != new).unwrap();
+    c.terminate(follower);
+    let status = c
+        .wait_exit(follower, Duration::from_secs(5))
+        .expect("a follower exits at once");
+    assert_eq!(status.signal(), Some(libc::SIGTERM));
+    assert_eq!(c.leader_among(&[new]), Some(new), "the leader stays");
+    // Both come back and catch up.
+    c.restart(old);
+    c.restart(follower);
+    write_anywhere_read_everywhere(&c, "back");
+    assert_converged(&c);
+}
+
 #[test]
 fn leadership_moves_where_asked() {
     let _s = serial();
