@@ -1057,7 +1057,14 @@ fn the_guides_scale_out_and_rolling_restart() {
         })
     };
     for i in 0..4 {
-        c.kill9(i);
+        if i % 2 == 0 {
+            // The guide's `systemctl stop`: SIGTERM (a leader hands leadership over first).
+            c.terminate(i);
+            c.wait_exit(i, Duration::from_secs(10))
+                .expect("a member stops on SIGTERM");
+        } else {
+            c.kill9(i);
+        }
         // With one of four members down, the other three (the new one among them) are a
         // quorum: a write through a live member commits.
         let live = c.members[(i + 1) % 4].url();
