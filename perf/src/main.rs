@@ -498,6 +498,8 @@ async fn endpoints(args: &Args) -> anyhow::Result<Vec<String>> {
 /// What one client saw.
 pub struct Outcome {
     pub errors: BTreeMap<String, u64>,
+    /// The longest a failed request waited for its error (µs).
+    pub error_max_us: u64,
     pub writes: u64,
     /// (ms since start when sent, latency in µs): every request that succeeded.
     pub samples: Vec<(u32, u32)>,
@@ -519,6 +521,7 @@ async fn client(
 ) -> Outcome {
     let mut out = Outcome {
         errors: BTreeMap::new(),
+        error_max_us: 0,
         writes: 0,
         samples: Vec::new(),
     };
@@ -544,6 +547,7 @@ async fn client(
                 out.samples.push((at_ms, us.min(u32::MAX as u64) as u32));
             }
             Err(s) => {
+                out.error_max_us = out.error_max_us.max(t0.elapsed().as_micros() as u64);
                 *out.errors
                     .entry(format!("{}: {}", s.code_name(), s.message))
                     .or_insert(0) += 1;

@@ -15,6 +15,8 @@ use crate::Outcome;
 pub struct Summary {
     pub hist: Histogram<u64>,
     pub errors: BTreeMap<String, u64>,
+    /// The longest a failed request waited for its error (µs).
+    pub error_max_us: u64,
     pub writes: u64,
     pub seconds: f64,
     pub client_cpu_cores: f64,
@@ -28,6 +30,7 @@ impl Summary {
         let mut s = Summary {
             hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
             errors: BTreeMap::new(),
+            error_max_us: 0,
             writes: 0,
             seconds,
             client_cpu_cores: cores,
@@ -39,6 +42,7 @@ impl Summary {
                 *s.errors.entry(k).or_default() += v;
             }
             s.writes += o.writes;
+            s.error_max_us = s.error_max_us.max(o.error_max_us);
             s.samples.extend(o.samples);
         }
         s.samples.sort_unstable();
@@ -125,6 +129,10 @@ impl Summary {
             },
             "errors": self.errors,
             "error_count": self.error_count(),
+            // The longest any request waited for its answer, a success or an error (a
+            // client's view of a failover: a write lost with the old leader fails, and how
+            // long it hung before failing is what the client felt).
+            "max_answer_ms": self.hist.max().max(self.error_max_us) as f64 / 1000.0,
             "client_cpu_cores": self.client_cpu_cores,
             "server_metrics": self.server_metrics.iter()
                 .map(|(k, h)| (k.clone(), h.json()))
@@ -305,6 +313,7 @@ mod tests {
     fn outcome(latencies_us: &[u64], errors: &[(&str, u64)]) -> Outcome {
         Outcome {
             errors: errors.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            error_max_us: 0,
             writes: latencies_us.len() as u64,
             samples: latencies_us
                 .iter()
@@ -333,6 +342,16 @@ mod tests {
         assert!((s.ms(0.99) - 0.99).abs() < 0.001, "{}", s.ms(0.99));
         assert_eq!(s.errors["Unavailable: x"], 5);
         assert_eq!(s.requests_per_sec(), 500.0);
+        assert_eq!(s.json()["max_answer_ms"], 1.0, "no error waited longer");
+    }
+
+    #[test]
+    fn the_longest_answer_counts_requests_that_failed() {
+        let mut slow_error = outcome(&[100, 200], &[("Unavailable: leader changed", 1)]);
+        slow_error.error_max_us = 1_500_000;
+        let s = Summary::merge(vec![slow_error, outcome(&[300], &[])], 1.0, 0.0).unwrap();
+        assert_eq!(s.json()["latency_ms"]["max"], 0.3);
+        assert_eq!(s.json()["max_answer_ms"], 1500.0);
     }
 
     #[test]

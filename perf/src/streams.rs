@@ -22,6 +22,7 @@ const WATCH: &str = "/etcdserverpb.Watch/Watch";
 fn outcome() -> Outcome {
     Outcome {
         errors: BTreeMap::new(),
+        error_max_us: 0,
         writes: 0,
         samples: Vec::new(),
     }
