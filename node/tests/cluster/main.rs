@@ -593,6 +593,131 @@ fn five_members_lose_two_and_go_on() {
     write_anywhere_read_everywhere(&c, "three-left");
 }
 
+/// Lock and Election served by followers, across a leader change: a lock held through one
+/// follower keeps a contender on the other waiting through the old leader's death, and passes
+/// to it on unlock; an election campaigned on one follower is seen from the other, and a
+/// resignation there hands it to the next candidate.
+#[test]
+fn lock_and_election_work_through_followers_across_a_leader_change() {
+    use keel_proto::v3electionpb as epb;
+    use keel_proto::v3lockpb as lpb;
+    let _s = serial();
+    let mut c = Cluster::start(3, &[]);
+    let rt = rt();
+    let _in_rt = rt.enter();
+    let old = c.wait_leader(Duration::from_secs(10));
+    let (f1, f2) = ((old + 1) % 3, (old + 2) % 3);
+    let chan = |i: usize| {
+        Channel::from_shared(c.members[i].url())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy()
+    };
+    let (ch1, ch2) = (chan(f1), chan(f2));
+    let grant = |ch: Channel| async move {
+        pb::lease_client::LeaseClient::new(ch)
+            .lease_grant(pb::LeaseGrantRequest { ttl: 30, id: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    };
+    let (l1, l2) = rt.block_on(async { (grant(ch1.clone()).await, grant(ch2.clone()).await) });
+    let held = rt.block_on(async {
+        lpb::lock_client::LockClient::new(ch1.clone())
+            .lock(lpb::LockRequest {
+                name: b"job".to_vec().into(),
+                lease: l1,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+    });
+    assert_eq!(held, format!("job/{l1:x}").into_bytes());
+    let contender = {
+        let ch2 = ch2.clone();
+        rt.spawn(async move {
+            lpb::lock_client::LockClient::new(ch2)
+                .lock(lpb::LockRequest {
+                    name: b"job".to_vec().into(),
+                    lease: l2,
+                })
+                .await
+                .map(|r| r.into_inner().key)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !contender.is_finished(),
+        "the contender waits behind the holder"
+    );
+    c.kill9(old);
+    let new = c.wait_leader(Duration::from_secs(10));
+    assert_ne!(new, old);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !contender.is_finished(),
+        "still waiting across the leader change"
+    );
+    rt.block_on(async {
+        lpb::lock_client::LockClient::new(ch1.clone())
+            .unlock(lpb::UnlockRequest { key: held.clone() })
+            .await
+            .unwrap()
+    });
+    let got = rt
+        .block_on(async { tokio::time::timeout(T, contender).await })
+        .expect("the contender gets the lock once it is released")
+        .unwrap()
+        .expect("lock");
+    assert_eq!(got, format!("job/{l2:x}").into_bytes());
+    // Election: campaign on one follower, observe from the other, resign, the next one leads.
+    let campaign = |ch: Channel, lease: i64, value: &'static str| async move {
+        epb::election_client::ElectionClient::new(ch)
+            .campaign(epb::CampaignRequest {
+                name: b"boss".to_vec().into(),
+                lease,
+                value: value.as_bytes().to_vec().into(),
+            })
+            .await
+            .map(|r| r.into_inner().leader.unwrap())
+    };
+    let leader_value = |ch: Channel| async move {
+        epb::election_client::ElectionClient::new(ch)
+            .leader(epb::LeaderRequest {
+                name: b"boss".to_vec().into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .kv
+            .unwrap()
+            .value
+    };
+    let first = rt.block_on(campaign(ch1.clone(), l1, "one")).unwrap();
+    assert_eq!(rt.block_on(leader_value(ch2.clone())), &b"one"[..]);
+    let second = rt.spawn(campaign(ch2.clone(), l2, "two"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!second.is_finished(), "the second candidate waits");
+    rt.block_on(async {
+        epb::election_client::ElectionClient::new(ch2.clone())
+            .resign(epb::ResignRequest {
+                leader: Some(first),
+            })
+            .await
+            .unwrap()
+    });
+    rt.block_on(async { tokio::time::timeout(T, second).await })
+        .expect("the second candidate leads once the first resigns")
+        .unwrap()
+        .unwrap();
+    assert_eq!(rt.block_on(leader_value(ch1.clone())), &b"two"[..]);
+    c.restart(old);
+    write_anywhere_read_everywhere(&c, "after");
+    assert_converged(&c);
+}
+
 /// SIGTERM to the leader (systemd's stop, a rolling restart): as etcd's, it hands leadership
 /// to a caught-up voter before it exits, so the others have a leader again well within an
 /// election timeout (1 s), and writes go on; it exits by the signal. A follower just stops.
