@@ -125,6 +125,11 @@ impl NodeBackend {
         }
     }
 
+    /// Whether this member leads, as its raft core last published.
+    pub fn is_leader(&self) -> bool {
+        self.status.leader_id.load(Ordering::Acquire) == self.member_id
+    }
+
     /// Before stopping: a leader hands leadership over (see `Control::StepDown`).
     pub fn step_down(&self) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
         let call = self.control_call(crate::raft_core::Control::StepDown);

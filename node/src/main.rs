@@ -474,7 +474,8 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         store: store_handle,
     });
-    let backend_for_stop = backend.clone();
+    // Before the member serves or reports ready: a stop from then on hands leadership over.
+    stop_on_signals(backend.clone())?;
     if multi {
         // Like etcd, a member of a cluster serves clients only once it has published itself
         // through raft: it then knows a leader and has caught up with the log.
@@ -509,7 +510,6 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 notify_systemd();
             })?;
     }
-    stop_on_signals(backend_for_stop)?;
     // Nothing here returns while the node is healthy: a core that stops is fatal.
     let _ = raft_thread.join();
     fatal(FATAL_EXIT_CODE, "raft core stopped");
@@ -530,7 +530,7 @@ fn stop_on_signals(backend: Arc<NodeBackend>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    // Handlers are in place before this returns (before the member reports ready).
+    // Handlers are in place before this returns.
     let (mut term, mut int) = rt.block_on(async {
         Ok::<_, std::io::Error>((
             signal(SignalKind::terminate())?,
@@ -552,15 +552,32 @@ fn stop_on_signals(backend: Arc<NodeBackend>) -> anyhow::Result<()> {
                 "SIGINT"
             };
             tracing::info!(signal = name, "received signal; stopping");
-            let started = Instant::now();
-            let handed = backend.step_down();
-            match rt.block_on(async { tokio::time::timeout(STOP_TRANSFER_LIMIT, handed).await }) {
-                Ok(Ok(())) => tracing::info!(
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "ready to stop: no leadership held"
-                ),
-                Ok(Err(e)) => tracing::warn!("leadership transfer failed: {e}; stopping"),
-                Err(_) => tracing::warn!("leadership transfer took too long; stopping"),
+            // A member that does not lead has nothing to hand over: it stops at once, whatever
+            // its raft core is busy with (installing a state, say).
+            if backend.is_leader() {
+                let started = Instant::now();
+                let handed = rt.block_on(async {
+                    tokio::time::timeout(STOP_TRANSFER_LIMIT, async {
+                        loop {
+                            // A full control queue (a burst of reads) is waited out.
+                            match backend.step_down().await {
+                                Err(keel_net::ApiError::TooManyRequests) => {
+                                    tokio::time::sleep(Duration::from_millis(5)).await
+                                }
+                                done => return done,
+                            }
+                        }
+                    })
+                    .await
+                });
+                match handed {
+                    Ok(Ok(())) => tracing::info!(
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "ready to stop: leadership handed over"
+                    ),
+                    Ok(Err(e)) => tracing::warn!("leadership transfer failed: {e}; stopping"),
+                    Err(_) => tracing::warn!("leadership transfer took too long; stopping"),
+                }
             }
             // SAFETY: the default action of the signal ends the process; _exit if it did not.
             unsafe {

@@ -1339,8 +1339,9 @@ impl RaftCore {
             .push((target, Instant::now() + TRANSFER_TIMEOUT, tx));
     }
 
-    /// Hands leadership to the voter whose log matches the most of this leader's (the one that
-    /// can take over soonest); answered once it leads, at once if there is none to hand to.
+    /// Hands leadership to the voter, among those heard from within the last election timeout
+    /// (check-quorum's `recent_active`), whose log matches the most of this leader's (the one
+    /// that can take over soonest); answered once it leads, at once if there is none.
     fn step_down(&mut self, tx: Responder) {
         let raft = &self.node.raft;
         if raft.state != StateRole::Leader {
@@ -1353,12 +1354,14 @@ impl RaftCore {
             .get()
             .iter()
             .filter(|m| m.id != me && !m.is_learner)
-            .filter_map(|m| raft.prs().get(m.id).map(|p| (p.matched, m.id)))
+            .filter_map(|m| raft.prs().get(m.id).map(|p| (p, m.id)))
+            .filter(|(p, _)| p.recent_active)
+            .map(|(p, id)| (p.matched, id))
             .max();
         match target {
             Some((_, id)) => self.move_leader(id, tx),
             None => {
-                tracing::info!("skipped leadership transfer: no other voting member");
+                tracing::info!("skipped leadership transfer: no other voting member reachable");
                 let _ = tx.send(Ok(WriteResponse::Alarm(Default::default())));
             }
         }

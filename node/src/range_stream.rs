@@ -108,6 +108,12 @@ impl Chunks {
             ..Default::default()
         };
         let resp = crate::apply::range(&*ctx.mvcc, &q)?;
+        if self.count.is_none() {
+            // A revision asked for past the start's is there by now (else the read failed):
+            // the header's revision is at least it, as etcd's.
+            let read_at = resp.header.as_ref().map_or(0, |h| h.revision);
+            self.now = self.now.max(read_at);
+        }
         // The first read counts the whole range (later ones only what is left of it).
         let total = *self.count.get_or_insert(resp.count);
         let bytes: usize = resp.kvs.iter().map(|kv| kv.encoded_len()).sum();
