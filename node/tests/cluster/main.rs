@@ -593,6 +593,44 @@ fn five_members_lose_two_and_go_on() {
     write_anywhere_read_everywhere(&c, "three-left");
 }
 
+/// A stopping leader hands leadership only to a member it still hears from: with the
+/// follower that would win every tie (the highest ID, its log as long as the others' in a
+/// quiet cluster) dead, the handover still goes to a live one, well within an election.
+#[test]
+fn a_stopping_leader_skips_a_dead_voter() {
+    let _s = serial();
+    let mut c = Cluster::start(5, &[]);
+    write_anywhere_read_everywhere(&c, "five");
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let dead = (0..5)
+        .filter(|&i| i != leader)
+        .max_by_key(|&i| c.member_id(i))
+        .unwrap();
+    c.kill9(dead);
+    // Past an election timeout with no writes: check-quorum has marked it inactive.
+    std::thread::sleep(Duration::from_millis(1500));
+    let live: Vec<usize> = (0..5).filter(|&i| i != leader && i != dead).collect();
+    let t0 = Instant::now();
+    c.terminate(leader);
+    c.wait_exit(leader, Duration::from_secs(10))
+        .expect("the leader exits");
+    let new = loop {
+        if let Some(l) = c.leader_among(&live) {
+            break l;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no new leader");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(
+        t0.elapsed() < Duration::from_millis(700),
+        "a new leader after {:?}: the handover went to the dead member\n{}",
+        t0.elapsed(),
+        c.logs()
+    );
+    rt().block_on(put(&c.members[new].url(), "after", "v", T))
+        .expect("writes go on");
+}
+
 /// Lock and Election served by followers, across a leader change: a lock held through one
 /// follower keeps a contender on the other waiting through the old leader's death, and passes
 /// to it on unlock; an election campaigned on one follower is seen from the other, and a
