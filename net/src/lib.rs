@@ -13,6 +13,7 @@ pub mod service;
 pub mod unserved;
 pub mod validate;
 pub mod watch;
+pub mod written;
 
 pub use backend::{
     Backend, Limits, ObserveResponses, RangeChunks, SnapshotChunks, WatchRequests, WatchResponses,

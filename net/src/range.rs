@@ -15,12 +15,12 @@ use bytes::{BufMut, Bytes};
 use keel_proto::pb;
 use keel_proto::prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use keel_proto::prost::Message;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status};
 
 use crate::backend::Backend;
 use crate::service::check_size;
 use crate::validate;
+use crate::written::WrittenCodec;
 
 pub const PATH: &str = "/etcdserverpb.KV/Range";
 
@@ -50,6 +50,17 @@ pub fn frame_kv(kv: &keel_proto::mvccpb::KeyValue, buf: &mut impl BufMut) {
 pub fn framed_kv_len(kv: &keel_proto::mvccpb::KeyValue) -> usize {
     let n = kv.encoded_len();
     1 + encoded_len_varint(n as u64) + n
+}
+
+impl crate::written::Written for RangeOut {
+    fn encoded_len(&self) -> usize {
+        RangeOut::encoded_len(self)
+    }
+
+    /// Writes the response; the encoded pieces are let go as they are copied.
+    fn write_to(self, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        self.write(buf)
+    }
 }
 
 impl RangeOut {
@@ -135,47 +146,6 @@ impl RangeOut {
     }
 }
 
-/// The Range call's codec: requests decoded by prost, responses written by `RangeOut`.
-#[derive(Default)]
-struct RangeCodec;
-
-impl Codec for RangeCodec {
-    type Encode = RangeOut;
-    type Decode = pb::RangeRequest;
-    type Encoder = RangeCodec;
-    type Decoder = RangeCodec;
-
-    fn encoder(&mut self) -> RangeCodec {
-        RangeCodec
-    }
-
-    fn decoder(&mut self) -> RangeCodec {
-        RangeCodec
-    }
-}
-
-impl Encoder for RangeCodec {
-    type Item = RangeOut;
-    type Error = Status;
-
-    fn encode(&mut self, item: RangeOut, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        buf.reserve(item.encoded_len());
-        item.write(buf)
-    }
-}
-
-impl Decoder for RangeCodec {
-    type Item = pb::RangeRequest;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<pb::RangeRequest>, Status> {
-        // As tonic's prost codec: a message that does not parse is Internal.
-        pb::RangeRequest::decode(buf)
-            .map(Some)
-            .map_err(|e| Status::internal(e.to_string()))
-    }
-}
-
 /// The `etcdserverpb.KV/Range` method.
 pub struct RangeServer<B> {
     backend: Arc<B>,
@@ -237,8 +207,9 @@ impl<B: Backend> tonic::codegen::Service<http::Request<axum::body::Body>> for Ra
         let call = RangeCall(self.backend.clone());
         let limit = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(RangeCodec)
-                .apply_max_message_size_config(Some(limit), Some(usize::MAX));
+            let mut grpc =
+                tonic::server::Grpc::new(WrittenCodec::<RangeOut, pb::RangeRequest>::default())
+                    .apply_max_message_size_config(Some(limit), Some(usize::MAX));
             Ok(grpc.unary(call, req).await)
         })
     }

@@ -15,10 +15,10 @@ use bytes::{BufMut, Bytes};
 use futures::{Stream, StreamExt};
 use keel_proto::pb;
 use keel_proto::prost::Message;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backend::Backend;
+use crate::written::WrittenCodec;
 
 /// One Watch response: a message, or a watcher's events response from encoded parts, framed
 /// as it is written, byte for byte what prost writes for the `WatchResponse` with that header,
@@ -52,6 +52,16 @@ pub fn header_field(h: &pb::ResponseHeader) -> Bytes {
 impl From<pb::WatchResponse> for WatchOut {
     fn from(r: pb::WatchResponse) -> Self {
         WatchOut::Message(r)
+    }
+}
+
+impl crate::written::Written for WatchOut {
+    fn encoded_len(&self) -> usize {
+        WatchOut::encoded_len(self)
+    }
+
+    fn write_to(self, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        self.write(buf)
     }
 }
 
@@ -123,46 +133,6 @@ impl WatchOut {
             parts => pb::WatchResponse::decode(&parts.to_vec()[..])
                 .expect("an encoded watch response decodes"),
         }
-    }
-}
-
-/// The Watch call's codec: requests decoded by prost, responses encoded by prost or copied.
-#[derive(Default)]
-struct WatchCodec;
-
-impl Codec for WatchCodec {
-    type Encode = WatchOut;
-    type Decode = pb::WatchRequest;
-    type Encoder = WatchCodec;
-    type Decoder = WatchCodec;
-
-    fn encoder(&mut self) -> WatchCodec {
-        WatchCodec
-    }
-
-    fn decoder(&mut self) -> WatchCodec {
-        WatchCodec
-    }
-}
-
-impl Encoder for WatchCodec {
-    type Item = WatchOut;
-    type Error = Status;
-
-    fn encode(&mut self, item: WatchOut, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.write(buf)
-    }
-}
-
-impl Decoder for WatchCodec {
-    type Item = pb::WatchRequest;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<pb::WatchRequest>, Status> {
-        // As tonic's prost codec: a message that does not parse is Internal.
-        pb::WatchRequest::decode(buf)
-            .map(Some)
-            .map_err(|e| Status::internal(e.to_string()))
     }
 }
 
@@ -253,8 +223,9 @@ impl<B: Backend> tonic::codegen::Service<http::Request<tonic::body::Body>> for W
         let call = WatchCall(self.backend.clone());
         let limit = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(WatchCodec)
-                .apply_max_message_size_config(Some(limit), Some(usize::MAX));
+            let mut grpc =
+                tonic::server::Grpc::new(WrittenCodec::<WatchOut, pb::WatchRequest>::default())
+                    .apply_max_message_size_config(Some(limit), Some(usize::MAX));
             Ok(grpc.streaming(call, req).await)
         })
     }

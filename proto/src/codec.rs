@@ -9,6 +9,13 @@ use prost::Message;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
 
+/// A request decoded as tonic's prost codec decodes it: one that does not parse is Internal.
+pub fn decode_message<U: Message + Default>(buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+    U::decode(buf)
+        .map(Some)
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
 pub struct SizedCodec<T, U>(PhantomData<(T, U)>);
 
 impl<T, U> Default for SizedCodec<T, U> {
@@ -60,10 +67,7 @@ impl<U: Message + Default> Decoder for SizedDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        // As tonic's prost codec: a message that does not parse is Internal.
-        U::decode(buf)
-            .map(Some)
-            .map_err(|e| Status::internal(e.to_string()))
+        decode_message(buf)
     }
 
     fn buffer_settings(&self) -> BufferSettings {

@@ -583,6 +583,30 @@ impl ModelWatcher {
     }
 }
 
+/// 100 watchers over random ranges of keys w00..w19 (one key, a span, from a key on, all),
+/// starting at random revisions in `starts`.
+fn random_watchers(rng: &mut impl rand::Rng, starts: std::ops::Range<i64>) -> Vec<ModelWatcher> {
+    (0..100)
+        .map(|_| {
+            let a = rng.gen_range(0..20);
+            let (key, end) = match rng.gen_range(0..4) {
+                0 => (format!("w{a:02}"), String::new()),
+                1 => (
+                    format!("w{a:02}"),
+                    format!("w{:02}", rng.gen_range(a + 1..=20)),
+                ),
+                2 => (format!("w{a:02}"), "\0".to_string()),
+                _ => ("w".to_string(), "x".to_string()),
+            };
+            ModelWatcher {
+                key,
+                end,
+                start: rng.gen_range(starts.clone()),
+            }
+        })
+        .collect()
+}
+
 /// Writes random puts, deletes and multi-put txns over keys w00..w19; returns the events
 /// each revision made, in order.
 async fn random_writes(
@@ -682,7 +706,7 @@ async fn collect(
 /// watcher's events equal the model's for its range, in order, each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchers_see_exactly_the_history_across_compaction_and_reconnect() {
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     let dir = tempfile::tempdir().unwrap();
     let k = Keel::start_async(dir.path(), &[]).await;
     let url = k.url();
@@ -691,25 +715,7 @@ async fn watchers_see_exactly_the_history_across_compaction_and_reconnect() {
     let mut live = std::collections::BTreeSet::new();
     let mut model = random_writes(&mut c, &mut rng, 150, &mut live).await;
     let first_rev = model.last().unwrap().0;
-    let watchers: Vec<ModelWatcher> = (0..100)
-        .map(|_| {
-            let a = rng.gen_range(0..20);
-            let (key, end) = match rng.gen_range(0..4) {
-                0 => (format!("w{a:02}"), String::new()),
-                1 => (
-                    format!("w{a:02}"),
-                    format!("w{:02}", rng.gen_range(a + 1..=20)),
-                ),
-                2 => (format!("w{a:02}"), "\0".to_string()),
-                _ => ("w".to_string(), "x".to_string()),
-            };
-            ModelWatcher {
-                key,
-                end,
-                start: rng.gen_range(1..first_rev + 20),
-            }
-        })
-        .collect();
+    let watchers = random_watchers(&mut rng, 1..first_rev + 20);
     let mut sessions = Vec::new();
     for _ in 0..4 {
         sessions.push(Session::open(&url).await);
@@ -830,25 +836,7 @@ async fn a_compaction_while_watchers_catch_up_cancels_exactly_those_behind_it() 
     }
     let (first, last) = (model[0].0, model.last().unwrap().0);
     let compact_at = first + 300;
-    let watchers: Vec<ModelWatcher> = (0..100)
-        .map(|_| {
-            let a = rng.gen_range(0..20);
-            let (key, end) = match rng.gen_range(0..4) {
-                0 => (format!("w{a:02}"), String::new()),
-                1 => (
-                    format!("w{a:02}"),
-                    format!("w{:02}", rng.gen_range(a + 1..=20)),
-                ),
-                2 => (format!("w{a:02}"), "\0".to_string()),
-                _ => ("w".to_string(), "x".to_string()),
-            };
-            ModelWatcher {
-                key,
-                end,
-                start: rng.gen_range(first..=last + 5),
-            }
-        })
-        .collect();
+    let watchers = random_watchers(&mut rng, first..last + 6);
     let expected = |w: &ModelWatcher, from: i64, model: &[Ev]| -> Vec<Ev> {
         model
             .iter()
