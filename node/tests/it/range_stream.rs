@@ -20,6 +20,34 @@ async fn load(c: &mut Kv, n: usize, size: usize) {
     }
 }
 
+/// A fresh Keel with `n` keys loaded (see `load`), a client, and the revision after loading.
+async fn loaded(dir: &std::path::Path, n: usize, size: usize) -> (Keel, Kv, i64) {
+    let k = Keel::start_async(dir, &[]).await;
+    let mut c = kv(&k.url()).max_decoding_message_size(usize::MAX);
+    load(&mut c, n, size).await;
+    let rev = c
+        .range(pb::RangeRequest {
+            key: Bytes::from_static(b"k"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    (k, c, rev)
+}
+
+/// A range request of [key, end).
+fn base(key: &str, end: &str) -> pb::RangeRequest {
+    pb::RangeRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        range_end: Bytes::copy_from_slice(end.as_bytes()),
+        ..Default::default()
+    }
+}
+
 /// The stream's chunks, and their merge (as proto.Merge would).
 async fn stream(c: &mut Kv, r: pb::RangeRequest) -> (Vec<pb::RangeResponse>, pb::RangeResponse) {
     let mut s = c.range_stream(r).await.unwrap().into_inner();
@@ -42,27 +70,9 @@ async fn stream(c: &mut Kv, r: pb::RangeRequest) -> (Vec<pb::RangeResponse>, pb:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_stream_equals_range() {
     let dir = tempfile::tempdir().unwrap();
-    let k = Keel::start_async(dir.path(), &[]).await;
-    let mut c = kv(&k.url()).max_decoding_message_size(usize::MAX);
-    load(&mut c, 6000, 600).await;
-    let rev = c
-        .range(pb::RangeRequest {
-            key: Bytes::from_static(b"k"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let (_k, mut c, rev) = loaded(dir.path(), 6000, 600).await;
     // Overwrite some keys, so revisions and filters have something to tell apart.
     load(&mut c, 500, 10).await;
-    let base = |key: &str, end: &str| pb::RangeRequest {
-        key: Bytes::copy_from_slice(key.as_bytes()),
-        range_end: Bytes::copy_from_slice(end.as_bytes()),
-        ..Default::default()
-    };
     let mut cases = vec![
         base("k", "l"),
         base("k000100", ""),
@@ -143,26 +153,8 @@ async fn range_stream_equals_range() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_ranges_in_parts_equal_the_message() {
     let dir = tempfile::tempdir().unwrap();
-    let k = Keel::start_async(dir.path(), &[]).await;
-    let mut c = kv(&k.url()).max_decoding_message_size(usize::MAX);
-    load(&mut c, 12_000, 100).await;
-    let rev = c
-        .range(pb::RangeRequest {
-            key: Bytes::from_static(b"k"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let (_k, mut c, rev) = loaded(dir.path(), 12_000, 100).await;
     load(&mut c, 700, 10).await;
-    let base = |key: &str, end: &str| pb::RangeRequest {
-        key: Bytes::copy_from_slice(key.as_bytes()),
-        range_end: Bytes::copy_from_slice(end.as_bytes()),
-        ..Default::default()
-    };
     let mut cases = vec![
         base("k", "l"),
         base("k", "\0"),
