@@ -20,7 +20,6 @@ use tonic::{Request, Response, Status};
 use crate::backend::Backend;
 use crate::service::check_size;
 use crate::validate;
-use crate::written::WrittenCodec;
 
 pub const PATH: &str = "/etcdserverpb.KV/Range";
 
@@ -207,9 +206,7 @@ impl<B: Backend> tonic::codegen::Service<http::Request<axum::body::Body>> for Ra
         let call = RangeCall(self.backend.clone());
         let limit = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc =
-                tonic::server::Grpc::new(WrittenCodec::<RangeOut, pb::RangeRequest>::default())
-                    .apply_max_message_size_config(Some(limit), Some(usize::MAX));
+            let mut grpc = crate::written::grpc::<RangeOut, pb::RangeRequest>(limit);
             Ok(grpc.unary(call, req).await)
         })
     }

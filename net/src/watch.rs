@@ -18,7 +18,6 @@ use keel_proto::prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backend::Backend;
-use crate::written::WrittenCodec;
 
 /// One Watch response: a message, or a watcher's events response from encoded parts, framed
 /// as it is written, byte for byte what prost writes for the `WatchResponse` with that header,
@@ -223,9 +222,7 @@ impl<B: Backend> tonic::codegen::Service<http::Request<tonic::body::Body>> for W
         let call = WatchCall(self.backend.clone());
         let limit = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc =
-                tonic::server::Grpc::new(WrittenCodec::<WatchOut, pb::WatchRequest>::default())
-                    .apply_max_message_size_config(Some(limit), Some(usize::MAX));
+            let mut grpc = crate::written::grpc::<WatchOut, pb::WatchRequest>(limit);
             Ok(grpc.streaming(call, req).await)
         })
     }

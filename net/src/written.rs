@@ -15,6 +15,15 @@ pub trait Written: Send + 'static {
 
 pub struct WrittenCodec<O, I>(PhantomData<fn(I) -> O>);
 
+/// A method's gRPC handler with this codec and the limits the generated services get:
+/// requests up to `max_decoding_message_size`, responses of any size.
+pub fn grpc<O: Written, I: Message + Default + Send + 'static>(
+    max_decoding_message_size: usize,
+) -> tonic::server::Grpc<WrittenCodec<O, I>> {
+    tonic::server::Grpc::new(WrittenCodec::default())
+        .apply_max_message_size_config(Some(max_decoding_message_size), Some(usize::MAX))
+}
+
 impl<O, I> Default for WrittenCodec<O, I> {
     fn default() -> Self {
         WrittenCodec(PhantomData)

@@ -99,6 +99,22 @@ impl NodeBackend {
         }
     }
 
+    /// What a read waits for before it reads (Range, RangeStream): nothing if serializable;
+    /// if linearizable, a learner refuses it, and in a cluster it waits for a ReadIndex round.
+    fn read_ready(
+        &self,
+        serializable: bool,
+    ) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
+        use futures::future::Either;
+        if serializable {
+            Either::Left(std::future::ready(Ok(())))
+        } else if self.learner() {
+            Either::Left(std::future::ready(Err(ApiError::NotSupportedForLearner)))
+        } else {
+            Either::Right(self.linearize())
+        }
+    }
+
     /// More than one member: linearizable reads need a ReadIndex round, lease calls go to
     /// the leader.
     fn multi(&self) -> bool {
@@ -342,18 +358,14 @@ impl Backend for NodeBackend {
     ) -> impl std::future::Future<Output = Result<pb::RangeResponse, ApiError>> + Send {
         fail::fail_point!("backend-range");
         served_one();
-        if self.learner() && !req.serializable {
-            return futures::future::Either::Left(std::future::ready(Err(
-                ApiError::NotSupportedForLearner,
-            )));
-        }
-        if !self.multi() || req.serializable {
+        // A lone member's linearizable read needs no round: answered right here.
+        if req.serializable || !(self.multi() || self.learner()) {
             return futures::future::Either::Left(std::future::ready(apply::range(
                 &*self.mvcc,
                 &req,
             )));
         }
-        let ready = self.linearize();
+        let ready = self.read_ready(req.serializable);
         let mvcc = self.mvcc.clone();
         futures::future::Either::Right(async move {
             ready.await?;
@@ -366,17 +378,13 @@ impl Backend for NodeBackend {
         req: pb::RangeRequest,
     ) -> impl std::future::Future<Output = Result<keel_net::RangeOut, ApiError>> + Send {
         use futures::future::Either;
-        if !crate::range_stream::encodes(&req) || (self.learner() && !req.serializable) {
+        if !crate::range_stream::encodes(&req) {
             let response = self.range(req);
             return Either::Left(async move { response.await.map(keel_net::RangeOut::Message) });
         }
         fail::fail_point!("backend-range");
         served_one();
-        let ready = if self.multi() && !req.serializable {
-            Either::Left(self.linearize())
-        } else {
-            Either::Right(std::future::ready(Ok(())))
-        };
+        let ready = self.read_ready(req.serializable);
         let ctx = self.watch.clone();
         Either::Right(async move {
             ready.await?;
@@ -688,16 +696,8 @@ impl Backend for NodeBackend {
     }
 
     fn range_stream(&self, req: pb::RangeRequest) -> keel_net::RangeChunks {
-        // As Range: a linearizable stream is refused by a learner, and in a cluster it
-        // starts only after a ReadIndex round, so its revision is at least every write
-        // acknowledged before it was asked.
-        let ready = if req.serializable {
-            futures::future::Either::Left(std::future::ready(Ok(())))
-        } else if self.learner() {
-            futures::future::Either::Left(std::future::ready(Err(ApiError::NotSupportedForLearner)))
-        } else {
-            futures::future::Either::Right(self.linearize())
-        };
+        // As Range: its revision is at least every write acknowledged before it was asked.
+        let ready = self.read_ready(req.serializable);
         crate::range_stream::serve(self.watch.clone(), req, ready)
     }
 
