@@ -40,7 +40,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
 const LEASE_OVERHEAD_BYTES: usize = 64;
 
 /// The raft core's answer to `rx`, waited for up to `WRITE_TIMEOUT` (etcd's request timeout).
-async fn answer<T>(rx: oneshot::Receiver<Result<T, ApiError>>) -> Result<T, ApiError> {
+pub async fn answer<T>(rx: oneshot::Receiver<Result<T, ApiError>>) -> Result<T, ApiError> {
     let _waiting = crate::raft_core::Waiting::start();
     match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
         Ok(Ok(r)) => r,
@@ -80,21 +80,26 @@ impl NodeBackend {
     /// linearizable. A lone voter has nothing to wait for: every acknowledged write is
     /// applied and published before its client hears back.
     pub fn linearize(&self) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
-        let asked = if self.multi() {
+        // The next round of this net core's read loop; with no runtime on this thread, a
+        // round of its own.
+        let asked = self.multi().then(|| {
+            let key = Arc::as_ptr(&self.status) as usize;
+            if let Some(rx) = crate::read_gate::join(key, &self.control) {
+                return Ok(rx);
+            }
             let (tx, rx) = oneshot::channel();
             match self
                 .control
                 .try_send(crate::raft_core::Control::ReadIndex(tx))
             {
-                Ok(()) => Some(Ok(rx)),
-                Err(TrySendError::Full(_)) => Some(Err(ApiError::TooManyRequests)),
-                Err(TrySendError::Disconnected(_)) => Some(Err(ApiError::Stopped)),
+                Ok(()) => Ok(rx),
+                Err(TrySendError::Full(_)) => Err(ApiError::TooManyRequests),
+                Err(TrySendError::Disconnected(_)) => Err(ApiError::Stopped),
             }
-        } else {
-            None
-        };
+        });
         async move {
             let Some(asked) = asked else { return Ok(()) };
+            // Each read waits at most the request timeout, whichever round it is in.
             answer(asked?).await
         }
     }

@@ -18,6 +18,7 @@ mod migrate;
 mod placement;
 mod raft_core;
 mod range_stream;
+mod read_gate;
 mod snapshot;
 mod watch;
 

@@ -725,9 +725,12 @@ impl RaftCore {
         }
     }
 
-    /// Asks one ReadIndex round for every read collected this turn.
+    /// Asks one ReadIndex round for every read collected since the last one. One round is in
+    /// flight at a time (as etcd's linearizable read loop): reads that come while it is out
+    /// wait for the next, which then serves them all. A round per read would cost a heartbeat
+    /// to every follower and their answers each; under load, one per round trip does.
     fn ask_read_index(&mut self) {
-        if self.read_batch.is_empty() {
+        if self.read_batch.is_empty() || self.read_round_in_flight() {
             return;
         }
         let readers = std::mem::take(&mut self.read_batch);
@@ -741,7 +744,15 @@ impl RaftCore {
         self.reads_asked.insert(ctx, (Instant::now(), readers));
     }
 
-    /// Rounds nobody answered are asked again (a leader drops reads before its first commit).
+    /// Whether a round asked within `READ_INDEX_RETRY` is still unanswered.
+    fn read_round_in_flight(&self) -> bool {
+        self.reads_asked
+            .values()
+            .any(|(at, _)| at.elapsed() < READ_INDEX_RETRY)
+    }
+
+    /// Rounds nobody answered are asked again (a leader drops reads before its first commit),
+    /// with the reads held behind them.
     fn retry_reads(&mut self) {
         let stale: Vec<u64> = self
             .reads_asked
@@ -751,6 +762,7 @@ impl RaftCore {
             .collect();
         for ctx in stale {
             if let Some((_, mut readers)) = self.reads_asked.remove(&ctx) {
+                readers.append(&mut self.read_batch);
                 readers.retain(|r| !r.is_closed());
                 if !readers.is_empty() {
                     self.ask_read_index_for(readers);
