@@ -435,13 +435,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
         Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
-    /// No: h2 copies a DATA payload under 1 KiB into its write buffer when the transport does
-    /// not write vectored (256 bytes when it does), and any larger payload ends the buffer:
-    /// the next frame waits for a flush. A small answer's trailers, and every other stream's
-    /// frames behind it, then go in a write of their own; copied, they share one. The payload
-    /// of a larger frame is written on its own (one syscall more per frame of up to 16 KiB).
     fn is_write_vectored(&self) -> bool {
-        false
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

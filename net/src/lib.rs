@@ -3,6 +3,7 @@
 
 pub mod authority;
 pub mod backend;
+pub mod coalesce;
 pub mod concurrency;
 pub mod error;
 pub mod lease;

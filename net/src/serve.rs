@@ -63,7 +63,7 @@ pub async fn serve<B: Backend>(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
         s.map(|s| {
             let _ = s.set_nodelay(true);
-            AuthorityFix::new(s)
+            AuthorityFix::new(crate::coalesce::Coalesce::new(s))
         })
     });
     let limit = decode_limit_bytes(backend.limits());
