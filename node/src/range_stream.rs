@@ -13,6 +13,7 @@ use keel_net::{ApiError, RangeOut};
 use keel_proto::mvccpb::KeyValue;
 use keel_proto::pb;
 use keel_proto::prost::Message;
+use keel_storage::mvcc::ReadPin;
 use tokio::sync::mpsc;
 
 use crate::watch::WatchContext;
@@ -71,6 +72,11 @@ struct Chunks {
     count: Option<i64>,
     sent: usize,
     read_bytes: usize,
+    /// Reads every chunk under a pin of `rev` (a unary Range, which etcd reads in one
+    /// transaction: a compaction while it is read must not fail it). RangeStream reads
+    /// unpinned, as etcd 3.7 reads each chunk as a Range of its own.
+    pinned: bool,
+    pin: Option<ReadPin>,
 }
 
 enum Chunk {
@@ -81,7 +87,7 @@ enum Chunk {
 }
 
 impl Chunks {
-    fn new(ctx: &WatchContext, r: pb::RangeRequest) -> Chunks {
+    fn new(ctx: &WatchContext, r: pb::RangeRequest, pinned: bool) -> Chunks {
         let now = ctx.mvcc.current_rev();
         Chunks {
             rev: if r.revision > 0 { r.revision } else { now },
@@ -92,6 +98,8 @@ impl Chunks {
             count: None,
             sent: 0,
             read_bytes: 0,
+            pinned,
+            pin: None,
             r,
         }
     }
@@ -107,7 +115,13 @@ impl Chunks {
             count_only: r.count_only,
             ..Default::default()
         };
-        let resp = crate::apply::range(&*ctx.mvcc, &q)?;
+        if self.pinned && self.pin.is_none() {
+            self.pin = Some(ctx.mvcc.pin(self.rev).map_err(crate::apply::storage_err)?);
+        }
+        let resp = match &self.pin {
+            Some(pin) => crate::apply::range(pin, &q)?,
+            None => crate::apply::range(&*ctx.mvcc, &q)?,
+        };
         if self.count.is_none() {
             // A revision asked for past the start's is there by now (else the read failed):
             // the header's revision is at least it, as etcd's.
@@ -155,7 +169,7 @@ async fn stream(
 ) -> Result<(), ApiError> {
     // The client went away: stop reading.
     let gone = || ApiError::Internal("keel: range stream receiver gone".into());
-    let mut chunks = Chunks::new(ctx, r);
+    let mut chunks = Chunks::new(ctx, r, false);
     loop {
         match chunks.next(ctx)? {
             Chunk::Part(kvs) => {
@@ -199,7 +213,7 @@ pub fn encodes(r: &pb::RangeRequest) -> bool {
 /// A Range read a chunk at a time into encoded parts: the same response, byte for byte, as
 /// the message, holding one chunk's key-values at a time beside the encoded ones.
 pub fn encoded(ctx: &WatchContext, r: pb::RangeRequest) -> Result<RangeOut, ApiError> {
-    let mut chunks = Chunks::new(ctx, r);
+    let mut chunks = Chunks::new(ctx, r, true);
     let mut pieces = Vec::new();
     let frame = |kvs: &[KeyValue]| {
         let mut b = Vec::with_capacity(kvs.iter().map(keel_net::range::framed_kv_len).sum());

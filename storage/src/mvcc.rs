@@ -266,6 +266,9 @@ pub struct Mvcc {
     live: LiveCounts,
     current_rev: AtomicI64,
     compact_rev: AtomicI64,
+    /// Revisions readers have pinned (`pin`), with how many readers each: the compactor
+    /// removes nothing a compaction past one of them would (`compact_chunk_unpinned`).
+    pins: std::sync::Mutex<std::collections::BTreeMap<i64, usize>>,
     /// Where values live once forgotten in memory.
     db: Option<Reader<MmapFile>>,
 }
@@ -285,6 +288,7 @@ impl Mvcc {
             live: LiveCounts::empty(),
             current_rev: AtomicI64::new(1),
             compact_rev: AtomicI64::new(-1),
+            pins: Default::default(),
             db: None,
         }
     }
@@ -297,6 +301,7 @@ impl Mvcc {
             live: LiveCounts::unbuilt(),
             current_rev: AtomicI64::new(current_rev),
             compact_rev: AtomicI64::new(compact_rev),
+            pins: Default::default(),
             db: Some(db),
         }
     }
@@ -395,15 +400,23 @@ impl Mvcc {
 
     /// A read at the published revision (or at `opts.rev`).
     pub fn range(&self, range: KeyRange<'_>, opts: RangeOptions) -> Result<RangeResult> {
-        self.range_at(range, opts, self.current_rev())
+        self.range_at(range, opts, self.current_rev(), false)
     }
 
-    fn range_at(&self, range: KeyRange<'_>, opts: RangeOptions, cur: i64) -> Result<RangeResult> {
+    /// `pinned`: the read is at a revision a `ReadPin` holds, which stays readable whatever
+    /// compaction comes.
+    fn range_at(
+        &self,
+        range: KeyRange<'_>,
+        opts: RangeOptions,
+        cur: i64,
+        pinned: bool,
+    ) -> Result<RangeResult> {
         if opts.rev > cur {
             return Err(Error::FutureRev);
         }
         let rev = if opts.rev <= 0 { cur } else { opts.rev };
-        if rev < self.compact_rev() {
+        if !pinned && rev < self.compact_rev() {
             return Err(Error::Compacted);
         }
         let mut out = RangeResult {
@@ -417,7 +430,7 @@ impl Mvcc {
         let countable = rev <= self.current_rev();
         if let (true, true, KeyRange::Span(start, end)) = (countable, opts.count_only, range) {
             out.count = self.count_from(start, end, rev);
-            return self.checked(rev, out);
+            return self.checked(rev, out, pinned);
         }
         let indexable = countable && opts.limit > 0 && !opts.count_only;
         let mut rest_from: Option<Key> = None;
@@ -446,12 +459,12 @@ impl Mvcc {
         if let Some(e) = failed {
             return Err(e);
         }
-        self.checked(rev, out)
+        self.checked(rev, out, pinned)
     }
 
     /// `out`, unless a compaction past `rev` began while it was read.
-    fn checked(&self, rev: i64, out: RangeResult) -> Result<RangeResult> {
-        if rev < self.compact_rev() {
+    fn checked(&self, rev: i64, out: RangeResult, pinned: bool) -> Result<RangeResult> {
+        if !pinned && rev < self.compact_rev() {
             return Err(Error::Compacted);
         }
         Ok(out)
@@ -600,6 +613,38 @@ impl Mvcc {
                 None => return Ok(dropped),
             }
         }
+    }
+
+    /// Pins `rev` for a read made of several (a large Range read a chunk at a time, which
+    /// etcd reads in one transaction): while the pin lives, a compaction past `rev` still
+    /// refuses new reads below it, but removes nothing the pinned read needs. Fails as a read
+    /// would if `rev` is compacted already.
+    pub fn pin(self: &Arc<Self>, rev: i64) -> Result<ReadPin> {
+        let mut pins = self.pins.lock().expect("pins lock");
+        if rev < self.compact_rev() {
+            return Err(Error::Compacted);
+        }
+        *pins.entry(rev).or_default() += 1;
+        Ok(ReadPin {
+            mvcc: self.clone(),
+            rev,
+        })
+    }
+
+    /// `compact_chunk`, unless a read has pinned a revision below `rev` (None: try again
+    /// later). A pin is taken only at or above the compaction revision, and a chunk runs
+    /// with the pins held, so no pinned read loses a version it reads.
+    pub fn compact_chunk_unpinned(
+        &self,
+        rev: i64,
+        from: &[u8],
+        keys_max: usize,
+    ) -> Option<CompactChunk> {
+        let pins = self.pins.lock().expect("pins lock");
+        if pins.first_key_value().is_some_and(|(&p, _)| p < rev) {
+            return None;
+        }
+        Some(self.compact_chunk(rev, from, keys_max))
     }
 
     /// Raises the compaction revision to `rev`, checked as etcd does: reads below it fail
@@ -856,6 +901,46 @@ impl livecount::Walker for Mvcc {
 
 /// The storage seam reads go through: a view of the state at a revision. The published store
 /// (net cores' reads) and a write transaction (apply, seeing its own writes) both are one.
+/// A revision pinned for a read (`Mvcc::pin`); reads through it never fail as compacted.
+pub struct ReadPin {
+    mvcc: Arc<Mvcc>,
+    rev: i64,
+}
+
+impl ReadPin {
+    pub fn rev(&self) -> i64 {
+        self.rev
+    }
+}
+
+impl Drop for ReadPin {
+    fn drop(&mut self) {
+        let mut pins = self.mvcc.pins.lock().expect("pins lock");
+        if let Some(n) = pins.get_mut(&self.rev) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.rev);
+            }
+        }
+    }
+}
+
+impl ReadView for ReadPin {
+    /// A read at the pinned revision (`opts.rev` must be it).
+    fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> Result<RangeResult> {
+        debug_assert_eq!(opts.rev, self.rev);
+        let pinned = opts.rev == self.rev;
+        self.mvcc
+            .range_at(range, opts, self.mvcc.current_rev(), pinned)
+    }
+    fn first_rev(&self) -> i64 {
+        self.mvcc.compact_rev()
+    }
+    fn rev(&self) -> i64 {
+        self.mvcc.current_rev()
+    }
+}
+
 pub trait ReadView {
     fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> Result<RangeResult>;
     /// The lowest readable revision (the compaction revision).
@@ -935,7 +1020,7 @@ impl WriteTxn<'_> {
     }
 
     pub fn range(&self, range: KeyRange<'_>, opts: RangeOptions) -> Result<RangeResult> {
-        self.mvcc.range_at(range, opts, self.rev())
+        self.mvcc.range_at(range, opts, self.rev(), false)
     }
 
     /// The live version of `key` as this transaction sees it.
