@@ -52,7 +52,7 @@ start() { # which
   else
     "$KEEL" --data-dir "$WORK/keel.data" \
       --listen-client-urls "http://127.0.0.1:$KEEL_PORT" --advertise-client-urls "http://127.0.0.1:$KEEL_PORT" \
-      > "$WORK/keel.log" 2>&1 &
+      --listen-peer-urls "http://127.0.0.1:$((KEEL_PORT+1))" > "$WORK/keel.log" 2>&1 &
     PID=$!; PORT=$KEEL_PORT
   fi
   for _ in $(seq 1 100); do

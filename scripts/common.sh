@@ -29,7 +29,7 @@ start_server() {
   else
     "$KEEL" --data-dir "$data" "$@" \
       --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
-      >> "$data.log" 2>&1 &
+      --listen-peer-urls "http://127.0.0.1:$((port+1))" >> "$data.log" 2>&1 &
   fi
   PID=$!
   for _ in $(seq 1 300); do

@@ -25,7 +25,7 @@ etcd --name x --data-dir "$WORK/etcd.data" --listen-client-urls "http://$EP_ETCD
   --initial-advertise-peer-urls http://127.0.0.1:23991 --initial-cluster x=http://127.0.0.1:23991 \
   > "$WORK/etcd.log" 2>&1 & EPID=$!
 target/release/keel --data-dir "$WORK/keel.data" --listen-client-urls "http://$EP_KEEL" \
-  > "$WORK/keel.log" 2>&1 & KPID=$!
+  --listen-peer-urls http://127.0.0.1:23993 > "$WORK/keel.log" 2>&1 & KPID=$!
 trap 'kill $EPID $KPID 2>/dev/null || true' EXIT
 for ep in $EP_ETCD $EP_KEEL; do
   for _ in $(seq 1 100); do

@@ -27,7 +27,7 @@ start() { # which
   else
     "$KEEL" --data-dir "$WORK/keel.data" \
       --listen-client-urls "http://127.0.0.1:$PORT" --advertise-client-urls "http://127.0.0.1:$PORT" \
-      >> "$WORK/keel.log" 2>&1 &
+      --listen-peer-urls "http://127.0.0.1:$((PORT+1))" >> "$WORK/keel.log" 2>&1 &
   fi
   PID=$!
 }

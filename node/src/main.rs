@@ -205,7 +205,17 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let net_cores = cfg.cores.saturating_sub(1).max(1);
 
-    // Bind first, so a taken port fails fast; accept only once the state is rebuilt.
+    // Bind first, so a taken port fails fast; accept only once the state is rebuilt. Peer
+    // ports first, as etcd, and even alone (its transport starts once it has company).
+    let peer_listeners = cfg
+        .listen_peer
+        .iter()
+        .map(|addr| {
+            keel_net::serve::ensure_free(*addr)
+                .and_then(|()| std::net::TcpListener::bind(addr))
+                .with_context(|| format!("listen tcp {addr}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     for addr in &cfg.listen_client {
         keel_net::serve::ensure_free(*addr).with_context(|| format!("listen tcp {addr}"))?;
     }
@@ -388,7 +398,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         let (cfg, meta, forwarder) = (cfg.clone(), meta.clone(), forwarder.clone());
         let membership = membership.clone();
         Box::new(move || {
-            let peers = start_peers(&cfg, &meta, inbound.clone())?;
+            let peers = start_peers(&cfg, &meta, peer_listeners, inbound.clone())?;
             let _ = inbound.peers.set(peers.clone());
             let _ = forwarder.peers.set(peers.clone());
             for m in membership.get().iter().filter(|m| m.id != meta.member_id) {
@@ -397,7 +407,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             Ok(peers)
         })
     };
-    // A lone member listens for peers only once it has company (a member added).
+    // A lone member runs the peer transport only once it has company (a member added).
     let (peers, start_peers_later) = if multi {
         (Some(start()?), None)
     } else {
@@ -649,14 +659,9 @@ fn join_meta(cfg: &Config) -> anyhow::Result<(MemberMeta, Vec<keel_proto::keelpb
 fn start_peers(
     cfg: &Config,
     meta: &MemberMeta,
+    listeners: Vec<std::net::TcpListener>,
     inbound: Arc<cluster::PeerInbound>,
 ) -> anyhow::Result<Arc<keel_net::peer::Peers>> {
-    let mut listeners = Vec::new();
-    for addr in &cfg.listen_peer {
-        let l = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("listen tcp {addr} (peer)"))?;
-        listeners.push(l);
-    }
     let (htx, hrx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("keel-peer".into())

@@ -49,13 +49,13 @@ fn unknown_flag_is_named() {
 #[test]
 fn etcd_sample_yaml_starts_a_node() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let (port, peer) = (free_port(), free_port());
     let data = dir.path().join("etcd-data");
-    // etcd's documented sample, with the data dir and client port moved onto this test's.
+    // etcd's documented sample, with the data dir and ports moved onto this test's.
     let yaml = format!(
         "name: node1\ndata-dir: {}\nlisten-client-urls: http://127.0.0.1:{port}\n\
          advertise-client-urls: http://192.168.1.10:2379\n\
-         listen-peer-urls: http://0.0.0.0:2380\n\
+         listen-peer-urls: http://0.0.0.0:{peer}\n\
          initial-advertise-peer-urls: http://192.168.1.10:2380\n",
         data.display()
     );
@@ -96,7 +96,11 @@ fn etcd_environment_variables_configure_the_node() {
             .env("ETCD_NAME", "envnode")
             .env("ETCD_DATA_DIR", dir.path().join("d"))
             .env("ETCD_LISTEN_CLIENT_URLS", &url)
-            .env("ETCD_ADVERTISE_CLIENT_URLS", &url),
+            .env("ETCD_ADVERTISE_CLIENT_URLS", &url)
+            .env(
+                "ETCD_LISTEN_PEER_URLS",
+                format!("http://127.0.0.1:{}", free_port()),
+            ),
         port,
     );
     assert!(listed.contains(", envnode, "), "{listed}");

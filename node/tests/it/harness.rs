@@ -19,6 +19,8 @@ pub struct Keel {
     child: Option<Child>,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// Its peer port (etcd binds one even alone; tests run side by side).
+    pub peer_port: u16,
     extra: Vec<String>,
     env: Vec<(String, String)>,
     log: PathBuf,
@@ -36,6 +38,7 @@ impl Keel {
             child: None,
             data_dir: dir.join("data.keel"),
             port: free_port(),
+            peer_port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: env
                 .iter()
@@ -47,7 +50,10 @@ impl Keel {
         for _ in 0..5 {
             match k.try_spawn() {
                 Ok(()) => return k,
-                Err(log) if log.contains("address already in use") => k.port = free_port(),
+                Err(log) if log.contains("address already in use") => {
+                    k.port = free_port();
+                    k.peer_port = free_port();
+                }
                 Err(log) => panic!("keel exited during start:\n{log}"),
             }
         }
@@ -79,15 +85,24 @@ impl Keel {
             .open(&self.log)
             .unwrap();
         let url = format!("http://127.0.0.1:{}", self.port);
-        let child = Command::new(env!("CARGO_BIN_EXE_keel"))
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+        cmd.arg("--data-dir").arg(&self.data_dir).args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ]);
+        if !self
+            .extra
+            .iter()
+            .any(|a| a.starts_with("--listen-peer-urls"))
+        {
+            cmd.arg(format!(
+                "--listen-peer-urls=http://127.0.0.1:{}",
+                self.peer_port
+            ));
+        }
+        let child = cmd
             .args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())

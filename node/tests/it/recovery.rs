@@ -13,6 +13,10 @@ fn keel_output(data_dir: &std::path::Path, listen: &str) -> std::process::Output
         .arg("--data-dir")
         .arg(data_dir)
         .args(["--listen-client-urls", listen])
+        .arg(format!(
+            "--listen-peer-urls=http://127.0.0.1:{}",
+            crate::harness::free_port()
+        ))
         .output()
         .unwrap()
 }
@@ -72,6 +76,52 @@ fn a_taken_client_port_is_refused() {
             k.endpoint()
         )),
         "{err}"
+    );
+}
+
+/// etcd binds its peer port at start even when it is alone, and refuses one another process
+/// holds, before it touches its data dir's state.
+#[test]
+fn a_taken_peer_port_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = Keel::start(dir.path(), &[]);
+    let other = tempfile::tempdir().unwrap();
+    let mut out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--data-dir")
+        .arg(other.path().join("d"))
+        .args([
+            "--listen-client-urls",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ])
+        .arg(format!(
+            "--listen-peer-urls=http://127.0.0.1:{}",
+            k.peer_port
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while out.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = out.kill();
+            panic!("a second keel runs on a taken peer port");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = out.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "listen tcp 127.0.0.1:{}: bind: address already in use",
+            k.peer_port
+        )),
+        "{err}"
+    );
+    assert!(
+        !other.path().join("d/member/wal").exists(),
+        "no WAL made before the ports are bound"
     );
 }
 

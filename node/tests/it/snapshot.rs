@@ -448,6 +448,10 @@ async fn a_member_of_a_cluster_that_ran_is_not_taken_over_alone() {
             "--advertise-client-urls",
             &url,
         ])
+        .arg(format!(
+            "--listen-peer-urls=http://127.0.0.1:{}",
+            crate::harness::free_port()
+        ))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
