@@ -195,7 +195,10 @@ pub trait Backend: Send + Sync + 'static {
         req: epb::ResignRequest,
     ) -> impl Future<Output = Result<epb::ResignResponse, ApiError>> + Send;
 
-    fn leader(&self, req: epb::LeaderRequest) -> Result<epb::LeaderResponse, ApiError>;
+    fn leader(
+        &self,
+        req: epb::LeaderRequest,
+    ) -> impl Future<Output = Result<epb::LeaderResponse, ApiError>> + Send;
 
     fn observe(&self, req: epb::LeaderRequest) -> ObserveResponses;
 }

@@ -79,7 +79,7 @@ impl<B: Backend> epb::election_server::Election for ElectionService<B> {
     }
 
     async fn leader(&self, req: Request<epb::LeaderRequest>) -> Reply<epb::LeaderResponse> {
-        let r = self.backend.leader(received(req, &*self.backend)?);
+        let r = self.backend.leader(received(req, &*self.backend)?).await;
         Ok(Response::new(r.map_err(relayed)?))
     }
 

@@ -808,12 +808,15 @@ impl Backend for NodeBackend {
         self.v3_resign(req)
     }
 
-    fn leader(&self, req: epb::LeaderRequest) -> Result<epb::LeaderResponse, ApiError> {
-        self.v3_leader(&req)
+    fn leader(
+        &self,
+        req: epb::LeaderRequest,
+    ) -> impl std::future::Future<Output = Result<epb::LeaderResponse, ApiError>> + Send {
+        self.v3_leader(req)
     }
 
     fn observe(&self, req: epb::LeaderRequest) -> keel_net::ObserveResponses {
-        crate::concurrency::observe(self.watch.clone(), req)
+        crate::concurrency::observe(self.watch.clone(), req, self.linearize())
     }
 
     fn lease_leases(&self) -> pb::LeaseLeasesResponse {

@@ -337,7 +337,11 @@ impl NodeBackend {
         })
     }
 
-    pub fn v3_leader(&self, r: &epb::LeaderRequest) -> Result<epb::LeaderResponse, ApiError> {
+    /// The election's leader, read linearizably (etcd's Election.Leader is a client Get): a
+    /// campaign won through another member is seen here once it has returned.
+    pub async fn v3_leader(&self, r: epb::LeaderRequest) -> Result<epb::LeaderResponse, ApiError> {
+        // (A learner never gets here: it serves only Status and serializable Range.)
+        self.linearize().await?;
         let resp = self.get_now(&by_create(&prefix_of(&r.name), SortOrder::Ascend, 0))?;
         let kv = resp
             .kvs
@@ -387,9 +391,20 @@ impl Drop for GiveUp<'_> {
 
 /// Election.Observe: the leader now, then every change of its value, and each next leader
 /// when it goes (etcd's Election.Observe).
-pub fn observe(ctx: Arc<WatchContext>, r: epb::LeaderRequest) -> keel_net::ObserveResponses {
+/// `ready`: the member has applied all that was committed when the call came (a linearizable
+/// read, as etcd's observer starts with a client Get), so the first leader it answers is the
+/// current one, not what a lagging member last applied.
+pub fn observe(
+    ctx: Arc<WatchContext>,
+    r: epb::LeaderRequest,
+    ready: impl std::future::Future<Output = Result<(), ApiError>> + Send + 'static,
+) -> keel_net::ObserveResponses {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
+        // etcd's observer ends its stream cleanly when its read fails.
+        if ready.await.is_err() {
+            return;
+        }
         let prefix = prefix_of(&r.name);
         let mut ring = ctx.hub.subscribe();
         loop {

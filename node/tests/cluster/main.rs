@@ -735,6 +735,40 @@ fn lock_and_election_work_through_followers_across_a_leader_change() {
     };
     let first = rt.block_on(campaign(ch1.clone(), l1, "one")).unwrap();
     assert_eq!(rt.block_on(leader_value(ch2.clone())), &b"one"[..]);
+    // Leader is a linearizable read: what was proclaimed through one follower is what the
+    // other answers right after, every time (it used to read its own, maybe lagging, state).
+    for i in 0..30 {
+        let value = format!("one-{i}");
+        rt.block_on(async {
+            epb::election_client::ElectionClient::new(ch1.clone())
+                .proclaim(epb::ProclaimRequest {
+                    leader: Some(first.clone()),
+                    value: value.clone().into_bytes().into(),
+                })
+                .await
+                .unwrap()
+        });
+        // So is Observe's first answer (etcd's observer starts with a Get), asked first.
+        if i % 3 == 0 {
+            let observed = rt.block_on(async {
+                let mut s = epb::election_client::ElectionClient::new(ch2.clone())
+                    .observe(epb::LeaderRequest {
+                        name: b"boss".to_vec().into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                tokio::time::timeout(T, s.message()).await
+            });
+            let kv = observed.unwrap().unwrap().unwrap().kv.unwrap();
+            assert_eq!(kv.value, value.as_bytes(), "observed in round {i}");
+        }
+        assert_eq!(
+            rt.block_on(leader_value(ch2.clone())),
+            value.as_bytes(),
+            "round {i}"
+        );
+    }
     let second = rt.spawn(campaign(ch2.clone(), l2, "two"));
     std::thread::sleep(Duration::from_millis(300));
     assert!(!second.is_finished(), "the second candidate waits");
