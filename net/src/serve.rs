@@ -32,6 +32,11 @@ fn tcp_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
 /// port through SO_REUSEPORT, which would also let a second process join it silently; a plain
 /// bind first gives etcd's answer instead.
 pub fn ensure_free(addr: SocketAddr) -> std::io::Result<()> {
+    bound(addr).map(drop)
+}
+
+/// A socket bound to `addr` alone (no SO_REUSEPORT); a taken address fails with etcd's text.
+fn bound(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     let sock = tcp_socket(addr)?;
     sock.bind(&addr.into()).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -39,7 +44,16 @@ pub fn ensure_free(addr: SocketAddr) -> std::io::Result<()> {
         } else {
             e
         }
-    })
+    })?;
+    Ok(sock)
+}
+
+/// A listener on `addr` that no other socket may share (the peer port), refused as
+/// `ensure_free` refuses a taken address.
+pub fn listen_exclusive(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let sock = bound(addr)?;
+    sock.listen(128)?;
+    Ok(sock.into())
 }
 
 /// Binds a listening socket with SO_REUSEADDR and SO_REUSEPORT.

@@ -49,6 +49,15 @@ pub async fn answer<T>(rx: oneshot::Receiver<Result<T, ApiError>>) -> Result<T, 
     }
 }
 
+/// etcd's answers when a request cannot be handed to the raft core: its queue is full ("too
+/// many requests"), or the core is gone (stopping).
+pub fn refused<T>(e: TrySendError<T>) -> ApiError {
+    match e {
+        TrySendError::Full(_) => ApiError::TooManyRequests,
+        TrySendError::Disconnected(_) => ApiError::Stopped,
+    }
+}
+
 /// etcd's check of a member's peer URLs: at least one, each a URL with a host and port.
 fn bad_peer_urls(urls: &[String]) -> bool {
     urls.is_empty()
@@ -80,23 +89,9 @@ impl NodeBackend {
     /// linearizable. A lone voter has nothing to wait for: every acknowledged write is
     /// applied and published before its client hears back.
     pub fn linearize(&self) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
-        // The next round of this net core's read loop; with no runtime on this thread, a
-        // round of its own.
-        let asked = self.multi().then(|| {
-            let key = Arc::as_ptr(&self.status) as usize;
-            if let Some(rx) = crate::read_gate::join(key, &self.control) {
-                return Ok(rx);
-            }
-            let (tx, rx) = oneshot::channel();
-            match self
-                .control
-                .try_send(crate::raft_core::Control::ReadIndex(tx))
-            {
-                Ok(()) => Ok(rx),
-                Err(TrySendError::Full(_)) => Err(ApiError::TooManyRequests),
-                Err(TrySendError::Disconnected(_)) => Err(ApiError::Stopped),
-            }
-        });
+        let asked = self
+            .multi()
+            .then(|| crate::read_gate::join(Arc::as_ptr(&self.status) as usize, &self.control));
         async move {
             let Some(asked) = asked else { return Ok(()) };
             // Each read waits at most the request timeout, whichever round it is in.
@@ -136,10 +131,7 @@ impl NodeBackend {
         make: impl FnOnce(crate::raft_core::Responder) -> crate::raft_core::Control,
     ) -> impl std::future::Future<Output = Result<WriteResponse, ApiError>> + Send {
         let (tx, rx) = oneshot::channel();
-        let sent = self.control.try_send(make(tx)).map_err(|e| match e {
-            TrySendError::Full(_) => ApiError::TooManyRequests,
-            TrySendError::Disconnected(_) => ApiError::Stopped,
-        });
+        let sent = self.control.try_send(make(tx)).map_err(refused);
         async move {
             sent?;
             answer(rx).await
@@ -440,10 +432,7 @@ impl Backend for NodeBackend {
             .and_then(|data| {
                 self.proposals
                     .try_send(Proposal { data, tx })
-                    .map_err(|e| match e {
-                        TrySendError::Full(_) => ApiError::TooManyRequests,
-                        TrySendError::Disconnected(_) => ApiError::Stopped,
-                    })
+                    .map_err(refused)
             });
         futures::future::Either::Right(async move {
             sent?;

@@ -211,9 +211,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .listen_peer
         .iter()
         .map(|addr| {
-            keel_net::serve::ensure_free(*addr)
-                .and_then(|()| std::net::TcpListener::bind(addr))
-                .with_context(|| format!("listen tcp {addr}"))
+            keel_net::serve::listen_exclusive(*addr).with_context(|| format!("listen tcp {addr}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     for addr in &cfg.listen_client {

@@ -20,11 +20,17 @@ thread_local! {
         const { RefCell::new(Vec::new()) };
 }
 
-/// Joins the next ReadIndex round of the calling net core for the backend `key`, started on
-/// first use. None outside a tokio runtime (the caller then asks a round of its own).
-pub fn join(key: usize, control: &Tx<Control>) -> Option<oneshot::Receiver<Result<(), ApiError>>> {
-    let rt = tokio::runtime::Handle::try_current().ok()?;
+/// Joins the next ReadIndex round of the calling net core for the backend `key` (its read loop
+/// starts on first use). Outside a tokio runtime, the read asks a round of its own.
+pub fn join(
+    key: usize,
+    control: &Tx<Control>,
+) -> Result<oneshot::Receiver<Result<(), ApiError>>, ApiError> {
     let (tx, rx) = oneshot::channel();
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        ask(control, tx)?;
+        return Ok(rx);
+    };
     LOOPS.with(|loops| {
         let mut loops = loops.borrow_mut();
         let mut reader = tx;
@@ -43,7 +49,14 @@ pub fn join(key: usize, control: &Tx<Control>) -> Option<oneshot::Receiver<Resul
         rt.spawn(read_loop(loop_rx, control.clone()));
         loops.push((key, loop_tx));
     });
-    Some(rx)
+    Ok(rx)
+}
+
+/// Hands one ReadIndex round to the raft core.
+fn ask(control: &Tx<Control>, reader: Reader) -> Result<(), ApiError> {
+    control
+        .try_send(Control::ReadIndex(reader))
+        .map_err(crate::backend::refused)
 }
 
 /// Asks one round at a time for every reader waiting, and hands each its answer.
@@ -59,10 +72,9 @@ async fn read_loop(mut readers: mpsc::UnboundedReceiver<Reader>, control: Tx<Con
             continue;
         }
         let (tx, rx) = oneshot::channel();
-        let answer = match control.try_send(Control::ReadIndex(tx)) {
+        let answer = match ask(&control, tx) {
             Ok(()) => crate::backend::answer(rx).await,
-            Err(crossbeam_channel::TrySendError::Full(_)) => Err(ApiError::TooManyRequests),
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(ApiError::Stopped),
+            Err(e) => Err(e),
         };
         for r in group.drain(..) {
             let _ = r.send(answer.clone());

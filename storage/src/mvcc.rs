@@ -899,18 +899,10 @@ impl livecount::Walker for Mvcc {
     }
 }
 
-/// The storage seam reads go through: a view of the state at a revision. The published store
-/// (net cores' reads) and a write transaction (apply, seeing its own writes) both are one.
 /// A revision pinned for a read (`Mvcc::pin`); reads through it never fail as compacted.
 pub struct ReadPin {
     mvcc: Arc<Mvcc>,
     rev: i64,
-}
-
-impl ReadPin {
-    pub fn rev(&self) -> i64 {
-        self.rev
-    }
 }
 
 impl Drop for ReadPin {
@@ -941,6 +933,8 @@ impl ReadView for ReadPin {
     }
 }
 
+/// The storage seam reads go through: a view of the state at a revision. The published store
+/// (net cores' reads) and a write transaction (apply, seeing its own writes) both are one.
 pub trait ReadView {
     fn read(&self, range: KeyRange<'_>, opts: RangeOptions) -> Result<RangeResult>;
     /// The lowest readable revision (the compaction revision).
